@@ -1,0 +1,192 @@
+"""The profile artifact: how a model's experts behave on calibration text.
+
+Directory layout (format "understudy.profile", version 1):
+  profile.json        header: format, version, provenance (model fingerprint, calibration), settings
+  stats.safetensors   per MoE layer l, tensors named "L{l}.{stat}" (sums and counts, so profiles merge by addition)
+  trace.safetensors   the routing trace of the calibration tokens, for the compiler's simulator
+
+Statistics stored (E = experts, B = ratio bins; all sums float64, counts int64):
+  tokens [1]              tokens that reached the layer
+  act_count [E]           tokens routed to e
+  score_sum, score_sqsum [E]   sum of e's router score (and its square) over all tokens
+  active_score_sum [E]    sum of e's score over the tokens routed to e
+  ratio_hist [E, B]       for routed tokens, histogram of score_e / S(k+1), edges in header["ratio_bins"]
+  coact [E, E]            tokens routing to both i and j
+  transition [E, E]       tokens routing to i here and to j in the next MoE layer (zeros for the last)
+  importance_sum [E]      sum over tokens routed to e of g_e(x) * ||f_e(x)||
+  out_norm_sum [E]        sum over tokens routed to e of ||f_e(x)||
+  probe_count [1]         probe tokens on which every expert was run
+  cos_sum [E, E]          sum over probe tokens of cos(f_i(x), f_j(x))
+  err_sum [E, E]          sum over probe tokens of ||f_i(x) - f_j(x)|| / ||f_i(x)||
+  clusters [E]            functional-group labels (derived from the mean cosine; recomputed on merge)
+Trace tensors: ids [T, M, W] int32 (the k chosen experts by descending score, then the next W-k by score),
+scores [T, M, W] float32, coef [T, M] float32 (weight per unit of gate), token [T] int32, sample [T] int32;
+M = number of MoE layers, in `moe_layers` order.
+
+Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from artifacts.atomic import atomic_dir
+from artifacts.errors import UserError
+from artifacts.header import read_header, write_json
+
+FORMAT = "understudy.profile"
+FORMAT_VERSION = 1
+HEADER_FILE, STATS_FILE, TRACE_FILE = "profile.json", "stats.safetensors", "trace.safetensors"
+
+LAYER_STATS = ("tokens", "act_count", "score_sum", "score_sqsum", "active_score_sum", "ratio_hist", "coact",
+               "transition", "importance_sum", "out_norm_sum", "probe_count", "cos_sum", "err_sum", "clusters")
+TRACE_KEYS = ("ids", "scores", "coef", "token", "sample")
+
+
+def _safe(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    return x / np.maximum(d, 1)
+
+
+@dataclass
+class Profile:
+    header: dict
+    stats: dict[str, np.ndarray]                      # "L{l}.{stat}" -> array
+    trace: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # ---- identity -------------------------------------------------------------------------------------------
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.header["model"]["moe_layers"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.header["model"]["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.header["model"]["top_k"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header["model"]["fingerprint"]
+
+    def stat(self, layer: int, name: str) -> np.ndarray:
+        return self.stats[f"L{layer}.{name}"]
+
+    def _per_layer(self, fn) -> dict[int, np.ndarray]:
+        return {l: fn(l) for l in self.moe_layers}
+
+    # ---- derived statistics, per layer index ----------------------------------------------------------------
+    @property
+    def frequency(self) -> dict[int, np.ndarray]:
+        """[E] share of tokens routed to each expert: act_count / tokens."""
+        return self._per_layer(lambda l: self.stat(l, "act_count") / max(int(self.stat(l, "tokens")[0]), 1))
+
+    @property
+    def importance(self) -> dict[int, np.ndarray]:
+        """[E] I_e = mean over tokens routed to e of g_e(x) * ||f_e(x)|| (0 for an expert never routed)."""
+        return self._per_layer(lambda l: _safe(self.stat(l, "importance_sum"), self.stat(l, "act_count")))
+
+    @property
+    def importance_share(self) -> dict[int, np.ndarray]:
+        """[E] e's share of the layer's routed output norm: sum g_e||f_e|| / sum over all experts."""
+        return self._per_layer(lambda l: self.stat(l, "importance_sum")
+                               / max(float(self.stat(l, "importance_sum").sum()), 1e-30))
+
+    @property
+    def score_mean(self) -> dict[int, np.ndarray]:
+        """[E] mean router score over all tokens."""
+        return self._per_layer(lambda l: self.stat(l, "score_sum") / max(int(self.stat(l, "tokens")[0]), 1))
+
+    @property
+    def score_std(self) -> dict[int, np.ndarray]:
+        def std(l):
+            n = max(int(self.stat(l, "tokens")[0]), 1)
+            m = self.stat(l, "score_sum") / n
+            return np.sqrt(np.maximum(self.stat(l, "score_sqsum") / n - m * m, 0.0))
+        return self._per_layer(std)
+
+    @property
+    def active_score_mean(self) -> dict[int, np.ndarray]:
+        """[E] mean router score over the tokens routed to e."""
+        return self._per_layer(lambda l: _safe(self.stat(l, "active_score_sum"), self.stat(l, "act_count")))
+
+    @property
+    def similarity(self) -> dict[int, np.ndarray]:
+        """[E, E] mean over probe tokens of cos(f_i(x), f_j(x))."""
+        return self._per_layer(lambda l: self.stat(l, "cos_sum") / max(int(self.stat(l, "probe_count")[0]), 1))
+
+    @property
+    def substitution_error(self) -> dict[int, np.ndarray]:
+        """[E, E] mean over probe tokens of ||f_i(x) - f_j(x)|| / ||f_i(x)||: the cost of j standing in for i."""
+        return self._per_layer(lambda l: self.stat(l, "err_sum") / max(int(self.stat(l, "probe_count")[0]), 1))
+
+    @property
+    def clusters(self) -> dict[int, np.ndarray]:
+        return self._per_layer(lambda l: self.stat(l, "clusters"))
+
+    @property
+    def coactivation(self) -> dict[int, np.ndarray]:
+        return self._per_layer(lambda l: self.stat(l, "coact"))
+
+    @property
+    def transitions(self) -> dict[int, np.ndarray]:
+        return self._per_layer(lambda l: self.stat(l, "transition"))
+
+    @property
+    def ratio_bins(self) -> np.ndarray:
+        return np.asarray(self.header["ratio_bins"], dtype=np.float64)
+
+    # ---- I/O ------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        e = self.num_experts
+        shapes = {"tokens": (1,), "act_count": (e,), "score_sum": (e,), "score_sqsum": (e,),
+                  "active_score_sum": (e,), "ratio_hist": (e, len(self.header["ratio_bins"])), "coact": (e, e),
+                  "transition": (e, e), "importance_sum": (e,), "out_norm_sum": (e,), "probe_count": (1,),
+                  "cos_sum": (e, e), "err_sum": (e, e), "clusters": (e,)}
+        for l in self.moe_layers:
+            for name, shape in shapes.items():
+                key = f"L{l}.{name}"
+                if key not in self.stats:
+                    raise UserError(f"profile is corrupt: tensor {key} is missing; re-run moe-profile")
+                if tuple(self.stats[key].shape) != shape:
+                    raise UserError(f"profile is corrupt: {key} has shape {tuple(self.stats[key].shape)}, "
+                                    f"expected {shape}; re-run moe-profile")
+        if self.trace:
+            missing = [k for k in TRACE_KEYS if k not in self.trace]
+            if missing:
+                raise UserError(f"profile trace is corrupt: {missing[0]} is missing; re-run moe-profile")
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.numpy import save_file
+
+        self.validate()
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in self.stats.items()}, str(tmp / STATS_FILE))
+            save_file({k: np.ascontiguousarray(v) for k, v in self.trace.items()}, str(tmp / TRACE_FILE))
+            write_json(tmp / HEADER_FILE, self.header)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, with_trace: bool = True) -> "Profile":
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        header = read_header(path / HEADER_FILE, FORMAT, FORMAT_VERSION, "profile")
+        try:
+            stats = load_file(str(path / STATS_FILE))
+            trace = load_file(str(path / TRACE_FILE)) if with_trace else {}
+        except FileNotFoundError as exc:
+            raise UserError(f"profile {path} is incomplete: {Path(exc.filename or '').name} is missing; "
+                            "re-run moe-profile") from None
+        except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+            raise UserError(f"profile {path} is corrupt ({str(exc).splitlines()[0]}); re-run moe-profile") from None
+        try:
+            profile = cls(header=header, stats=stats, trace=trace)
+            profile.validate()
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"profile {path} is corrupt (header field {exc} missing); re-run moe-profile") from None
+        return profile

@@ -1,0 +1,104 @@
+"""moe-profile: measure a MoE model's experts on calibration text; write a versioned profile directory.
+
+  moe-profile MODEL_DIR --calib DATA -o PROFILE_DIR [--samples N] [--seq-len L] [--seed S] [--text-field F]
+              [--device cpu|cuda]
+  moe-profile merge A B [C ...] -o OUT
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from artifacts.errors import UserError
+
+PROG = "moe-profile"
+
+
+def _check_output(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "profile.json").is_file())):
+        raise UserError(f"output {path} exists and is not a profile directory; choose another -o path")
+
+
+def _profile_parser() -> argparse.ArgumentParser:
+    from profiler.profile_model import ProfileConfig
+
+    d = ProfileConfig()
+    ap = argparse.ArgumentParser(prog=PROG, description="Profile a Mixture-of-Experts checkpoint on calibration text "
+                                 "(use 'moe-profile merge A B -o C' to merge profiles of calibration shards).")
+    ap.add_argument("model_dir", help="HF checkpoint directory (config.json + safetensors)")
+    ap.add_argument("--calib", required=True, help=".jsonl/.txt/.parquet file, a saved datasets directory, or a hub name")
+    ap.add_argument("-o", "--output", required=True, help="profile directory to write")
+    ap.add_argument("--samples", type=int, default=d.samples, help=f"calibration windows (default {d.samples})")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--text-field", default=d.text_field, help="field of .jsonl/.parquet/dataset rows with the text")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="compute dtype (default: float32 on cpu, the checkpoint's on cuda)")
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
+    ap.add_argument("--probe-tokens", type=int, default=d.probe_tokens,
+                    help=f"tokens on which every expert runs, for similarity (default {d.probe_tokens})")
+    ap.add_argument("--trace-extra", type=int, default=None, help="experts traced beyond the top k (default k)")
+    ap.add_argument("--cluster-threshold", type=float, default=d.cluster_threshold,
+                    help="distance (1 - cosine) at which functional groups are cut")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return ap
+
+
+def _run_profile(argv: list[str]) -> int:
+    from profiler.profile_model import ProfileConfig, profile
+    from profiler.summary import summarize
+
+    args = _profile_parser().parse_args(argv)
+    out = Path(args.output)
+    _check_output(out)
+    cfg = ProfileConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
+                        device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                        probe_tokens=args.probe_tokens, trace_extra=args.trace_extra,
+                        cluster_threshold=args.cluster_threshold, tokenizer=args.tokenizer)
+    prof = profile(args.model_dir, args.calib, cfg, progress=not args.quiet)
+    prof.save(out)
+    if not args.quiet:
+        print(summarize(prof))
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_merge(argv: list[str]) -> int:
+    from artifacts.profile import Profile
+    from profiler.merge import merge_profiles
+    from profiler.summary import summarize
+
+    ap = argparse.ArgumentParser(prog=f"{PROG} merge", description="Merge profiles of calibration shards of one model.")
+    ap.add_argument("profiles", nargs="+", help="profile directories")
+    ap.add_argument("-o", "--output", required=True)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.output)
+    _check_output(out)
+    merged = merge_profiles([Profile.load(p) for p in args.profiles])
+    merged.save(out)
+    if not args.quiet:
+        print(summarize(merged))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "merge":
+            return _run_merge(argv[1:])
+        return _run_profile(argv)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

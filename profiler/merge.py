@@ -1,0 +1,38 @@
+"""Merging profiles of shards of a calibration set: every statistic is a sum or a count, so A + B is the profile of
+A's tokens plus B's; traces are concatenated and clusters recomputed from the merged similarity."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from artifacts.errors import UserError
+from artifacts.profile import Profile
+from profiler.profile_model import finalize_clusters
+
+
+def merge_profiles(profiles: list[Profile]) -> Profile:
+    if len(profiles) < 2:
+        raise UserError("merge needs at least two profiles")
+    first = profiles[0]
+    for p in profiles[1:]:
+        if p.fingerprint != first.fingerprint:
+            raise UserError(f"cannot merge profiles of different models (fingerprints {first.fingerprint} and "
+                            f"{p.fingerprint}); profile shards of one model")
+        if p.header["ratio_bins"] != first.header["ratio_bins"] or p.header["trace"]["width"] != first.header["trace"]["width"]:
+            raise UserError("cannot merge profiles made with different settings (ratio bins or trace width); "
+                            "re-run the shards with the same Understudy version and --trace-extra")
+    header = copy.deepcopy(first.header)
+    stats = {k: np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in first.stats}
+    finalize_clusters(stats, first.moe_layers, float(header["clustering"]["threshold"]))
+    offset, samples = 0, []
+    for p in profiles:
+        samples.append(p.trace["sample"] + offset)
+        offset += int(p.trace["sample"].max()) + 1 if len(p.trace["sample"]) else 0
+    trace = {k: np.concatenate([p.trace[k] for p in profiles]) for k in ("ids", "scores", "coef", "token")}
+    trace["sample"] = np.concatenate(samples)
+    header["calibration"] = [c for p in profiles for c in p.header["calibration"]]
+    header["probe"] = {"tokens": int(sum(p.header["probe"]["tokens"] for p in profiles))}
+    header["trace"]["tokens"] = int(len(trace["token"]))
+    header["run"] = {"merged_from": [p.header["run"] for p in profiles]}
+    return Profile(header=header, stats=stats, trace=trace)

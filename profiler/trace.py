@@ -1,0 +1,49 @@
+"""The routing trace of the calibration tokens: per token and MoE layer, the k chosen experts (by descending score)
+then the next m by score, with their scores and the weight-per-gate coefficient. The compiler's simulator replays it."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from runtime.router import Routing
+
+
+def trace_rows(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, scores [T, width]: chosen experts by descending score, then the best `width - k` of the rest."""
+    score, idx = routing.score, routing.idx
+    k = idx.shape[1]
+    chosen_scores = score.gather(1, idx)
+    order = torch.argsort(chosen_scores, dim=1, descending=True, stable=True)
+    chosen = idx.gather(1, order)
+    rest_scores = score.scatter(1, idx, float("-inf"))
+    extra = torch.topk(rest_scores, width - k, dim=1).indices if width > k else idx[:, :0]
+    ids = torch.cat([chosen, extra], dim=1)
+    return ids, score.gather(1, ids)
+
+
+class TraceRecorder:
+    def __init__(self, moe_layers: list[int], width: int):
+        self.layers, self.width = list(moe_layers), width
+        self._ids: dict[int, list[np.ndarray]] = {l: [] for l in self.layers}
+        self._scores: dict[int, list[np.ndarray]] = {l: [] for l in self.layers}
+        self._coef: dict[int, list[np.ndarray]] = {l: [] for l in self.layers}
+        self._token: list[np.ndarray] = []
+        self._sample: list[np.ndarray] = []
+
+    def add_layer(self, layer: int, routing: Routing) -> None:
+        ids, scores = trace_rows(routing, self.width)
+        self._ids[layer].append(ids.to(torch.int32).cpu().numpy())
+        self._scores[layer].append(scores.float().cpu().numpy())
+        self._coef[layer].append(routing.coef.float().cpu().numpy())
+
+    def add_tokens(self, tokens: np.ndarray, sample_index: np.ndarray) -> None:
+        """tokens [B, S] of the batch just run, sample_index [B] their sample numbers."""
+        self._token.append(tokens.reshape(-1).astype(np.int32))
+        self._sample.append(np.repeat(sample_index.astype(np.int32), tokens.shape[1]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        ids = np.stack([np.concatenate(self._ids[l]) for l in self.layers], axis=1)        # [T, M, W]
+        scores = np.stack([np.concatenate(self._scores[l]) for l in self.layers], axis=1)  # [T, M, W]
+        coef = np.stack([np.concatenate(self._coef[l]) for l in self.layers], axis=1)      # [T, M]
+        return {"ids": ids, "scores": scores, "coef": coef, "token": np.concatenate(self._token),
+                "sample": np.concatenate(self._sample)}

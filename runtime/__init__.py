@@ -1,0 +1,1 @@
+"""Understudy's runtime: reading MoE checkpoints (families, expert store) and executing them."""

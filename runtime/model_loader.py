@@ -1,0 +1,135 @@
+"""Build an HF causal LM whose MoE blocks are ours, with dense weights loaded and routed experts left in a store.
+
+The model is instantiated on the meta device (nothing allocated), each MoE block is replaced by `MoEBlock`
+(explicitly, by module path), then only the dense tensors are materialised and read from the checkpoint.
+Routed experts are never materialised here: they stay in the `ExpertStore`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from artifacts.errors import UserError
+from runtime.checkpoint import Checkpoint
+from runtime.families import MoEArch, resolve_arch
+from runtime.moe_block import MoEBlock
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch: MoEArch
+    config: object
+    ckpt: Checkpoint
+    blocks: dict[int, MoEBlock]   # model layer index -> our block
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of every resident tensor (embeddings, attention, norms, routers, shared experts, head)."""
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def load_config(model_dir: str | Path):
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"model directory {path} does not exist; pass a local HF checkpoint directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json; pass an HF checkpoint directory (save_pretrained output)")
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+
+
+def _module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return root.get_submodule(parent_path), name
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config, device: torch.device) -> torch.dtype:
+    """The run's dtype: explicit, else float32 on CPU (bf16 matmuls are slow there), else the checkpoint's."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        return cfg if isinstance(cfg, torch.dtype) else getattr(torch, str(cfg or "float32"))
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> LoadedModel:
+    config = load_config(model_dir)
+    arch = resolve_arch(config)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    dtype = resolve_dtype(dtype, config, device)
+    ckpt = Checkpoint(model_dir)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks: dict[int, MoEBlock] = {}
+    for layer in arch.moe_layers:
+        parent, name = _module(model, arch.block_path.format(l=layer))
+        block = MoEBlock(getattr(parent, name), arch, layer)
+        setattr(parent, name, block)
+        blocks[layer] = block
+    model.to_empty(device=device)
+
+    _load_dense(model, ckpt, arch)
+    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: let HF compute them.
+    for module in model.modules():
+        if getattr(module, "_non_persistent_buffers_set", None) and not list(module.parameters(recurse=False)):
+            model._init_weights(module)
+    model.eval()
+    return LoadedModel(model=model, arch=arch, config=config, ckpt=ckpt, blocks=blocks, dtype=dtype, device=device)
+
+
+def _disk_name(name: str, arch: MoEArch) -> str:
+    """In-memory parameter name -> checkpoint tensor name (only MoE block prefixes may differ)."""
+    for layer in arch.moe_layers:
+        mem = arch.block_path.format(l=layer) + "."
+        if name.startswith(mem):
+            return arch.disk_block_path.format(l=layer) + "." + name[len(mem):]
+    return name
+
+
+@torch.no_grad()
+def _load_dense(model: nn.Module, ckpt: Checkpoint, arch: MoEArch) -> None:
+    state = model.state_dict(keep_vars=True)
+    missing = []
+    for name, tensor in state.items():
+        disk = _disk_name(name, arch)
+        if disk in ckpt:
+            src = ckpt.tensor(disk)
+            if tuple(src.shape) != tuple(tensor.shape):
+                raise UserError(f"checkpoint tensor {disk} has shape {tuple(src.shape)}, the config expects "
+                                f"{tuple(tensor.shape)}; the checkpoint does not match its config.json")
+            tensor.data.copy_(src.to(tensor.dtype))
+        else:
+            missing.append(name)
+    if missing:
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        if tied and all(n.startswith("lm_head.") for n in missing):
+            model.tie_weights()
+        else:
+            raise UserError(f"checkpoint {ckpt.dir} lacks {len(missing)} dense tensors (first: {missing[0]}); "
+                            "is the checkpoint complete?")

@@ -1,0 +1,21 @@
+"""Executor with every routed expert on the device: the exact reference (`resident` policy)."""
+from __future__ import annotations
+
+import torch
+
+from runtime.expert_compute import make_expert_fn, routed_output
+from runtime.expert_store import ExpertStore
+from runtime.router import Routing
+
+
+class ResidentExecutor:
+    def __init__(self, store: ExpertStore, device: torch.device):
+        arch = store.arch
+        self.num_experts = arch.num_experts
+        self.expert_fn = make_expert_fn(arch.experts)
+        self.experts = {(l, e): {k: v.to(device) for k, v in store.read(l, e).items()}
+                        for l in arch.moe_layers for e in range(arch.num_experts)}
+
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return routed_output(x, routing.idx, routing.weights, self.num_experts,
+                             lambda e: self.experts[(layer, e)], self.expert_fn)

@@ -1,0 +1,91 @@
+"""The router of one MoE layer, computed with the family's rule and HF's op order (so weights match bit for bit),
+returning the full score table the policies and the profiler need, not only the top-k."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from runtime.families.arch import RouterRule
+
+
+@dataclass
+class Routing:
+    """Routing of T tokens over E experts.
+
+    idx     [T, k]  chosen experts (HF order)
+    weights [T, k]  their mixture weights (HF dtype)
+    score   [T, E]  float32 ranking score: the gate (softmax or sigmoid), + correction bias where the family
+                    ranks by it; experts in masked-out groups score 0. S(k+1) is the (k+1)-th largest per row.
+    coef    [T]     float32 weight per unit of gate: weight_i = coef * gate_i for every chosen i, so an
+                    understudy j gets coef * gate_j.
+    gate    [T, E]  float32 gate of every expert (before renormalisation and scaling).
+    """
+
+    idx: torch.Tensor
+    weights: torch.Tensor
+    score: torch.Tensor
+    coef: torch.Tensor
+    gate: torch.Tensor
+
+
+def _group_mask(choice: torch.Tensor, rule: RouterRule) -> torch.Tensor:
+    """[T, E] bool: experts in the top `topk_group` groups (DeepSeek group-limited routing)."""
+    t, e = choice.shape
+    grouped = choice.view(t, rule.n_group, e // rule.n_group)
+    if rule.group_score == "max":
+        group_scores = grouped.max(dim=-1).values
+    else:  # top2sum
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=rule.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    return group_mask.unsqueeze(-1).expand(t, rule.n_group, e // rule.n_group).reshape(t, e).bool()
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
+          bias: torch.Tensor | None = None, correction_bias: torch.Tensor | None = None) -> Routing:
+    """Route x [T, H] with router weight [E, H] (and bias [E]) by `rule`."""
+    if rule.float32_logits:
+        logits = F.linear(x.type(torch.float32), weight.type(torch.float32))
+    else:
+        logits = F.linear(x, weight, bias if rule.logit_bias else None)  # [T, E]
+
+    if rule.topk_on_logits:  # GPT-OSS
+        top_v, idx = torch.topk(logits, top_k, dim=-1)
+        weights = F.softmax(top_v, dim=1, dtype=top_v.dtype)
+        gate = F.softmax(logits, dim=-1, dtype=torch.float32)
+        score = gate
+    elif rule.scoring == "sigmoid":  # DeepSeek-V3
+        gate = logits.sigmoid()
+        choice = gate + correction_bias if rule.correction_bias else gate
+        if rule.n_group > 1:
+            keep = _group_mask(choice, rule)
+            choice = choice.masked_fill(~keep, float("-inf"))
+        idx = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+        weights = gate.gather(1, idx)
+        if rule.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + rule.renorm_eps)
+        weights = weights * rule.scaling
+        score = choice.clamp(min=0.0)
+    elif rule.float32_logits:  # DeepSeek-V2: softmax, optional group-limited greedy, scaled
+        gate = logits.softmax(dim=-1, dtype=torch.float32)
+        score = gate
+        if rule.n_group > 1:
+            keep = _group_mask(gate, rule)
+            score = gate.masked_fill(~keep, 0.0)
+        weights, idx = torch.topk(score, k=top_k, dim=-1, sorted=False)
+        weights = weights * rule.scaling
+    else:  # Qwen2/3-MoE, OLMoE, Mixtral
+        gate = F.softmax(logits, dim=-1, dtype=torch.float32)
+        score = gate
+        weights, idx = torch.topk(gate, top_k, dim=-1)
+        if rule.norm_topk:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        if rule.weights_in_logits_dtype:
+            weights = weights.to(logits.dtype)
+
+    chosen_gate = gate.gather(1, idx).sum(dim=-1)  # [T]
+    coef = weights.float().sum(dim=-1) / chosen_gate.clamp(min=1e-30)
+    return Routing(idx=idx, weights=weights, score=score.float(), coef=coef, gate=gate.float())
