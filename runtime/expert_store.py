@@ -13,10 +13,6 @@ from runtime.checkpoint import Checkpoint
 from runtime.families.arch import MoEArch
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 class ExpertStore:
     """Routed experts of a checkpoint. mode "mmap": read from the file on each access (page cache or SSD);
     mode "host": every expert copied once into host memory (pinned when `pin`), then served from there."""
@@ -45,7 +41,7 @@ class ExpertStore:
         prefix = self.arch.expert_key_prefix(layer)
         name = (prefix + fmt.per_expert[0].format(e=0) if self._layout[layer] == "per_expert"
                 else prefix + fmt.fused["gate_up"])
-        return _SAFETENSORS_DTYPES[self.ckpt.dtype_name(name)]
+        return self.ckpt.info(name).dtype
 
     def is_expert_key(self, name: str) -> bool:
         return any(name.startswith(self.arch.expert_key_prefix(l) + "experts.") for l in self.arch.moe_layers)
@@ -73,15 +69,18 @@ class ExpertStore:
                         "is this checkpoint complete?")
 
     def _read_disk(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """One expert copied straight out of the mapping into fresh buffers (one copy per tensor; fresh buffers
+        are 64-byte aligned, which exact mode needs: BLAS kernels round differently on misaligned operands)."""
         fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
+        out = {k: torch.empty(s, dtype=self.dtype) for k, s in fmt.shapes().items()}
         if layout == "per_expert":
-            gate, up, down = (self.ckpt.tensor(prefix + n.format(e=e)) for n in fmt.per_expert)
-            # [I, H] + [I, H] -> [2I, H]; down [H, I]
-            w = {"gate_up": torch.cat([gate, up], dim=0), "down": down}
+            gate, up, down = (self.ckpt.view(prefix + n.format(e=e)) for n in fmt.per_expert)
+            i = fmt.intermediate
+            out["gate_up"][:i].copy_(gate)   # [I, H]
+            out["gate_up"][i:].copy_(up)     # [I, H]
+            out["down"].copy_(down)          # [H, I]
         else:
-            w = {k: self.ckpt.row(prefix + name, e) for k, name in fmt.fused.items()}
-            if layout == "fused_transposed":
-                w = {k: (v.t() if v.dim() == 2 else v) for k, v in w.items()}
-        # A fresh allocation (64-byte aligned by torch's allocator), never a view into the mmap: BLAS kernels
-        # round differently on misaligned operands, and exact mode must match HF bit for bit.
-        return {k: v.to(dtype=self.dtype, memory_format=torch.contiguous_format, copy=True) for k, v in w.items()}
+            for k, name in fmt.fused.items():
+                src = self.ckpt.view(prefix + name, row=e)
+                out[k].copy_(src.t() if layout == "fused_transposed" and src.dim() == 2 else src)
+        return out

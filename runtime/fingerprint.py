@@ -27,5 +27,5 @@ def model_fingerprint(arch: MoEArch, config, ckpt: Checkpoint) -> str:
         prefix = arch.expert_key_prefix(layer) + arch.router_attr + "."
         for name in sorted(k for k in ckpt.keys() if k.startswith(prefix)):
             h.update(name.encode())
-            h.update(ckpt.tensor(name).to(torch.float32).contiguous().numpy().tobytes())
+            h.update(ckpt.view(name).to(torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()[:32]

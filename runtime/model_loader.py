@@ -119,7 +119,7 @@ def _load_dense(model: nn.Module, ckpt: Checkpoint, arch: MoEArch) -> None:
     for name, tensor in state.items():
         disk = _disk_name(name, arch)
         if disk in ckpt:
-            src = ckpt.tensor(disk)
+            src = ckpt.view(disk)
             if tuple(src.shape) != tuple(tensor.shape):
                 raise UserError(f"checkpoint tensor {disk} has shape {tuple(src.shape)}, the config expects "
                                 f"{tuple(tensor.shape)}; the checkpoint does not match its config.json")
