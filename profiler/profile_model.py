@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from artifacts.errors import UserError
 from artifacts.header import new_header
@@ -47,11 +48,12 @@ def _kv_bytes_per_token(lm: LoadedModel, elsize: int) -> int:
     for b in lm.blocks.values():
         b.executor = lambda layer, x, routing: torch.zeros_like(x)
     try:
-        out = lm.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device), use_cache=True)
+        cache = DynamicCache(config=lm.config)
+        lm.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device), cache=cache, use_cache=True)
     finally:
         for l, b in lm.blocks.items():
             b.executor = saved[l]
-    cache, total = out.past_key_values, 0
+    total = 0
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
             t = getattr(layer, name, None)

@@ -1,1 +1,4 @@
-"""Understudy's runtime: reading MoE checkpoints (families, expert store) and executing them."""
+"""Understudy's runtime: reading MoE checkpoints (families, expert store) and executing them with offloaded experts."""
+from runtime.runtime import Runtime
+
+__all__ = ["Runtime"]

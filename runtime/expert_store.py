@@ -47,10 +47,20 @@ class ExpertStore:
         return any(name.startswith(self.arch.expert_key_prefix(l) + "experts.") for l in self.arch.moe_layers)
 
     def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
-        """Expert e of MoE layer `layer` as a dict of tensors (a new copy in mmap mode)."""
+        """Expert e of MoE layer `layer` as a dict of tensors (the host copy in host mode, a fresh copy in mmap)."""
         if self.mode == "host":
             return self._host[(layer, e)]
         return self._read_disk(layer, e)
+
+    def copy_into(self, layer: int, e: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
+        """Copy expert e into preallocated tensors `dst` (a cache slot); returns the bytes moved."""
+        if self.mode == "host":
+            src = self._host[(layer, e)]
+            for k, t in dst.items():
+                t.copy_(src[k], non_blocking=non_blocking)
+        else:
+            self._copy_from_disk(layer, e, dst)
+        return sum(t.numel() * t.element_size() for t in dst.values())
 
     def _detect_layout(self, layer: int) -> str:
         fmt, prefix = self.arch.experts, self.arch.expert_key_prefix(layer)
@@ -69,10 +79,15 @@ class ExpertStore:
                         "is this checkpoint complete?")
 
     def _read_disk(self, layer: int, e: int) -> dict[str, torch.Tensor]:
-        """One expert copied straight out of the mapping into fresh buffers (one copy per tensor; fresh buffers
-        are 64-byte aligned, which exact mode needs: BLAS kernels round differently on misaligned operands)."""
+        """One expert copied out of the mapping into fresh buffers (fresh buffers are 64-byte aligned, which exact
+        mode needs: BLAS kernels round differently on misaligned operands)."""
+        out = {k: torch.empty(s, dtype=self.dtype) for k, s in self.arch.experts.shapes().items()}
+        self._copy_from_disk(layer, e, out)
+        return out
+
+    def _copy_from_disk(self, layer: int, e: int, out: dict[str, torch.Tensor]) -> None:
+        """One copy per tensor, straight from the mmap'd file into `out` (converting dtype on the way)."""
         fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
-        out = {k: torch.empty(s, dtype=self.dtype) for k, s in fmt.shapes().items()}
         if layout == "per_expert":
             gate, up, down = (self.ckpt.view(prefix + n.format(e=e)) for n in fmt.per_expert)
             i = fmt.intermediate
@@ -83,4 +98,3 @@ class ExpertStore:
             for k, name in fmt.fused.items():
                 src = self.ckpt.view(prefix + name, row=e)
                 out[k].copy_(src.t() if layout == "fused_transposed" and src.dim() == 2 else src)
-        return out

@@ -9,13 +9,17 @@ from runtime.router import Routing
 
 
 class ResidentExecutor:
-    def __init__(self, store: ExpertStore, device: torch.device):
+    def __init__(self, store: ExpertStore, device: torch.device, stats=None):
         arch = store.arch
-        self.num_experts = arch.num_experts
+        self.num_experts, self.stats = arch.num_experts, stats
         self.expert_fn = make_expert_fn(arch.experts)
         self.experts = {(l, e): {k: v.to(device) for k, v in store.read(l, e).items()}
                         for l in arch.moe_layers for e in range(arch.num_experts)}
 
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.stats is not None:   # every routed expert is resident: every pair is a hit
+            c = self.stats.layer(layer)
+            c.pairs += routing.idx.numel()
+            c.hits += routing.idx.numel()
         return routed_output(x, routing.idx, routing.weights, self.num_experts,
                              lambda e: self.experts[(layer, e)], self.expert_fn)

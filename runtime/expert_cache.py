@@ -1,0 +1,51 @@
+"""The device expert cache: preallocated slots per layer, and which expert sits in which slot.
+
+Mechanism only: the executor decides what to load and what to evict. Every slot is allocated once, at start, as
+its own tensors (64-byte aligned), so bytes on the device never exceed `capacity_bytes` = slots x expert bytes.
+"""
+from __future__ import annotations
+
+import torch
+
+from runtime.families.arch import ExpertFormat
+from runtime.loader import Ticket
+
+
+class ExpertCache:
+    def __init__(self, fmt: ExpertFormat, slots: dict[int, int], device: torch.device, dtype: torch.dtype):
+        shapes = fmt.shapes()
+        self.slots = dict(slots)
+        self._buf = {l: [{k: torch.empty(s, dtype=dtype, device=device) for k, s in shapes.items()}
+                         for _ in range(n)] for l, n in slots.items()}
+        self.expert_bytes = fmt.numel() * torch.empty((), dtype=dtype).element_size()
+        self.capacity_bytes = self.expert_bytes * sum(slots.values())
+        self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot
+        self.ticket: dict[int, dict[int, Ticket]] = {l: {} for l in slots}    # last load of each cached expert
+        self._free: dict[int, list[int]] = {l: list(range(n))[::-1] for l, n in slots.items()}
+        self.peak_bytes = 0
+
+    def weights(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        return self._buf[layer][self.where[layer][expert]]
+
+    def has_free(self, layer: int) -> bool:
+        return bool(self._free[layer])
+
+    def assign(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Claim a free slot for `expert`; returns its tensors to load into."""
+        slot = self._free[layer].pop()
+        self.where[layer][expert] = slot
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        return self._buf[layer][slot]
+
+    def evict(self, layer: int, expert: int) -> None:
+        slot = self.where[layer].pop(expert)
+        self.ticket[layer].pop(expert, None)
+        self._free[layer].append(slot)
+
+    def in_flight(self, layer: int, expert: int) -> bool:
+        t = self.ticket[layer].get(expert)
+        return t is not None and not t.done.is_set()
+
+    @property
+    def used_bytes(self) -> int:
+        return self.expert_bytes * sum(len(w) for w in self.where.values())

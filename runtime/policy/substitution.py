@@ -1,0 +1,117 @@
+"""Which experts a token runs exactly, which an understudy replaces, and which are dropped (SMoE + profile).
+
+For one token at one layer, with scores s (its router scores) and S = S(k+1) the (k+1)-th highest score:
+  top-score experts       s_e > (1 + alpha) * S      always exact (loaded if missing)
+  low-score experts E_l   S < s_e <= (1 + alpha) * S  may be substituted when missing
+  substitute pool E_s     inactive e with (1 - alpha) * S < s_e <= S that are cached or are a top-score expert of
+                          another token in the batch (so they will be on the device anyway)
+SMoE keeps cached (or batch-top) low-score experts and replaces each remaining low-score miss by the highest-scoring
+member of E_s not yet used by this token; misses left when E_s runs out are loaded.
+The profile adds (`similar`): for a low-score miss i, cached experts ranked by their measured substitution error
+err(i, j) <= tau; with `by_error` the understudy is the candidate of least err(i, j) among E_s and the similar list,
+and a miss with no candidate better than a zero output (err >= 1 for all) may be dropped when `drop_ok` allows.
+`protected` experts are never substituted. With alpha = 0 the band is empty: every decision is exact (lossless).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import AbstractSet, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class SubstitutionParams:
+    alpha: float = 0.0                                   # score band half-width, relative to S(k+1)
+    use_batch: bool = True                               # other tokens' top-score experts may stand in
+    similar: Mapping[int, Sequence[tuple[int, float]]] | None = None  # i -> [(j, err_ij)] ranked, err <= tau
+    error: Mapping[int, Mapping[int, float]] | None = None            # err(i, j) for choosing among candidates
+    by_error: bool = False                               # choose the understudy of least error (plan), not score
+    protected: AbstractSet[int] = frozenset()            # never substituted
+    drop_ok: AbstractSet[int] = frozenset()              # low-score misses that may be left out
+
+
+@dataclass
+class TokenDecision:
+    exact: list[int] = field(default_factory=list)                     # run with their own weights
+    understudy: dict[int, tuple[int, str]] = field(default_factory=dict)  # missing i -> (j, "band"|"batch"|"similarity")
+    dropped: list[int] = field(default_factory=list)
+
+
+def kth_next(scores: Sequence[float], k: int) -> float:
+    """S(k+1): the (k+1)-th highest score (0 when there are only k experts)."""
+    if len(scores) <= k:
+        return 0.0
+    return sorted(scores, reverse=True)[k]
+
+
+def top_score_set(scores: Sequence[float], chosen: Sequence[int], alpha: float) -> set[int]:
+    """The chosen experts whose score exceeds (1 + alpha) * S(k+1)."""
+    s_next = kth_next(scores, len(chosen))
+    return {e for e in chosen if scores[e] > (1.0 + alpha) * s_next}
+
+
+def decide_token(scores: Sequence[float], chosen: Sequence[int], cached: AbstractSet[int],
+                 batch_top: AbstractSet[int], params: SubstitutionParams) -> TokenDecision:
+    """Decision for one token: scores [E], chosen [k] (the router's experts), cached ids, the top-score experts of
+    the other tokens in the batch."""
+    d = TokenDecision()
+    if params.alpha <= 0.0:
+        d.exact = list(chosen)
+        return d
+    k = len(chosen)
+    s_next = kth_next(scores, k)
+    hi, lo = (1.0 + params.alpha) * s_next, (1.0 - params.alpha) * s_next
+    available = set(cached) | (set(batch_top) if params.use_batch else set())
+    chosen_set = set(chosen)
+    pool = sorted((e for e in available if e not in chosen_set and lo < scores[e] <= s_next),
+                  key=lambda e: (-scores[e], e))                      # E_s, best score first
+    used: set[int] = set()
+    for i in sorted(chosen, key=lambda e: (-scores[e], e)):
+        if scores[i] > hi or i in params.protected or i in available:
+            d.exact.append(i)
+            continue
+        j, reason = _understudy(i, pool, cached, batch_top, used, chosen_set, params)
+        if j is not None:
+            d.understudy[i] = (j, reason)
+            used.add(j)
+        elif i in params.drop_ok:
+            d.dropped.append(i)
+        else:
+            d.exact.append(i)
+    return d
+
+
+def _understudy(i, pool, cached, batch_top, used, chosen_set, params):
+    band = [j for j in pool if j not in used]
+    if not params.by_error:
+        if band:
+            return band[0], ("band" if band[0] in cached else "batch")
+        return None, None
+    # plan: least measured error among the band pool and the profile's similar experts (cached, unused, inactive);
+    # ties go to the earlier candidate (band by score, then the profile's ranking)
+    candidates: dict[int, str] = {j: ("band" if j in cached else "batch") for j in band}
+    for j, _ in (params.similar or {}).get(i, ()):
+        if j in cached and j not in used and j not in chosen_set and j not in candidates:
+            candidates[j] = "similarity"
+    if not candidates:
+        return None, None
+    err = (params.error or {}).get(i, {})
+    order = {j: n for n, j in enumerate(candidates)}
+    j = min(candidates, key=lambda c: (err.get(c, float("inf")), order[c]))
+    if err.get(j, float("inf")) >= 1.0:
+        return None, None  # no candidate beats a zero output: drop (if allowed) or load
+    return j, candidates[j]
+
+
+def decide_layer(scores: Sequence[Sequence[float]], chosen: Sequence[Sequence[int]], cached: AbstractSet[int],
+                 params: SubstitutionParams) -> list[TokenDecision]:
+    """Decisions for every token of a layer call: scores [T][E], chosen [T][k]."""
+    if params.alpha <= 0.0:
+        return [TokenDecision(exact=list(c)) for c in chosen]
+    tops = [top_score_set(s, c, params.alpha) for s, c in zip(scores, chosen)]
+    count = Counter(e for top in tops for e in top)
+    out = []
+    for s, c, top in zip(scores, chosen, tops):
+        batch_top = {e for e, n in count.items() if n - (e in top) > 0}
+        out.append(decide_token(s, c, cached, batch_top, params))
+    return out

@@ -1,0 +1,246 @@
+"""The runtime's Python API: load a checkpoint with offloaded experts, decode, evaluate.
+
+    rt = Runtime.load("demo/model", policy="smoe", cache="25%", link="50MB/s,20us")
+    rt.generate(["The function returns"], max_new_tokens=32)
+    rt.stats.summary(); rt.forward(input_ids)  # logits [B, S, V]
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from artifacts.errors import UserError
+from artifacts.plan import Plan
+from runtime.expert_cache import ExpertCache
+from runtime.expert_store import ExpertStore
+from runtime.fingerprint import model_fingerprint
+from runtime.generate import SamplingConfig, decode
+from runtime.link import Link, parse_link
+from runtime.loader import Loader
+from runtime.model_loader import LoadedModel, load_model
+from runtime.offload_executor import OffloadExecutor
+from runtime.policy.config import PolicyConfig, preset
+from runtime.policy.substitution import SubstitutionParams
+from runtime.resident import ResidentExecutor
+from runtime.stats import RunStats
+
+
+def resolve_slots(cache: int | str | None, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
+    """Slots per layer for `cache`: an int (slots in every layer) or "P%" (P% of all routed experts, spread evenly)."""
+    if cache is None:
+        raise UserError("an offloading policy needs a cache size: --cache N (slots per layer) or --cache P% "
+                        "(share of routed-expert bytes), or a plan (--plan)")
+    layers = list(moe_layers)
+    if isinstance(cache, str) and cache.strip().endswith("%"):
+        try:
+            pct = float(cache.strip()[:-1])
+        except ValueError:
+            raise UserError(f"cannot read cache {cache!r}; write a slot count (8) or a percentage (25%)") from None
+        if not 0 < pct <= 100:
+            raise UserError(f"cache percentage must be in (0, 100] (got {cache})")
+        total = math.floor(pct / 100 * num_experts * len(layers) + 1e-9)
+        if total < len(layers):
+            need = math.ceil(100 * len(layers) / (num_experts * len(layers)) * 100) / 100
+            raise UserError(f"cache {cache} holds {total} experts, fewer than one per MoE layer; use at least {need:g}%")
+        base, extra = divmod(total, len(layers))
+        return {l: base + (1 if n < extra else 0) for n, l in enumerate(layers)}
+    try:
+        n = int(cache)
+    except (TypeError, ValueError):
+        raise UserError(f"cannot read cache {cache!r}; write a slot count (8) or a percentage (25%)") from None
+    if not 1 <= n <= num_experts:
+        raise UserError(f"cache of {n} slots per layer is outside 1..{num_experts} (the layer's experts)")
+    return {l: n for l in layers}
+
+
+def substitution_params(policy: PolicyConfig, moe_layers: Sequence[int], plan: Plan | None) -> dict[int, SubstitutionParams]:
+    out = {}
+    for l in moe_layers:
+        if plan is None or policy.name != "plan":
+            out[l] = SubstitutionParams(alpha=policy.alpha, use_batch=policy.use_batch)
+            continue
+        subs = plan.substitutes.get(l, {})
+        out[l] = SubstitutionParams(
+            alpha=policy.alpha, use_batch=policy.use_batch, by_error=True,
+            similar={i: [(j, err) for j, _, err in v if err <= plan.tau] for i, v in subs.items()},
+            error={i: {j: err for j, _, err in v} for i, v in subs.items()},
+            protected=frozenset(plan.protected.get(l, [])),
+            drop_ok=frozenset(plan.drop_ok.get(l, [])) if policy.alpha > 0 else frozenset())
+    return out
+
+
+class Runtime:
+    def __init__(self, lm: LoadedModel, policy: PolicyConfig, store: ExpertStore, tokenizer=None,
+                 executor=None, cache: ExpertCache | None = None, loader: Loader | None = None,
+                 plan: Plan | None = None, stats: RunStats | None = None):
+        self.lm, self.policy, self.store, self.tokenizer = lm, policy, store, tokenizer
+        self.executor, self.cache, self.loader, self.plan = executor, cache, loader, plan
+        self.stats = stats or RunStats(policy=policy.name)
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model_dir: str | Path, plan: str | Path | Plan | None = None, policy: str = "plan",
+             cache: int | str | None = None, lossless: bool = False, link: str | Link | None = None,
+             device: str = "cpu", dtype: str | torch.dtype | None = None, store: str = "auto",
+             record_events: bool = False, **policy_overrides) -> "Runtime":
+        """Load `model_dir` for `policy` ("resident", "lru", "smoe", "plan"). `cache`: slots per layer or "P%" of
+        routed-expert bytes. `link`: an emulated host-to-device link ("50MB/s,20us"). Overrides: alpha, window,
+        prefetch, prefetch_max, host_compute, understudy_weight, use_batch."""
+        lm = load_model(model_dir, device, dtype)
+        if policy == "plan" and plan is None:
+            raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
+                            "or choose --policy smoe|lru|resident")
+        if "host_compute" not in policy_overrides or policy_overrides["host_compute"] is None:
+            policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy in ("smoe", "plan") else False
+        the_plan = plan if isinstance(plan, Plan) or plan is None else Plan.load(plan)
+        if the_plan is not None:
+            fp = model_fingerprint(lm.arch, lm.config, lm.ckpt)
+            if the_plan.fingerprint != fp:
+                raise UserError(f"plan was compiled for another model (fingerprint {the_plan.fingerprint}, this model "
+                                f"{fp}); re-run moe-profile and moe-compile for {model_dir}")
+            if policy == "plan":
+                for key in ("alpha", "window"):
+                    if policy_overrides.get(key) is None and key in the_plan.choices:
+                        policy_overrides[key] = the_plan.choices[key]
+        cfg = preset(policy, lossless=lossless, **policy_overrides)
+        mode = ("host" if lm.device.type == "cuda" else "mmap") if store == "auto" else store
+        experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode=mode, pin=lm.device.type == "cuda")
+        tok = _maybe_tokenizer(model_dir)
+        if not cfg.offloads:
+            stats = RunStats(policy=cfg.name)
+            rt = cls(lm, cfg, experts, tok, executor=ResidentExecutor(experts, lm.device, stats), stats=stats)
+            rt.stats.cache_capacity_bytes = rt.stats.peak_cache_bytes = (
+                experts.expert_bytes * lm.arch.num_experts * len(lm.arch.moe_layers))
+            rt._install(rt.executor)
+            return rt
+        if the_plan is not None and policy == "plan":
+            if cache is not None:
+                raise UserError("--cache conflicts with the plan's budget; compile a plan for that budget instead")
+            slots = {l: the_plan.slots[l] for l in lm.arch.moe_layers}
+        else:
+            slots = resolve_slots(cache, lm.arch.moe_layers, lm.arch.num_experts)
+        the_link = parse_link(link) if isinstance(link, str) else link
+        kv = ExpertCache(lm.arch.experts, slots, lm.device, lm.dtype)
+        loader = Loader(experts, lm.device, the_link)
+        stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
+        params = substitution_params(cfg, lm.arch.moe_layers, the_plan if policy == "plan" else None)
+        executor = OffloadExecutor(experts, kv, loader, cfg, params, stats, next_router=_next_router(lm),
+                                   record_events=record_events)
+        rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats)
+        rt._install(executor)
+        if the_plan is not None and policy == "plan":
+            rt._warm(the_plan.initial)
+        return rt
+
+    def _install(self, executor) -> None:
+        for block in self.lm.blocks.values():
+            block.executor = executor
+
+    def _warm(self, initial: dict[int, list[int]]) -> None:
+        """Load the plan's initial residents (not counted as run loads)."""
+        for l, experts in initial.items():
+            for e in experts[: self.cache.slots.get(l, 0)]:
+                dst = self.cache.assign(l, e)
+                self.store.copy_into(l, e, dst)
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- use -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab] of one forward pass (no KV cache), through the policy."""
+        ids = torch.as_tensor(input_ids, device=self.lm.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        return self.lm.model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise UserError(f"{self.lm.ckpt.dir} has no tokenizer; pass token ids instead of text")
+        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] or [self._eos()] for p in prompts]
+        width = max(len(r) for r in rows)
+        pad = self._pad()
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.lm.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.lm.device)
+        return ids, mask
+
+    def _eos(self) -> int | None:
+        eos = getattr(self.lm.config, "eos_token_id", None)
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        return eos
+
+    def _pad(self) -> int:
+        pad = getattr(self.lm.config, "pad_token_id", None)
+        if pad is None and self.tokenizer is not None:
+            pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self._eos() or 0)
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, on_step: Callable[[torch.Tensor], None] | None = None,
+                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> list[str]:
+        """Decode continuations of `prompts` (a batch); statistics accumulate in `self.stats`."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if input_ids is None:
+            input_ids, attention_mask = self.encode(prompts)
+        elif attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        if max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+        tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self._eos(), self._pad(), on_step)
+        self.last_tokens = tokens
+        s = self.stats
+        s.prompt_tokens += int(attention_mask.sum())
+        eos = self._eos()
+        for row in tokens.tolist():   # real tokens: up to and including EOS (later positions are padding)
+            s.tokens += row.index(eos) + 1 if eos is not None and eos in row else len(row)
+        s.decode_steps += tokens.shape[1]
+        s.ttft_s = timing["ttft_s"] if s.ttft_s == 0.0 else s.ttft_s
+        s.step_s.extend(timing["step_s"])
+        if self.cache is not None:
+            s.peak_cache_bytes = max(s.peak_cache_bytes, self.cache.peak_bytes)
+        if self.tokenizer is None:
+            return [" ".join(map(str, row)) for row in tokens.tolist()]
+        texts = []
+        for row in tokens.tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+
+def _next_router(lm: LoadedModel):
+    """Approximate next-layer gate: layer l+1's router applied to layer l's MoE input (cheap: E x H)."""
+    layers = list(lm.arch.moe_layers)
+    nxt = {a: b for a, b in zip(layers, layers[1:])}
+
+    def route(layer: int, x: torch.Tensor):
+        if layer not in nxt:
+            return None
+        return nxt[layer], lm.blocks[nxt[layer]].route(x)
+
+    return route
+
+
+def _maybe_tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None

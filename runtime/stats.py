@@ -1,0 +1,96 @@
+"""Run statistics: what the cache served, what moved, and how long it took.
+
+Counted per (token, routed expert) pair at each MoE layer call:
+  hit          served by the expert itself from the device cache (resident, or arrived by prefetch)
+  understudy   served by a cached stand-in, by reason: band (SMoE score band), similarity (profile), batch
+               (another token's top-score expert)
+  miss         the expert itself, loaded on demand
+  host         the expert itself, computed on the host
+  drop         left out (the plan shows no stand-in beats a zero output)
+hit_rate = (hit + understudy) / pairs. loads = expert copies into the cache (demand + prefetch), bytes = their bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerCounters:
+    pairs: int = 0
+    hits: int = 0
+    misses: int = 0
+    host: int = 0
+    drops: int = 0
+    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
+    loads: int = 0
+    load_bytes: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    stall_s: float = 0.0
+
+    def add(self, other: "LayerCounters") -> None:
+        for k, v in asdict(other).items():
+            if k == "understudies":
+                for r, n in v.items():
+                    self.understudies[r] = self.understudies.get(r, 0) + n
+            else:
+                setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass
+class RunStats:
+    layers: dict[int, LayerCounters] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    tokens: int = 0                 # generated tokens (all rows)
+    decode_steps: int = 0
+    ttft_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)   # decode step times after the first token
+    cache_capacity_bytes: int = 0
+    peak_cache_bytes: int = 0
+    policy: str = ""
+
+    def layer(self, l: int) -> LayerCounters:
+        return self.layers.setdefault(l, LayerCounters())
+
+    def total(self) -> LayerCounters:
+        t = LayerCounters()
+        for c in self.layers.values():
+            t.add(c)
+        return t
+
+    def reset(self) -> None:
+        keep = (self.cache_capacity_bytes, self.policy)
+        self.__init__()
+        self.cache_capacity_bytes, self.policy = keep
+
+    @property
+    def tpot_s(self) -> float:
+        return sum(self.step_s) / len(self.step_s) if self.step_s else 0.0
+
+    def to_dict(self, per_layer: bool = False) -> dict:
+        t = self.total()
+        served = t.hits + sum(t.understudies.values())
+        pairs = max(t.pairs, 1)
+        steps = max(self.tokens, 1)
+        d = {"policy": self.policy, "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
+             "pairs": t.pairs, "hits": t.hits, "misses": t.misses, "host": t.host, "drops": t.drops,
+             "understudies": dict(t.understudies), "loads": t.loads, "bytes_loaded": t.load_bytes,
+             "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
+             "stall_s": round(t.stall_s, 6), "hit_rate": served / pairs,
+             "substitution_rate": sum(t.understudies.values()) / pairs, "drop_rate": t.drops / pairs,
+             "host_rate": t.host / pairs, "loads_per_token": t.loads / steps,
+             "bytes_per_token": t.load_bytes / steps, "ttft_ms": self.ttft_s * 1e3, "tpot_ms": self.tpot_s * 1e3,
+             "cache_capacity_bytes": self.cache_capacity_bytes, "peak_cache_bytes": self.peak_cache_bytes}
+        if per_layer:
+            d["layers"] = {str(l): asdict(c) for l, c in sorted(self.layers.items())}
+        return d
+
+    def summary(self) -> str:
+        d = self.to_dict()
+        u = d["understudies"]
+        return (f"[{d['policy']}] {d['tokens']} tokens | hit rate {d['hit_rate']:.1%} "
+                f"(understudies {sum(u.values())}: band {u['band']}, similarity {u['similarity']}, batch {u['batch']}; "
+                f"drops {d['drops']}; host {d['host']}) | loads {d['loads']} ({d['loads_per_token']:.2f}/token, "
+                f"{d['bytes_loaded'] / 2**20:.1f} MiB), prefetch {d['prefetch_used']}/{d['prefetch_issued']} used | "
+                f"stalled {d['stall_s'] * 1e3:.0f} ms | TTFT {d['ttft_ms']:.0f} ms, TPOT {d['tpot_ms']:.1f} ms | "
+                f"cache peak {d['peak_cache_bytes'] / 2**20:.1f} of {d['cache_capacity_bytes'] / 2**20:.1f} MiB")

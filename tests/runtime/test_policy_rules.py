@@ -1,0 +1,103 @@
+"""The decision rules alone, on hand-made score tables."""
+import pytest
+
+from runtime.policy.eviction import ScoreWindow, lru_victim, score_victim
+from runtime.policy.host_split import CostMeter, split_misses
+from runtime.policy.substitution import SubstitutionParams, decide_layer, decide_token, kth_next, top_score_set
+
+# 8 experts, k = 2, dyadic scores so band edges are exact. S(k+1) = 0.25 (expert 2).
+SCORES = [0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625, 0.15625, 0.09375]
+CHOSEN = [0, 1]
+
+
+def test_kth_next_and_top_set():
+    assert kth_next(SCORES, 2) == 0.25
+    assert top_score_set(SCORES, CHOSEN, alpha=0.5) == {0}          # 0.375 = 1.5 * 0.25: not above, low-score
+    assert top_score_set(SCORES, CHOSEN, alpha=0.25) == {0, 1}      # 0.375 > 0.3125: top-score
+
+
+def test_band_edges():
+    p = SubstitutionParams(alpha=0.5)                               # low-score (0.25, 0.375]; pool (0.125, 0.25]
+    d = decide_token(SCORES, CHOSEN, cached={0, 4, 6}, batch_top=set(), params=p)
+    # expert 1 sits on the upper edge: low-score, replaced by the best cached pool member, 6 (0.15625);
+    # 4 (0.125) sits exactly on the lower edge, which is excluded
+    assert d.exact == [0] and d.understudy == {1: (6, "band")}
+    d = decide_token(SCORES, CHOSEN, cached={0, 4}, batch_top=set(), params=p)
+    assert d.understudy == {} and d.exact == [0, 1]                  # pool empty: 1 is loaded
+    d = decide_token(SCORES, CHOSEN, cached={0, 3, 6}, batch_top=set(), params=p)
+    assert d.understudy == {1: (3, "band")}                          # the highest-scoring pool member wins
+
+
+def test_alpha_zero_is_exact():
+    p = SubstitutionParams(alpha=0.0)
+    d = decide_token(SCORES, CHOSEN, cached={3}, batch_top=set(), params=p)
+    assert d.exact == CHOSEN and not d.understudy and not d.dropped
+
+
+def test_cached_low_score_expert_is_kept():
+    d = decide_token(SCORES, CHOSEN, cached={1, 3}, batch_top=set(), params=SubstitutionParams(alpha=0.5))
+    assert d.exact == [0, 1] and not d.understudy                    # 0 top-score (loaded), 1 cached
+
+
+def test_pool_exhaustion():
+    scores = [0.30, 0.21, 0.205, 0.20, 0.19, 0.18, 0.0, 0.0]          # k = 3, S(k+1) = 0.20
+    d = decide_token(scores, [0, 1, 2], cached={4}, batch_top=set(), params=SubstitutionParams(alpha=0.5))
+    # 0 is top-score (0.30 > 0.30? no: 0.30 = 1.5 * 0.20 -> low-score too); misses 0, 1, 2 by score; one pool member
+    assert d.understudy == {0: (4, "band")} and sorted(d.exact) == [1, 2]
+
+
+def test_batch_understudy():
+    p = SubstitutionParams(alpha=0.5)
+    d = decide_token(SCORES, CHOSEN, cached={0}, batch_top={3}, params=p)
+    assert d.understudy == {1: (3, "batch")}
+    d = decide_token(SCORES, CHOSEN, cached={0}, batch_top={3}, params=SubstitutionParams(alpha=0.5, use_batch=False))
+    assert d.understudy == {}
+
+
+def test_decide_layer_uses_other_rows_top_sets():
+    rows = [SCORES, [0.0, 0.0, 0.0, 0.60, 0.0, 0.0, 0.30, 0.10]]
+    chosen = [CHOSEN, [3, 6]]
+    ds = decide_layer(rows, chosen, cached={0}, params=SubstitutionParams(alpha=0.5))
+    assert ds[0].understudy == {1: (3, "batch")}                     # row 1's top-score expert 3 stands in
+    assert sorted(ds[1].exact) == [3, 6]
+
+
+def test_protected_and_drop():
+    p = SubstitutionParams(alpha=0.5, protected=frozenset({1}))
+    assert decide_token(SCORES, CHOSEN, cached={0, 3}, batch_top=set(), params=p).exact == [0, 1]
+    p = SubstitutionParams(alpha=0.5, by_error=True, error={1: {3: 1.4}}, drop_ok=frozenset({1}))
+    d = decide_token(SCORES, CHOSEN, cached={0, 3}, batch_top=set(), params=p)
+    assert d.dropped == [1] and not d.understudy                     # the only stand-in is worse than nothing
+
+
+def test_plan_prefers_least_error_and_similarity():
+    err = {1: {3: 0.9, 7: 0.2}}
+    p = SubstitutionParams(alpha=0.5, by_error=True, error=err, similar={1: [(7, 0.2)]})
+    d = decide_token(SCORES, CHOSEN, cached={0, 3, 7}, batch_top=set(), params=p)
+    assert d.understudy == {1: (7, "similarity")}                    # 7 is outside the band but measured closer
+    p = SubstitutionParams(alpha=0.5, by_error=True, error={1: {3: 0.5, 7: 0.6}}, similar={1: [(7, 0.6)]})
+    assert decide_token(SCORES, CHOSEN, cached={0, 3, 7}, batch_top=set(), params=p).understudy == {1: (3, "band")}
+
+
+def test_lru_and_score_eviction_order():
+    assert lru_victim([3, 5, 7], {3: 10, 5: 2, 7: 9}) == 5
+    assert lru_victim([3, 5], {}) == 3
+    w = ScoreWindow(num_experts=4, n=2)
+    w.push([0.1, 0.5, 0.2, 0.0])
+    w.push([0.1, 0.0, 0.2, 0.4])
+    assert w.mean() == pytest.approx({0: 0.1, 1: 0.25, 2: 0.2, 3: 0.2})
+    assert score_victim([1, 2, 3], w.mean()) == 2                     # ties broken by id
+    w.push([0.9, 0.0, 0.0, 0.0])                                      # the oldest step leaves the window
+    assert w.mean()[1] == pytest.approx(0.0) and score_victim([0, 1, 2, 3], w.mean()) == 1
+
+
+def test_host_transfer_split():
+    assert split_misses([5, 6, 7, 8], c_load=1.0, c_host=1.0) == ([5, 6], [7, 8])
+    assert split_misses([5, 6, 7, 8], c_load=1.0, c_host=3.0) == ([5, 6, 7], [8])
+    assert split_misses([5, 6, 7], c_load=10.0, c_host=1.0) == ([], [5, 6, 7])
+    assert split_misses([], 1.0, 1.0) == ([], [])
+    m = CostMeter(p=2, prior=5.0)
+    assert m.value == 5.0
+    for v in (1.0, 2.0, 4.0):
+        m.add(v)
+    assert m.value == 3.0

@@ -1,0 +1,147 @@
+"""The offloading runtime: exactness of every policy in lossless mode, the cache bound, overlap, plans."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from artifacts import Plan, UserError
+from artifacts.header import new_header
+from artifacts.plan import FORMAT, FORMAT_VERSION
+from runtime import Runtime
+from runtime.fingerprint import model_fingerprint
+from runtime.model_loader import load_model
+from tiny_models import FAMILIES, build_tiny
+
+IDS = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def _hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             experts_implementation="eager").eval()
+
+
+def _plan(path, slots, substitutes=None, alpha=0.3, protected=None, drop_ok=None, initial=None) -> Plan:
+    lm = load_model(path, dtype=torch.float32)
+    layers = lm.arch.moe_layers
+    header = new_header(FORMAT, FORMAT_VERSION, model={"fingerprint": model_fingerprint(lm.arch, lm.config, lm.ckpt)},
+                        budget={"kind": "slots"}, choices={"alpha": alpha, "tau": 0.5, "window": 8})
+    return Plan(header=header, slots={l: slots for l in layers}, expert_bytes=lm.arch.experts.numel() * 4,
+                substitutes={l: (substitutes or {}) for l in layers}, protected={l: protected or [] for l in layers},
+                drop_ok={l: drop_ok or [] for l in layers}, initial={l: (initial or []) for l in layers})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["resident", "lru", "smoe", "plan"])
+def test_lossless_policies_match_hf(family, policy, tiny_model):
+    path = tiny_model(family)
+    kw = {"plan": _plan(path, 2)} if policy == "plan" else ({"cache": 2} if policy != "resident" else {})
+    with Runtime.load(path, policy=policy, lossless=True, dtype=torch.float32, **kw) as rt:
+        logits = rt.forward(IDS)
+        hf = _hf(path)
+        with torch.no_grad():
+            ref = hf(IDS).logits
+        assert torch.equal(logits, ref)
+        ids = IDS[:1]
+        ours = rt.generate("", input_ids=ids, max_new_tokens=10)
+        theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=rt._eos(), pad_token_id=0)
+        n = rt.last_tokens.shape[1]
+        assert rt.last_tokens[0].tolist() == theirs[0, ids.shape[1]:ids.shape[1] + n].tolist()
+        if policy != "resident":
+            assert rt.stats.to_dict()["loads"] > 0 and rt.stats.to_dict()["substitution_rate"] == 0.0
+
+
+def test_batched_left_padded_greedy_matches_hf(fixture_model):
+    with Runtime.load(fixture_model, policy="lru", cache="25%", lossless=True) as rt:
+        prompts = ["The function returns", "And the LORD said unto"]
+        ids, mask = rt.encode(prompts)
+        rt.generate(prompts, max_new_tokens=12)
+        hf = _hf(fixture_model)
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=rt._pad())
+        for row in range(2):
+            ours = rt.last_tokens[row].tolist()
+            theirs = ref[row, ids.shape[1]:].tolist()[: len(ours)]
+            assert ours == theirs
+
+
+def test_fixture_lossless_logits(fixture_model):
+    ids = torch.randint(1, 4096, (1, 40), generator=torch.Generator().manual_seed(0))
+    with Runtime.load(fixture_model, policy="smoe", cache="25%", lossless=True) as rt:
+        diff = (rt.forward(ids) - _hf(fixture_model)(ids).logits).abs().max().item()
+    assert diff == 0.0
+
+
+def test_cache_never_exceeds_budget_over_long_generation(fixture_model):
+    with Runtime.load(fixture_model, policy="smoe", cache="25%", link="2GB/s") as rt:
+        routed = rt.store.expert_bytes * 16 * 4
+        budget = 0.25 * routed
+        seen = []
+
+        def check(_tokens):
+            seen.append(rt.cache.used_bytes)
+            assert rt.cache.used_bytes <= rt.cache.capacity_bytes <= budget
+
+        rt.generate(["The function returns", "In the beginning"], max_new_tokens=64, on_step=check)
+        alloc = sum(t.numel() * t.element_size() for slots in rt.cache._buf.values() for s in slots for t in s.values())
+        assert alloc == rt.cache.capacity_bytes and len(seen) >= 32
+        assert rt.stats.peak_cache_bytes <= budget
+        d = rt.stats.to_dict()
+        assert d["loads"] > 0 and d["bytes_loaded"] == d["loads"] * rt.store.expert_bytes
+
+
+def test_cached_experts_computed_while_loads_in_flight(fixture_model):
+    """With a slow link, hits are computed before the missing experts arrive (timestamps, not speed)."""
+    with Runtime.load(fixture_model, policy="lru", cache=8, link="20MB/s,1ms", record_events=True) as rt:
+        rt.generate(["The function returns"], max_new_tokens=6)
+        ev = rt.executor.events
+    loads = {(l, e): (t0, t1) for kind, t0, t1, l, e in (x for x in ev if x[0] == "load")}
+    overlapped = 0
+    for kind, t, layer, e in (x for x in ev if x[0] == "compute_end"):
+        # a cached expert finished computing while a load of the same layer call was still in flight
+        if any(l == layer and t0 < t < t1 for (l, _), (t0, t1) in loads.items()):
+            overlapped += 1
+    assert overlapped > 0
+    assert rt.stats.to_dict()["stall_s"] > 0
+
+
+@pytest.mark.parametrize("score5,reason", [(0.15, "band"), (0.0, "similarity")])
+def test_plan_understudy_is_exact_for_a_planted_copy(tmp_path, score5, reason):
+    """Expert 5 is an exact copy of 3 and the plan names it 3's understudy (error 0). When 3 misses at a low score
+    and 5 is cached, 5 stands in, by the score band or (outside it) by similarity, and the output is unchanged."""
+    from runtime.resident import ResidentExecutor
+    from runtime.router import Routing
+
+    def tweak(model):
+        ex = model.model.layers[0].mlp.experts
+        ex.gate_up_proj[5].copy_(ex.gate_up_proj[3])
+        ex.down_proj[5].copy_(ex.down_proj[3])
+
+    path = build_tiny("qwen3_moe", tmp_path / "copy", tweak=tweak)
+    plan = _plan(path, slots=3, substitutes={3: [(5, 1.0, 0.0)]}, alpha=1.0, initial=[5])
+    with Runtime.load(path, plan=plan, policy="plan", dtype=torch.float32) as rt:
+        x = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+        score = torch.tensor([[0.4, 0.15, 0.05, 0.2, 0.05, score5, 0.0, 0.0]])   # S(k+1) = 0.15
+        idx = torch.tensor([[0, 3]])
+        routing = Routing(idx=idx, weights=score.gather(1, idx), score=score, coef=torch.ones(1), gate=score)
+        assert set(rt.cache.where[0]) == {5}
+        out = rt.executor(0, x, routing)
+        d = rt.stats.to_dict()
+        assert d["understudies"][reason] == 1 and d["misses"] == 1 and d["loads"] == 1   # 0 loaded, 3 replaced
+        ref = ResidentExecutor(rt.store, rt.lm.device)(0, x, routing)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_plan_for_another_model_is_refused(tiny_model):
+    plan = _plan(tiny_model("olmoe"), 2)
+    with pytest.raises(UserError, match="another model"):
+        Runtime.load(tiny_model("qwen3_moe"), plan=plan, policy="plan")
+
+
+def test_cache_argument_errors(tiny_model):
+    with pytest.raises(UserError, match="needs a cache size"):
+        Runtime.load(tiny_model("olmoe"), policy="lru")
+    with pytest.raises(UserError, match="fewer than one per MoE layer"):
+        Runtime.load(tiny_model("olmoe"), policy="lru", cache="1%")
+    with pytest.raises(UserError, match="unknown policy"):
+        Runtime.load(tiny_model("olmoe"), policy="fifo", cache=2)
+    with pytest.raises(UserError, match="needs a plan"):
+        Runtime.load(tiny_model("olmoe"))
