@@ -37,15 +37,17 @@ def _select(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | No
 
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig,
-           eos_id: int | None, pad_id: int, on_step: Callable[[torch.Tensor], None] | None = None
-           ) -> tuple[torch.Tensor, dict]:
+           eos_id: int | None, pad_id: int, on_step: Callable[[torch.Tensor], None] | None = None,
+           on_phase: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Generate up to cfg.max_new_tokens for left-padded input_ids [B, S]; returns new tokens [B, n] and timings
-    (ttft_s: prompt to first token; step_s: each later decode step)."""
+    (ttft_s: prompt to first token; step_s: each later decode step). `on_phase` hears "prefill" and "decode"."""
     device = input_ids.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     t0 = time.perf_counter()
+    if on_phase is not None:
+        on_phase("prefill")
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
@@ -60,6 +62,8 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         else:
             step_s.append(now - t0)
         t0 = now
+        if n == 0 and on_phase is not None:
+            on_phase("decode")
         if on_step is not None:
             on_step(nxt)
         if eos_id is not None:

@@ -202,9 +202,18 @@ class Runtime:
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
-        tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self._eos(), self._pad(), on_step)
-        self.last_tokens = tokens
         s = self.stats
+
+        def on_phase(name: str) -> None:
+            s.phase = name
+
+        try:
+            tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self._eos(), self._pad(), on_step,
+                                    on_phase)
+        finally:
+            s.phase = "decode"
+        self.last_tokens = tokens
+        s.decode_positions += tokens.shape[0] * (tokens.shape[1] - 1)
         s.prompt_tokens += int(attention_mask.sum())
         eos = self._eos()
         for row in tokens.tolist():   # real tokens: up to and including EOS (later positions are padding)

@@ -8,6 +8,7 @@ Counted per (token, routed expert) pair at each MoE layer call:
   host         the expert itself, computed on the host
   drop         left out (the plan shows no stand-in beats a zero output)
 hit_rate = (hit + understudy) / pairs. loads = expert copies into the cache (demand + prefetch), bytes = their bytes.
+Per-token figures are per decode position (one row, one step); prompt prefill is counted apart.
 """
 from __future__ import annotations
 
@@ -39,7 +40,13 @@ class LayerCounters:
 
 @dataclass
 class RunStats:
+    """Counters of the decode phase (`layers`) and of prompt prefill (`prefill_layers`), kept apart: a prefill batch
+    touches most experts at once and would hide the decode-time behaviour of the cache."""
+
     layers: dict[int, LayerCounters] = field(default_factory=dict)
+    prefill_layers: dict[int, LayerCounters] = field(default_factory=dict)
+    phase: str = "decode"
+    decode_positions: int = 0      # (row, step) positions run by decode forward passes
     prompt_tokens: int = 0
     tokens: int = 0                 # generated tokens (all rows)
     decode_steps: int = 0
@@ -50,11 +57,12 @@ class RunStats:
     policy: str = ""
 
     def layer(self, l: int) -> LayerCounters:
-        return self.layers.setdefault(l, LayerCounters())
+        layers = self.prefill_layers if self.phase == "prefill" else self.layers
+        return layers.setdefault(l, LayerCounters())
 
-    def total(self) -> LayerCounters:
+    def total(self, prefill: bool = False) -> LayerCounters:
         t = LayerCounters()
-        for c in self.layers.values():
+        for c in (self.prefill_layers if prefill else self.layers).values():
             t.add(c)
         return t
 
@@ -62,6 +70,7 @@ class RunStats:
         keep = (self.cache_capacity_bytes, self.policy)
         self.__init__()
         self.cache_capacity_bytes, self.policy = keep
+        self.phase = "decode"
 
     @property
     def tpot_s(self) -> float:
@@ -71,7 +80,8 @@ class RunStats:
         t = self.total()
         served = t.hits + sum(t.understudies.values())
         pairs = max(t.pairs, 1)
-        steps = max(self.tokens, 1)
+        steps = max(self.decode_positions, 1)
+        p = self.total(prefill=True)
         d = {"policy": self.policy, "prompt_tokens": self.prompt_tokens, "tokens": self.tokens,
              "pairs": t.pairs, "hits": t.hits, "misses": t.misses, "host": t.host, "drops": t.drops,
              "understudies": dict(t.understudies), "loads": t.loads, "bytes_loaded": t.load_bytes,
@@ -80,7 +90,10 @@ class RunStats:
              "substitution_rate": sum(t.understudies.values()) / pairs, "drop_rate": t.drops / pairs,
              "host_rate": t.host / pairs, "loads_per_token": t.loads / steps,
              "bytes_per_token": t.load_bytes / steps, "ttft_ms": self.ttft_s * 1e3, "tpot_ms": self.tpot_s * 1e3,
-             "cache_capacity_bytes": self.cache_capacity_bytes, "peak_cache_bytes": self.peak_cache_bytes}
+             "cache_capacity_bytes": self.cache_capacity_bytes, "peak_cache_bytes": self.peak_cache_bytes,
+             "decode_positions": self.decode_positions,
+             "prefill": {"pairs": p.pairs, "hits": p.hits, "misses": p.misses, "loads": p.loads,
+                         "bytes_loaded": p.load_bytes, "stall_s": round(p.stall_s, 6)}}
         if per_layer:
             d["layers"] = {str(l): asdict(c) for l, c in sorted(self.layers.items())}
         return d
