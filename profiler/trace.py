@@ -5,20 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.router import Routing
-
-
-def trace_rows(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids, scores [T, width]: chosen experts by descending score, then the best `width - k` of the rest."""
-    score, idx = routing.score, routing.idx
-    k = idx.shape[1]
-    chosen_scores = score.gather(1, idx)
-    order = torch.argsort(chosen_scores, dim=1, descending=True, stable=True)
-    chosen = idx.gather(1, order)
-    rest_scores = score.scatter(1, idx, float("-inf"))
-    extra = torch.topk(rest_scores, width - k, dim=1).indices if width > k else idx[:, :0]
-    ids = torch.cat([chosen, extra], dim=1)
-    return ids, score.gather(1, ids)
+from runtime.router import Routing, top_view
 
 
 class TraceRecorder:
@@ -31,7 +18,7 @@ class TraceRecorder:
         self._sample: list[np.ndarray] = []
 
     def add_layer(self, layer: int, routing: Routing) -> None:
-        ids, scores = trace_rows(routing, self.width)
+        ids, scores = top_view(routing, self.width)
         self._ids[layer].append(ids.to(torch.int32).cpu().numpy())
         self._scores[layer].append(scores.float().cpu().numpy())
         self._coef[layer].append(routing.coef.float().cpu().numpy())

@@ -89,3 +89,15 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
     chosen_gate = gate.gather(1, idx).sum(dim=-1)  # [T]
     coef = weights.float().sum(dim=-1) / chosen_gate.clamp(min=1e-30)
     return Routing(idx=idx, weights=weights, score=score.float(), coef=coef, gate=gate.float())
+
+
+def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, scores [T, width]: the chosen experts by descending score, then the best `width - k` of the rest.
+    This is what the routing trace stores and what cache decisions see (other experts count as score 0)."""
+    score, idx = routing.score, routing.idx
+    k = idx.shape[1]
+    order = torch.argsort(score.gather(1, idx), dim=1, descending=True, stable=True)
+    chosen = idx.gather(1, order)
+    extra = torch.topk(score.scatter(1, idx, float("-inf")), width - k, dim=1).indices if width > k else idx[:, :0]
+    ids = torch.cat([chosen, extra], dim=1)
+    return ids, score.gather(1, ids)

@@ -23,6 +23,7 @@ from runtime.loader import Loader
 from runtime.model_loader import LoadedModel, load_model
 from runtime.offload_executor import OffloadExecutor
 from runtime.policy.config import PolicyConfig, preset
+from runtime.policy.schedule import CacheModel
 from runtime.policy.substitution import SubstitutionParams
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
@@ -127,24 +128,26 @@ class Runtime:
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
         params = substitution_params(cfg, lm.arch.moe_layers, the_plan if policy == "plan" else None)
-        executor = OffloadExecutor(experts, kv, loader, cfg, params, stats, next_router=_next_router(lm),
+        initial = the_plan.initial if the_plan is not None and policy == "plan" else {}
+        model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial)
+        width = int(the_plan.choices.get("width", 2 * lm.arch.top_k)) if the_plan is not None else 2 * lm.arch.top_k
+        width = min(width, lm.arch.num_experts)
+        executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=_next_router(lm),
                                    record_events=record_events)
         rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats)
         rt._install(executor)
-        if the_plan is not None and policy == "plan":
-            rt._warm(the_plan.initial)
+        rt._warm(model.resident)
         return rt
 
     def _install(self, executor) -> None:
         for block in self.lm.blocks.values():
             block.executor = executor
 
-    def _warm(self, initial: dict[int, list[int]]) -> None:
-        """Load the plan's initial residents (not counted as run loads)."""
-        for l, experts in initial.items():
-            for e in experts[: self.cache.slots.get(l, 0)]:
-                dst = self.cache.assign(l, e)
-                self.store.copy_into(l, e, dst)
+    def _warm(self, resident: dict[int, set[int]]) -> None:
+        """Load the initial residents the cache model starts with (the plan's; not counted as run loads)."""
+        for l, experts in resident.items():
+            for e in sorted(experts):
+                self.store.copy_into(l, e, self.cache.assign(l, e))
 
     def close(self) -> None:
         if self.loader is not None:

@@ -37,29 +37,38 @@ class TokenDecision:
     dropped: list[int] = field(default_factory=list)
 
 
-def kth_next(scores: Sequence[float], k: int) -> float:
-    """S(k+1): the (k+1)-th highest score (0 when there are only k experts)."""
-    if len(scores) <= k:
-        return 0.0
-    return sorted(scores, reverse=True)[k]
+ScoreMap = Mapping[int, float]   # expert -> score; experts absent score 0 (a token's top-W view)
 
 
-def top_score_set(scores: Sequence[float], chosen: Sequence[int], alpha: float) -> set[int]:
+def as_scores(scores: Sequence[float] | ScoreMap) -> ScoreMap:
+    return scores if isinstance(scores, Mapping) else dict(enumerate(scores))
+
+
+def kth_next(scores: Sequence[float] | ScoreMap, k: int) -> float:
+    """S(k+1): the (k+1)-th highest score (0 when fewer than k+1 experts have a score)."""
+    values = sorted(as_scores(scores).values(), reverse=True)
+    return values[k] if len(values) > k else 0.0
+
+
+def top_score_set(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], alpha: float) -> set[int]:
     """The chosen experts whose score exceeds (1 + alpha) * S(k+1)."""
+    scores = as_scores(scores)
     s_next = kth_next(scores, len(chosen))
-    return {e for e in chosen if scores[e] > (1.0 + alpha) * s_next}
+    return {e for e in chosen if scores.get(e, 0.0) > (1.0 + alpha) * s_next}
 
 
-def decide_token(scores: Sequence[float], chosen: Sequence[int], cached: AbstractSet[int],
+def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cached: AbstractSet[int],
                  batch_top: AbstractSet[int], params: SubstitutionParams) -> TokenDecision:
-    """Decision for one token: scores [E], chosen [k] (the router's experts), cached ids, the top-score experts of
-    the other tokens in the batch."""
+    """Decision for one token: its scores ([E] or a sparse map), chosen [k] (the router's experts), cached ids,
+    the top-score experts of the other tokens in the batch."""
     d = TokenDecision()
     if params.alpha <= 0.0:
         d.exact = list(chosen)
         return d
+    score_map = as_scores(scores)
     k = len(chosen)
-    s_next = kth_next(scores, k)
+    s_next = kth_next(score_map, k)
+    scores = _Get(score_map)
     hi, lo = (1.0 + params.alpha) * s_next, (1.0 - params.alpha) * s_next
     available = set(cached) | (set(batch_top) if params.use_batch else set())
     chosen_set = set(chosen)
@@ -103,9 +112,21 @@ def _understudy(i, pool, cached, batch_top, used, chosen_set, params):
     return j, candidates[j]
 
 
-def decide_layer(scores: Sequence[Sequence[float]], chosen: Sequence[Sequence[int]], cached: AbstractSet[int],
-                 params: SubstitutionParams) -> list[TokenDecision]:
-    """Decisions for every token of a layer call: scores [T][E], chosen [T][k]."""
+class _Get:
+    """Index a sparse score map like a dense vector (absent experts score 0)."""
+
+    __slots__ = ("m",)
+
+    def __init__(self, m: ScoreMap):
+        self.m = m
+
+    def __getitem__(self, e: int) -> float:
+        return self.m.get(e, 0.0)
+
+
+def decide_layer(scores: Sequence[Sequence[float] | ScoreMap], chosen: Sequence[Sequence[int]],
+                 cached: AbstractSet[int], params: SubstitutionParams) -> list[TokenDecision]:
+    """Decisions for every token of a layer call: scores [T] x ([E] or sparse map), chosen [T][k]."""
     if params.alpha <= 0.0:
         return [TokenDecision(exact=list(c)) for c in chosen]
     tops = [top_score_set(s, c, params.alpha) for s, c in zip(scores, chosen)]

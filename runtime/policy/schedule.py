@@ -1,0 +1,200 @@
+"""The cache model: which experts are resident per layer, and the ordered plan of one layer call.
+
+Pure (ids and scores only), and the single source of truth for cache decisions: the runtime executes the
+`LayerSchedule` it returns (copies, waits, compute), and the compiler's simulator replays a routing trace through the
+very same object, so predicted and measured hits and loads agree.
+
+A layer call's ops, in order:
+  ("load", layer, e, victim)      evict `victim` (None: a free slot) and start loading e
+  ("prefetch", layer', e, victim) the same, into the next MoE layer, for a predicted top-score expert
+  ("compute", layer, e, None)     compute e from its slot (waiting for its load if needed)
+  ("host", layer, e, None)        compute e on the host, from the store
+Loads are issued first, as far as slots allow without evicting an expert this call still needs (pinned); then cached
+experts are computed while the loads are in flight; every computed expert unpins its slot, so more loads can go.
+
+Scores are sparse: per token a dict of its top-W experts' scores (W = k + m, the width of the profile's trace);
+every other expert counts as 0, in the runtime exactly as in the simulator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from runtime.policy.config import PolicyConfig
+from runtime.policy.eviction import ScoreWindow, lru_victim, score_victim
+from runtime.policy.host_split import split_misses
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, decide_layer
+
+Scores = Mapping[int, float]   # expert -> score, the token's top-W experts
+
+
+def predicted_top(scores: Scores, k: int, alpha: float) -> dict[int, float]:
+    """Top-score experts of a predicted routing: the top k whose score exceeds (1 + alpha) * S(k+1)."""
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+    s_next = ranked[k][1] if len(ranked) > k else 0.0
+    return {e: s for e, s in ranked[:k] if s > (1.0 + alpha) * s_next}
+
+
+@dataclass
+class LayerCounts:
+    pairs: int = 0
+    hits: int = 0
+    misses: int = 0
+    host: int = 0
+    drops: int = 0
+    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
+    loads: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+
+
+@dataclass
+class LayerSchedule:
+    decisions: list[TokenDecision]
+    ops: list[tuple[str, int, int, int | None]]
+    counts: LayerCounts                                  # this layer's pair counts and demand loads
+    prefetch_layer: int | None = None
+    prefetches: int = 0
+
+
+class CacheModel:
+    def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
+                 params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None,
+                 host_batch_max: int = 8):
+        self.slots = dict(slots)
+        self.layers = list(self.slots)
+        self.next_layer = dict(zip(self.layers, self.layers[1:]))
+        self.e, self.k, self.policy, self.params = num_experts, top_k, policy, params
+        self.resident: dict[int, set[int]] = {l: set() for l in self.layers}
+        self.last_used: dict[int, dict[int, int]] = {l: {} for l in self.layers}
+        self.prefetched: dict[int, set[int]] = {l: set() for l in self.layers}
+        self.windows = {l: ScoreWindow(num_experts, policy.window) for l in self.layers}
+        self.host_batch_max = host_batch_max
+        self.step = 0
+        for l, experts in (initial or {}).items():
+            for e in list(experts)[: self.slots.get(l, 0)]:
+                self.resident[l].add(e)
+
+    # ---- slot bookkeeping ------------------------------------------------------------------------------------
+    def _victim(self, layer: int, pinned: set[int]) -> int | None:
+        candidates = [e for e in self.resident[layer] if e not in pinned]
+        if not candidates:
+            return None
+        if self.policy.eviction == "score":
+            return score_victim(candidates, self.windows[layer].mean())
+        return lru_victim(candidates, self.last_used[layer])
+
+    def _admit(self, layer: int, e: int, pinned: set[int]) -> tuple[bool, int | None]:
+        """Make room for e (evicting an unpinned victim when full); (admitted, victim)."""
+        victim = None
+        if len(self.resident[layer]) >= self.slots[layer]:
+            victim = self._victim(layer, pinned)
+            if victim is None:
+                return False, None
+            self.resident[layer].discard(victim)
+            self.prefetched[layer].discard(victim)
+        self.resident[layer].add(e)
+        return True, victim
+
+    # ---- one layer call --------------------------------------------------------------------------------------
+    def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
+                 prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
+                 ) -> LayerSchedule:
+        """rows: per token its top-W scores; chosen: per token the router's k experts; prediction: per token the
+        approximate next-layer gate's top-W scores (for prefetch)."""
+        self.step += 1
+        cfg, params = self.policy, self.params[layer]
+        resident_at_start = set(self.resident[layer])
+        decisions = decide_layer(rows, chosen, resident_at_start, params)
+        if cfg.eviction == "score":
+            step_scores = [0.0] * self.e
+            for r in rows:
+                for ex, s in r.items():
+                    step_scores[ex] += s / len(rows)
+            self.windows[layer].push(step_scores)
+
+        c = LayerCounts(pairs=len(chosen) * self.k)
+        exact: dict[int, int] = {}                       # expert -> exact pairs
+        subs: set[int] = set()
+        for d in decisions:
+            for e in d.exact:
+                exact[e] = exact.get(e, 0) + 1
+            for _, (j, reason) in d.understudy.items():
+                subs.add(j)
+                c.understudies[reason] += 1
+            c.drops += len(d.dropped)
+        needed = set(exact) | subs
+        best = {e: max((r.get(e, 0.0) for r, ch in zip(rows, chosen) if e in ch), default=0.0) for e in needed}
+        misses = sorted((e for e in needed if e not in resident_at_start), key=lambda e: (-best[e], e))
+        to_load, to_host = misses, []
+        if cfg.host_compute and misses and len(chosen) <= self.host_batch_max:
+            to_load, to_host = split_misses(misses, c_load, c_host)
+        host_set = set(to_host)
+        for e, n in exact.items():
+            if e in resident_at_start:
+                c.hits += n
+            elif e in host_set:
+                c.host += n
+            else:
+                c.misses += n
+        for e in needed & resident_at_start:
+            if e in self.prefetched[layer]:
+                c.prefetch_used += 1
+                self.prefetched[layer].discard(e)
+
+        ops: list[tuple[str, int, int, int | None]] = []
+        pending = needed - host_set
+        queue = list(to_load)
+
+        def issue() -> None:
+            while queue:
+                e = queue[0]
+                ok, victim = self._admit(layer, e, pending)
+                if not ok:
+                    return
+                queue.pop(0)
+                ops.append(("load", layer, e, victim))
+                c.loads += 1
+
+        issue()
+        sched = LayerSchedule(decisions=decisions, ops=ops, counts=c)
+        self._prefetch(layer, prediction, ops, sched)
+        for e in sorted(needed & resident_at_start):
+            ops.append(("compute", layer, e, None))
+            pending.discard(e)
+            issue()
+        for e in to_host:
+            ops.append(("host", layer, e, None))
+        for e in to_load:
+            if e not in self.resident[layer]:
+                issue()
+            if e not in self.resident[layer]:
+                raise RuntimeError(f"layer {layer}: no slot can be freed for expert {e}")
+            ops.append(("compute", layer, e, None))
+            pending.discard(e)
+            issue()
+        for e in needed:
+            if e in self.resident[layer]:
+                self.last_used[layer][e] = self.step
+        return sched
+
+    def _prefetch(self, layer: int, prediction, ops, sched: LayerSchedule) -> None:
+        nxt = self.next_layer.get(layer)
+        if not self.policy.prefetch or prediction is None or nxt is None:
+            return
+        alpha = self.params[nxt].alpha
+        predicted: dict[int, float] = {}
+        for r in prediction:
+            for e, s in predicted_top(r, self.k, alpha).items():
+                predicted[e] = max(predicted.get(e, 0.0), s)
+        budget = self.policy.prefetch_max or self.k
+        sched.prefetch_layer = nxt
+        for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]:
+            if e in self.resident[nxt]:
+                continue
+            ok, victim = self._admit(nxt, e, set(predicted))
+            if not ok:
+                break
+            self.prefetched[nxt].add(e)
+            ops.append(("prefetch", nxt, e, victim))
+            sched.prefetches += 1
