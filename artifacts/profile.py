@@ -20,7 +20,9 @@ Statistics stored (E = experts, B = ratio bins; all sums float64, counts int64):
   err_sum [E, E]          sum over probe tokens of ||f_i(x) - f_j(x)|| / ||f_i(x)||
   clusters [E]            functional-group labels (derived from the mean cosine; recomputed on merge)
 Trace tensors: ids [T, M, W] int32 (the k chosen experts by descending score, then the next W-k by score),
-scores [T, M, W] float32, coef [T, M] float32 (weight per unit of gate), token [T] int32, sample [T] int32;
+scores [T, M, W] float32, coef [T, M] float32 (weight per unit of gate), pred_ids / pred_scores [T, M, W] (the same
+view of the next MoE layer's router applied to this layer's input: what the runtime prefetches by; -1 / 0 for the
+last MoE layer), token [T] int32, sample [T] int32;
 M = number of MoE layers, in `moe_layers` order.
 
 Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones.
@@ -42,7 +44,7 @@ HEADER_FILE, STATS_FILE, TRACE_FILE = "profile.json", "stats.safetensors", "trac
 
 LAYER_STATS = ("tokens", "act_count", "score_sum", "score_sqsum", "active_score_sum", "ratio_hist", "coact",
                "transition", "importance_sum", "out_norm_sum", "probe_count", "cos_sum", "err_sum", "clusters")
-TRACE_KEYS = ("ids", "scores", "coef", "token", "sample")
+TRACE_KEYS = ("ids", "scores", "coef", "pred_ids", "pred_scores", "token", "sample")
 
 
 def _safe(x: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     for p in profiles:
         samples.append(p.trace["sample"] + offset)
         offset += int(p.trace["sample"].max()) + 1 if len(p.trace["sample"]) else 0
-    trace = {k: np.concatenate([p.trace[k] for p in profiles]) for k in ("ids", "scores", "coef", "token")}
+    trace = {k: np.concatenate([p.trace[k] for p in profiles]) for k in ("ids", "scores", "coef", "pred_ids", "pred_scores", "token")}
     trace["sample"] = np.concatenate(samples)
     header["calibration"] = [c for p in profiles for c in p.header["calibration"]]
     header["probe"] = {"tokens": int(sum(p.header["probe"]["tokens"] for p in profiles))}

@@ -26,9 +26,9 @@ class LayerRecorder:
 
 
 class ProbeExecutor:
-    def __init__(self, store: ExpertStore, device: torch.device, trace: TraceRecorder):
+    def __init__(self, store: ExpertStore, device: torch.device, trace: TraceRecorder, next_router=None):
         arch = store.arch
-        self.store, self.device, self.trace = store, device, trace
+        self.store, self.device, self.trace, self.next_router = store, device, trace, next_router
         self.num_experts = arch.num_experts
         self.expert_fn = make_expert_fn(arch.experts)
         self.layers = {l: LayerRecorder(RoutingStats(arch.num_experts, arch.top_k), ImportanceStats(arch.num_experts),
@@ -42,7 +42,8 @@ class ProbeExecutor:
         experts = {e: {k: v.to(self.device, non_blocking=True) for k, v in self.store.read(layer, e).items()}
                    for e in range(self.num_experts)}
         rec.routing.update(routing.score, routing.idx)
-        self.trace.add_layer(layer, routing)
+        nxt = self.next_router(layer, x) if self.next_router is not None else None
+        self.trace.add_layer(layer, routing, nxt[1] if nxt is not None else None)
         self.last_idx[layer] = routing.idx
 
         def tap(e: int, rows: torch.Tensor, pos: torch.Tensor, y: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ from profiler.routing_stats import RATIO_EDGES
 from profiler.trace import TraceRecorder
 from runtime.expert_store import ExpertStore
 from runtime.fingerprint import model_fingerprint
-from runtime.model_loader import LoadedModel, load_model
+from runtime.model_loader import LoadedModel, load_model, next_layer_router
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
     trace = TraceRecorder(list(arch.moe_layers), width)
     store = ExpertStore(lm.ckpt, arch, lm.dtype, mode="mmap")
     model_info = model_section(lm, store, model_dir)
-    executor = ProbeExecutor(store, lm.device, trace)
+    executor = ProbeExecutor(store, lm.device, trace, next_router=next_layer_router(lm))
     for block in lm.blocks.values():
         block.executor = executor
 

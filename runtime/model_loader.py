@@ -133,3 +133,17 @@ def _load_dense(model: nn.Module, ckpt: Checkpoint, arch: MoEArch) -> None:
         else:
             raise UserError(f"checkpoint {ckpt.dir} lacks {len(missing)} dense tensors (first: {missing[0]}); "
                             "is the checkpoint complete?")
+
+
+def next_layer_router(lm: LoadedModel):
+    """The approximate next-layer gate: layer l+1's router applied to layer l's MoE input (cheap: E x H).
+    route(l, x) -> (next MoE layer, its Routing) or None for the last MoE layer."""
+    layers = list(lm.arch.moe_layers)
+    nxt = dict(zip(layers, layers[1:]))
+
+    def route(layer: int, x: torch.Tensor):
+        if layer not in nxt:
+            return None
+        return nxt[layer], lm.blocks[nxt[layer]].route(x)
+
+    return route

@@ -6,11 +6,11 @@
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from artifacts.errors import UserError
 from artifacts.plan import Plan
@@ -20,57 +20,14 @@ from runtime.fingerprint import model_fingerprint
 from runtime.generate import SamplingConfig, decode
 from runtime.link import Link, parse_link
 from runtime.loader import Loader
-from runtime.model_loader import LoadedModel, load_model
+from runtime.model_loader import LoadedModel, load_model, next_layer_router
 from runtime.offload_executor import OffloadExecutor
 from runtime.policy.config import PolicyConfig, preset
 from runtime.policy.schedule import CacheModel
-from runtime.policy.substitution import SubstitutionParams
+from runtime.policy.slots import resolve_slots
+from runtime.policy.plan_params import substitution_params
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
-
-
-def resolve_slots(cache: int | str | None, moe_layers: Sequence[int], num_experts: int) -> dict[int, int]:
-    """Slots per layer for `cache`: an int (slots in every layer) or "P%" (P% of all routed experts, spread evenly)."""
-    if cache is None:
-        raise UserError("an offloading policy needs a cache size: --cache N (slots per layer) or --cache P% "
-                        "(share of routed-expert bytes), or a plan (--plan)")
-    layers = list(moe_layers)
-    if isinstance(cache, str) and cache.strip().endswith("%"):
-        try:
-            pct = float(cache.strip()[:-1])
-        except ValueError:
-            raise UserError(f"cannot read cache {cache!r}; write a slot count (8) or a percentage (25%)") from None
-        if not 0 < pct <= 100:
-            raise UserError(f"cache percentage must be in (0, 100] (got {cache})")
-        total = math.floor(pct / 100 * num_experts * len(layers) + 1e-9)
-        if total < len(layers):
-            need = math.ceil(100 * len(layers) / (num_experts * len(layers)) * 100) / 100
-            raise UserError(f"cache {cache} holds {total} experts, fewer than one per MoE layer; use at least {need:g}%")
-        base, extra = divmod(total, len(layers))
-        return {l: base + (1 if n < extra else 0) for n, l in enumerate(layers)}
-    try:
-        n = int(cache)
-    except (TypeError, ValueError):
-        raise UserError(f"cannot read cache {cache!r}; write a slot count (8) or a percentage (25%)") from None
-    if not 1 <= n <= num_experts:
-        raise UserError(f"cache of {n} slots per layer is outside 1..{num_experts} (the layer's experts)")
-    return {l: n for l in layers}
-
-
-def substitution_params(policy: PolicyConfig, moe_layers: Sequence[int], plan: Plan | None) -> dict[int, SubstitutionParams]:
-    out = {}
-    for l in moe_layers:
-        if plan is None or policy.name != "plan":
-            out[l] = SubstitutionParams(alpha=policy.alpha, use_batch=policy.use_batch)
-            continue
-        subs = plan.substitutes.get(l, {})
-        out[l] = SubstitutionParams(
-            alpha=policy.alpha, use_batch=policy.use_batch, by_error=True,
-            similar={i: [(j, err) for j, _, err in v if err <= plan.tau] for i, v in subs.items()},
-            error={i: {j: err for j, _, err in v} for i, v in subs.items()},
-            protected=frozenset(plan.protected.get(l, [])),
-            drop_ok=frozenset(plan.drop_ok.get(l, [])) if policy.alpha > 0 else frozenset())
-    return out
 
 
 class Runtime:
@@ -94,8 +51,6 @@ class Runtime:
         if policy == "plan" and plan is None:
             raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
                             "or choose --policy smoe|lru|resident")
-        if "host_compute" not in policy_overrides or policy_overrides["host_compute"] is None:
-            policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy in ("smoe", "plan") else False
         the_plan = plan if isinstance(plan, Plan) or plan is None else Plan.load(plan)
         if the_plan is not None:
             fp = model_fingerprint(lm.arch, lm.config, lm.ckpt)
@@ -103,9 +58,11 @@ class Runtime:
                 raise UserError(f"plan was compiled for another model (fingerprint {the_plan.fingerprint}, this model "
                                 f"{fp}); re-run moe-profile and moe-compile for {model_dir}")
             if policy == "plan":
-                for key in ("alpha", "window"):
+                for key in ("alpha", "window", "prefetch", "prefetch_max", "host_compute"):
                     if policy_overrides.get(key) is None and key in the_plan.choices:
                         policy_overrides[key] = the_plan.choices[key]
+        if policy_overrides.get("host_compute") is None:   # the host is the device on a CPU run
+            policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy in ("smoe", "plan") else False
         cfg = preset(policy, lossless=lossless, **policy_overrides)
         mode = ("host" if lm.device.type == "cuda" else "mmap") if store == "auto" else store
         experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode=mode, pin=lm.device.type == "cuda")
@@ -127,12 +84,14 @@ class Runtime:
         kv = ExpertCache(lm.arch.experts, slots, lm.device, lm.dtype)
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
-        params = substitution_params(cfg, lm.arch.moe_layers, the_plan if policy == "plan" else None)
+        use_plan = the_plan is not None and policy == "plan"
+        params = substitution_params(cfg, lm.arch.moe_layers, _subs_map(the_plan) if use_plan else None,
+                                     the_plan.tau if use_plan else 1.0)
         initial = the_plan.initial if the_plan is not None and policy == "plan" else {}
         model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial)
         width = int(the_plan.choices.get("width", 2 * lm.arch.top_k)) if the_plan is not None else 2 * lm.arch.top_k
         width = min(width, lm.arch.num_experts)
-        executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=_next_router(lm),
+        executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)
         rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats)
         rt._install(executor)
@@ -167,6 +126,23 @@ class Runtime:
         if ids.dim() == 1:
             ids = ids[None]
         return self.lm.model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_force(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, seq, vocab], feeding the tokens one step at a time with the KV cache, so the expert cache
+        sees the same sequence of requests as when generating (what evaluation and the simulator compare with)."""
+        ids = torch.as_tensor(input_ids, device=self.lm.device)
+        if ids.dim() == 1:
+            ids = ids[None]
+        cache = DynamicCache(config=self.lm.config)
+        out = []
+        for t in range(ids.shape[1]):
+            out.append(self.lm.model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])
+        self.stats.decode_positions += ids.numel()
+        self.stats.tokens += ids.numel()
+        if self.cache is not None:
+            self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.peak_bytes)
+        return torch.stack(out, dim=1)
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -236,17 +212,9 @@ class Runtime:
         return texts
 
 
-def _next_router(lm: LoadedModel):
-    """Approximate next-layer gate: layer l+1's router applied to layer l's MoE input (cheap: E x H)."""
-    layers = list(lm.arch.moe_layers)
-    nxt = {a: b for a, b in zip(layers, layers[1:])}
-
-    def route(layer: int, x: torch.Tensor):
-        if layer not in nxt:
-            return None
-        return nxt[layer], lm.blocks[nxt[layer]].route(x)
-
-    return route
+def _subs_map(plan: Plan) -> dict[int, dict]:
+    return {l: {"substitutes": plan.substitutes.get(l, {}), "protected": plan.protected.get(l, []),
+                "drop_ok": plan.drop_ok.get(l, [])} for l in plan.slots}
 
 
 def _maybe_tokenizer(model_dir):

@@ -12,6 +12,9 @@ A layer call's ops, in order:
 Loads are issued first, as far as slots allow without evicting an expert this call still needs (pinned); then cached
 experts are computed while the loads are in flight; every computed expert unpins its slot, so more loads can go.
 
+A prefetch (SMoE section 4) loads the next layer's predicted top-score experts; with `prefetch_guard` (the plan
+policy's addition) it only displaces an expert whose mean score over the window is below the predicted score.
+
 Scores are sparse: per token a dict of its top-W experts' scores (W = k + m, the width of the profile's trace);
 every other expert counts as 0, in the runtime exactly as in the simulator.
 """
@@ -192,6 +195,13 @@ class CacheModel:
         for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]:
             if e in self.resident[nxt]:
                 continue
+            if (self.policy.prefetch_guard and self.policy.eviction == "score"
+                    and len(self.resident[nxt]) >= self.slots[nxt]):
+                # a prefetch may only displace an expert whose recent mean score is below the predicted score:
+                # otherwise a guess would evict a likely hit
+                victim = self._victim(nxt, set(predicted))
+                if victim is None or self.windows[nxt].mean()[victim] >= predicted[e]:
+                    continue
             ok, victim = self._admit(nxt, e, set(predicted))
             if not ok:
                 break

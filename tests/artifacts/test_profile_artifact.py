@@ -23,7 +23,8 @@ def _tiny_profile(e=4, k=2):
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "ratio_bins": [1.0, 1.5, 2.0],
               "model": {"moe_layers": layers, "num_experts": e, "top_k": k, "fingerprint": "abc"}}
     trace = {"ids": np.zeros((3, 2, 4), np.int32), "scores": np.zeros((3, 2, 4), np.float32),
-             "coef": np.ones((3, 2), np.float32), "token": np.zeros(3, np.int32), "sample": np.zeros(3, np.int32)}
+             "coef": np.ones((3, 2), np.float32), "pred_ids": np.zeros((3, 2, 4), np.int32),
+             "pred_scores": np.zeros((3, 2, 4), np.float32), "token": np.zeros(3, np.int32), "sample": np.zeros(3, np.int32)}
     return Profile(header=header, stats=stats, trace=trace)
 
 

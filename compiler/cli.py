@@ -1,0 +1,80 @@
+"""moe-compile: a profile + a memory budget + a hardware target -> a plan (substitution map + cache plan).
+
+  moe-compile PROFILE_DIR --budget SIZE|PCT -o PLAN_DIR [--target NAME|FILE] [--tpot-target MS | --max-error E]
+              [--batch B] [--context T]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from artifacts.errors import UserError
+
+PROG = "moe-compile"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from compiler.compile_plan import CompileConfig
+    from compiler.targets import presets
+
+    d = CompileConfig()
+    ap = argparse.ArgumentParser(prog=PROG, description="Compile a profile into a plan for a memory budget and target.")
+    ap.add_argument("profile_dir")
+    ap.add_argument("--budget", required=True,
+                    help="all device memory the runtime may use (12GiB, 900MiB) or the cache's share of routed-expert "
+                         "bytes (25%%)")
+    ap.add_argument("-o", "--output", required=True, help="plan directory to write")
+    ap.add_argument("--target", default=d.target, help=f"preset ({', '.join(presets())}) or a YAML file")
+    goal = ap.add_mutually_exclusive_group()
+    goal.add_argument("--tpot-target", type=float, default=None, metavar="MS",
+                      help="time per output token to meet on the target, with the least expected error")
+    goal.add_argument("--max-error", type=float, default=None, metavar="E",
+                      help="largest relative expected error (share of routed output mass), with the most hits")
+    ap.add_argument("--batch", type=int, default=d.batch)
+    ap.add_argument("--context", type=int, default=d.context, help="tokens of KV cache to reserve per sequence")
+    ap.add_argument("--search-tokens", type=int, default=d.search_tokens, help="trace tokens per search candidate")
+    ap.add_argument("--no-report", action="store_true", help="skip report.md and its plots")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def _check_output(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "plan.json").is_file())):
+        raise UserError(f"output {path} exists and is not a plan directory; choose another -o path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from compiler.compile_plan import CompileConfig, compile_plan
+        from compiler.summary import summarize
+
+        out = Path(args.output)
+        _check_output(out)
+        if args.batch < 1 or args.context < 1:
+            raise UserError("--batch and --context must be at least 1")
+        cfg = CompileConfig(budget=args.budget, target=args.target, tpot_target_ms=args.tpot_target,
+                            max_error=args.max_error, batch=args.batch, context=args.context,
+                            search_tokens=args.search_tokens)
+        log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+        plan = compile_plan(args.profile_dir, cfg, log=log)
+        plan.save(out)
+        if not args.no_report:
+            from compiler.report import write_report
+
+            write_report(plan, args.profile_dir, out)
+        if not args.quiet:
+            print(summarize(plan))
+        print(f"wrote {out}")
+        return 0
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

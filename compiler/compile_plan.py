@@ -1,0 +1,161 @@
+"""`compile_plan(...)`: a profile + a budget + a target -> a Plan, with predictions from the trace simulator.
+
+Steps: memory split (compiler.memory) -> substitution map (compiler.substitution_map) -> slots per layer by
+simulated marginal gain (compiler.allocate) -> search over alpha, tau and prefetch, replaying the trace through the
+runtime's own cache model (compiler.simulator) -> predictions for the plan and for lru and smoe at the same budget.
+
+Choosing alpha and tau:
+  --tpot-target R:  the candidate of least expected error whose modeled TPOT <= R (else the fastest one);
+  --max-error E:    the candidate with the most hits whose relative expected error <= E;
+  neither:          the least modeled TPOT whose relative expected error <= DEFAULT_MAX_ERROR (2% of the routed
+                    output mass replaced by error).
+For each (alpha, tau) the prefetch setting is the one of least modeled TPOT.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from artifacts.errors import UserError
+from artifacts.header import new_header, sha256_dir
+from artifacts.plan import FORMAT, FORMAT_VERSION, Plan
+from artifacts.profile import Profile
+from compiler.allocate import allocate_slots, hit_curves
+from compiler.memory import split_budget
+from compiler.simulator import Costs, SimResult, simulate
+from compiler.substitution_map import build_substitution_map
+from compiler.targets import load_target
+from runtime.policy.config import preset
+from runtime.policy.plan_params import substitution_params
+from runtime.policy.slots import uniform_slots
+
+DEFAULT_MAX_ERROR = 0.02
+ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+TAUS = (0.3, 0.6, 0.9)
+PREFETCH_MAX = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    budget: str = "25%"
+    target: str = "dev-emulated"
+    tpot_target_ms: float | None = None
+    max_error: float | None = None
+    batch: int = 1
+    context: int = 2048
+    search_tokens: int = 2048          # trace tokens replayed per search candidate
+    predict_tokens: int = 8192         # trace tokens replayed for the final predictions
+    top_n: int = 8                     # ranked understudies kept per expert
+    protect_frac: float = 0.1          # share of experts (by importance) never substituted
+    window: int = 16                   # eviction window n (decode steps)
+
+
+def _sim(profile: Profile, slots, policy, subs_map, tau, costs, initial, tokens) -> SimResult:
+    params = substitution_params(policy, profile.moe_layers, subs_map, tau)
+    err = profile.substitution_error
+    return simulate(profile.trace, profile.moe_layers, profile.num_experts, profile.top_k, slots, policy, params,
+                    costs, initial=initial, error=err, tokens=tokens)
+
+
+def _initial(profile: Profile, slots: dict[int, int]) -> dict[int, list[int]]:
+    """The most frequently routed experts of each layer start resident."""
+    out = {}
+    for l, n in slots.items():
+        f = profile.frequency[l]
+        out[l] = sorted(range(profile.num_experts), key=lambda e: (-f[e], e))[:n]
+    return out
+
+
+def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(), log=print) -> Plan:
+    profile = Profile.load(profile_dir)
+    if not profile.trace or profile.trace["ids"].shape[0] == 0:
+        raise UserError(f"profile {profile_dir} has no routing trace; re-run moe-profile")
+    if config.tpot_target_ms is not None and config.max_error is not None:
+        raise UserError("give --tpot-target or --max-error, not both")
+    model = profile.header["model"]
+    target = load_target(config.target)
+    split = split_budget(config.budget, model, target, config.batch, config.context)
+    layers, e, k = profile.moe_layers, profile.num_experts, profile.top_k
+    costs = Costs.of(target, model)
+    subs_map = build_substitution_map(profile, config.top_n, config.protect_frac)
+    host = target.host_mem_bandwidth < target.device_mem_bandwidth and target.link_bandwidth < target.host_mem_bandwidth
+    n_search = min(config.search_tokens, profile.trace["ids"].shape[0])
+
+    # slots per layer by marginal gain (under the smoe-like plan policy at a middle alpha)
+    base = preset("plan", alpha=0.3, window=config.window, host_compute=False)
+    curves = hit_curves(profile.trace, layers, e, k, base,
+                        substitution_params(base, layers, subs_map, 0.6), max_slots=min(e, split.total_slots),
+                        tokens=min(n_search, 1024))
+    slots = allocate_slots(curves, split.total_slots, e)
+    initial = _initial(profile, slots)
+
+    # search alpha x tau; for each, the prefetch setting (off, or up to 1, 2 or k experts) of least modeled TPOT:
+    # prefetch only moves loads earlier, so it is a scheduling choice judged by time alone
+    candidates = []
+    for alpha in ALPHAS:
+        for tau in (TAUS if alpha > 0 else (TAUS[0],)):
+            runs = []
+            for pmax in PREFETCH_MAX:
+                pol = preset("plan", alpha=alpha, window=config.window, prefetch=pmax > 0,
+                             prefetch_max=pmax or None, host_compute=host)
+                r = _sim(profile, slots, pol, subs_map, tau, costs, initial, n_search)
+                runs.append({"alpha": alpha, "tau": tau, "prefetch": pmax > 0, "prefetch_max": pmax, **r.to_dict()})
+            candidates.append(min(runs, key=lambda c: (c["tpot_ms"], -c["hit_rate"])))
+    if config.tpot_target_ms is not None:
+        ok = [c for c in candidates if c["tpot_ms"] <= config.tpot_target_ms]
+        if ok:
+            best = min(ok, key=lambda c: (c["relative_error"], -c["hit_rate"], c["tpot_ms"]))
+            objective = f"least error with modeled TPOT <= {config.tpot_target_ms:g} ms"
+        else:
+            best = min(candidates, key=lambda c: (c["tpot_ms"], c["relative_error"]))
+            objective = f"no candidate meets TPOT <= {config.tpot_target_ms:g} ms: the fastest"
+            log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
+                f"the fastest models {best['tpot_ms']:.2f} ms")
+    else:
+        limit = DEFAULT_MAX_ERROR if config.max_error is None else config.max_error
+        ok = [c for c in candidates if c["relative_error"] <= limit]
+        if config.max_error is not None:
+            best = max(ok, key=lambda c: (c["hit_rate"], -c["tpot_ms"], -c["relative_error"]))
+            objective = f"most hits with relative error <= {limit:g}"
+        else:
+            best = min(ok, key=lambda c: (c["tpot_ms"], -c["hit_rate"], c["relative_error"]))
+            objective = f"least modeled TPOT with relative error <= {limit:g} (default trade-off)"
+
+    chosen = preset("plan", alpha=best["alpha"], window=config.window, prefetch=best["prefetch"],
+                    prefetch_max=best["prefetch_max"] or None, host_compute=host)
+    n_pred = min(config.predict_tokens, profile.trace["ids"].shape[0])
+    predicted = {"tokens": n_pred, "target": target.name,
+                 "plan": _sim(profile, slots, chosen, subs_map, best["tau"], costs, initial, n_pred).to_dict()}
+    uniform = uniform_slots(split.total_slots, layers, e)
+    for name in ("lru", "smoe"):
+        pol = preset(name, window=config.window, host_compute=host if name == "smoe" else False)
+        predicted[name] = _sim(profile, uniform, pol, None, 1.0, costs, None, n_pred).to_dict()
+    for name in ("lru", "smoe"):
+        if predicted[name]["loads_per_token"] > 0:
+            predicted["plan"][f"loads_vs_{name}"] = predicted["plan"]["loads_per_token"] / predicted[name]["loads_per_token"]
+        if predicted[name]["tpot_ms"] > 0:
+            predicted["plan"][f"tpot_vs_{name}"] = predicted["plan"]["tpot_ms"] / predicted[name]["tpot_ms"]
+
+    header = new_header(
+        FORMAT, FORMAT_VERSION,
+        model={k2: model[k2] for k2 in ("fingerprint", "model_type", "num_experts", "top_k", "moe_layers",
+                                         "expert_bytes", "dense_bytes", "checkpoint_dtype")},
+        profile={"path": str(Path(profile_dir).resolve()), "sha256": sha256_dir(profile_dir),
+                 "calibration": [c.get("tokens_sha256") for c in profile.header["calibration"]]},
+        budget=split.to_dict() | {"text": config.budget},
+        target=target.to_dict(),
+        choices={"alpha": best["alpha"], "tau": best["tau"], "prefetch": best["prefetch"],
+                 "prefetch_max": best["prefetch_max"] or None,
+                 "window": config.window, "host_compute": host, "width": int(profile.header["trace"]["width"]),
+                 "eviction": "score", "understudy_weight": "replaced", "objective": objective,
+                 "protect_frac": config.protect_frac, "batch": config.batch, "context": config.context},
+        predicted=predicted,
+        search=candidates,
+        curves={str(l): c for l, c in curves.items()},
+    )
+    return Plan(header=header, slots=slots, expert_bytes=split.expert_bytes,
+                substitutes={l: subs_map[l]["substitutes"] for l in layers},
+                protected={l: subs_map[l]["protected"] for l in layers},
+                drop_ok={l: subs_map[l]["drop_ok"] for l in layers}, initial=initial,
+                clusters={l: subs_map[l]["clusters"] for l in layers})

@@ -1,0 +1,145 @@
+"""Replay a profile's routing trace through the runtime's own cache model (runtime.policy.schedule) and time it on a
+target. Because the decisions are the runtime's functions, not a re-implementation, predicted hits and loads match
+what the runtime measures on the same tokens.
+
+Timing model (per decode token, batch 1, event-driven):
+  every layer first spends t_dense_layer = dense_bytes / num_layers / device_mem_bandwidth on the device;
+  a load occupies the link for t_load = expert_bytes / link_bandwidth + link_latency, in issue order;
+  a compute occupies the device for t_expert_device once its load (if any) has landed;
+  a host compute occupies the host for t_expert_host, and the layer waits for it.
+TPOT = the device's clock advance per token.
+Expected error = sum over understudies of g_i * err(i, j) + sum over drops of g_i * 1, where g_i is the replaced
+expert's mixture weight and err the profiled relative substitution error (a zero output has error 1); reported per
+token and relative to the routed gate mass (relative_error = error / sum of all routed g).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compiler.targets import Target
+from runtime.policy.config import PolicyConfig
+from runtime.policy.schedule import CacheModel
+from runtime.policy.substitution import SubstitutionParams
+
+
+@dataclass
+class SimResult:
+    tokens: int = 0
+    pairs: int = 0
+    hits: int = 0
+    misses: int = 0
+    host: int = 0
+    drops: int = 0
+    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
+    loads: int = 0
+    prefetches: int = 0
+    error: float = 0.0            # expected error mass, summed over tokens
+    mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
+    time_s: float = 0.0           # modeled decode time, summed over tokens
+    per_layer_hits: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.hits + sum(self.understudies.values())) / max(self.pairs, 1)
+
+    @property
+    def loads_per_token(self) -> float:
+        return self.loads / max(self.tokens, 1)
+
+    @property
+    def tpot_ms(self) -> float:
+        return 1e3 * self.time_s / max(self.tokens, 1)
+
+    @property
+    def error_per_token(self) -> float:
+        return self.error / max(self.tokens, 1)
+
+    @property
+    def relative_error(self) -> float:
+        """Share of the routed output mass replaced by error: sum g_i err(i, j) / sum of all routed g."""
+        return self.error / self.mass if self.mass > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "hit_rate": self.hit_rate, "loads_per_token": self.loads_per_token,
+                "tpot_ms": self.tpot_ms, "error_per_token": self.error_per_token,
+                "relative_error": self.relative_error,
+                "substitution_rate": sum(self.understudies.values()) / max(self.pairs, 1),
+                "drop_rate": self.drops / max(self.pairs, 1), "host_rate": self.host / max(self.pairs, 1),
+                "understudies": dict(self.understudies), "drops": self.drops, "loads": self.loads}
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per operation on a target for this model."""
+
+    load: float
+    device_expert: float
+    host_expert: float
+    dense_layer: float
+
+    @classmethod
+    def of(cls, target: Target | None, model: dict) -> "Costs":
+        if target is None:
+            return cls(1.0, 0.0, 0.0, 0.0)
+        eb = float(model["expert_bytes"])
+        return cls(target.t_load(eb), target.t_device(eb), target.t_host(eb),
+                   target.t_device(float(model["dense_bytes"]) / max(int(model["num_layers"]), 1)))
+
+
+def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, slots: dict[int, int], policy: PolicyConfig,
+             params: dict[int, SubstitutionParams], costs: Costs, initial: dict[int, list[int]] | None = None,
+             error: dict[int, np.ndarray] | None = None, tokens: int | None = None) -> SimResult:
+    """Replay trace (profile.trace) token by token, batch 1, in sample order."""
+    ids, scores, coef = trace["ids"], trace["scores"], trace["coef"]
+    pred_ids, pred_scores = trace.get("pred_ids"), trace.get("pred_scores")
+    t_total = ids.shape[0] if tokens is None else min(tokens, ids.shape[0])
+    model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial)
+    res = SimResult(per_layer_hits={l: 0 for l in moe_layers})
+    clock, link_free = 0.0, 0.0
+    ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands
+    for t in range(t_total):
+        t_start = clock
+        for m, layer in enumerate(moe_layers):
+            row = dict(zip(ids[t, m].tolist(), scores[t, m].tolist()))
+            chosen = ids[t, m, :top_k].tolist()
+            pred = None
+            if policy.prefetch and pred_ids is not None and m + 1 < len(moe_layers):
+                pred = [dict(zip(pred_ids[t, m].tolist(), pred_scores[t, m].tolist()))]
+            s = model.schedule(layer, [row], [chosen], pred, costs.load, costs.host_expert)
+            c = s.counts
+            res.pairs += c.pairs
+            res.hits += c.hits
+            res.misses += c.misses
+            res.host += c.host
+            res.drops += c.drops
+            res.per_layer_hits[layer] += c.hits + sum(c.understudies.values())
+            for r, n in c.understudies.items():
+                res.understudies[r] += n
+            res.loads += c.loads + s.prefetches
+            res.prefetches += s.prefetches
+            g = {e: float(coef[t, m]) * row.get(e, 0.0) for e in chosen}
+            res.mass += sum(g.values())
+            if error is not None:
+                d = s.decisions[0]
+                for i, (j, _) in d.understudy.items():
+                    res.error += g[i] * float(error[layer][i, j])
+                for i in d.dropped:
+                    res.error += g[i]
+            # event-driven timing of this layer's ops
+            clock += costs.dense_layer
+            host_done = clock
+            for kind, l, e, _ in s.ops:
+                if kind in ("load", "prefetch"):
+                    start = max(link_free, clock)
+                    link_free = start + costs.load
+                    ready[(l, e)] = link_free
+                elif kind == "compute":
+                    clock = max(clock, ready.get((l, e), 0.0)) + costs.device_expert
+                else:
+                    host_done = max(host_done, clock) + costs.host_expert
+            clock = max(clock, host_done)
+        res.time_s += clock - t_start
+        res.tokens += 1
+    return res

@@ -1,0 +1,27 @@
+"""The short human summary moe-compile prints: memory split, slots per layer, predictions against lru and smoe."""
+from __future__ import annotations
+
+from artifacts.plan import Plan
+from compiler.memory import MemorySplit
+
+
+def summarize(plan: Plan) -> str:
+    b = plan.budget
+    split = MemorySplit(**{k: b[k] for k in MemorySplit.__dataclass_fields__})
+    c, p = plan.choices, plan.predicted
+    lines = [split.describe(),
+             "slots per layer: " + ", ".join(f"{l}:{n}" for l, n in sorted(plan.slots.items())),
+             f"alpha {c['alpha']:g}, tau {c['tau']:g}, prefetch "
+             f"{'off' if not c['prefetch'] else 'up to ' + str(c['prefetch_max'] or 'k')}, host compute "
+             f"{'on' if c['host_compute'] else 'off'}; objective: {c['objective']}",
+             f"predicted on {p['target']} ({p['tokens']} trace tokens, batch 1):",
+             f"  {'policy':<6} {'hit rate':>9} {'loads/tok':>10} {'TPOT ms':>9} {'rel. error':>11}"]
+    for name in ("plan", "lru", "smoe"):
+        d = p[name]
+        lines.append(f"  {name:<6} {d['hit_rate']:>9.3f} {d['loads_per_token']:>10.2f} {d['tpot_ms']:>9.2f} "
+                     f"{d['relative_error']:>11.4f}")
+    pl = p["plan"]
+    if "loads_vs_lru" in pl:
+        lines.append(f"  plan vs lru: loads x{pl['loads_vs_lru']:.2f}, TPOT x{pl.get('tpot_vs_lru', 0):.2f}; "
+                     f"vs smoe: loads x{pl['loads_vs_smoe']:.2f}, TPOT x{pl.get('tpot_vs_smoe', 0):.2f}")
+    return "\n".join(lines)
