@@ -1,0 +1,51 @@
+"""The compiler's simulator and the runtime agree: same tokens, same cache decisions, same hits and loads."""
+import numpy as np
+import pytest
+import torch
+
+from compiler.compile_plan import CompileConfig, compile_plan
+from compiler.simulator import Costs, simulate
+from helpers import DATA
+from profiler.profile_model import ProfileConfig, profile
+from runtime import Runtime
+from runtime.policy.config import preset
+from runtime.policy.plan_params import substitution_params
+from runtime.policy.slots import resolve_slots
+
+
+@pytest.fixture(scope="module")
+def fixture_profile(fixture_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("agree")
+    p = profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(samples=3, seq_len=96, probe_tokens=256),
+                progress=False)
+    p.save(d / "profile")
+    return d / "profile", p
+
+
+def _runtime_stats(model, prof, **kw):
+    tokens = prof.trace["token"].reshape(-1, 96).astype(np.int64)
+    with Runtime.load(model, **kw) as rt:
+        for row in tokens:
+            rt.teacher_force(torch.from_numpy(row)[None])
+        return rt.stats.to_dict()
+
+
+@pytest.mark.parametrize("policy", ["lru", "smoe", "plan"])
+def test_simulator_matches_runtime(policy, fixture_model, fixture_profile, tmp_path):
+    path, prof = fixture_profile
+    layers, e, k = prof.moe_layers, prof.num_experts, prof.top_k
+    if policy == "plan":
+        plan = compile_plan(path, CompileConfig(budget="25%", search_tokens=96), log=lambda *a: None)
+        plan.save(tmp_path / "plan")
+        measured = _runtime_stats(fixture_model, prof, policy="plan", plan=tmp_path / "plan")
+        predicted = plan.predicted["plan"]
+    else:
+        slots = resolve_slots("25%", layers, e)
+        pol = preset(policy, host_compute=False)
+        predicted = simulate(prof.trace, layers, e, k, slots, pol, substitution_params(pol, layers),
+                             Costs.of(None, {})).to_dict()
+        measured = _runtime_stats(fixture_model, prof, policy=policy, cache="25%")
+    assert measured["decode_positions"] == predicted["tokens"] == 288
+    assert abs(measured["hit_rate"] - predicted["hit_rate"]) <= 0.01, (measured["hit_rate"], predicted["hit_rate"])
+    assert abs(measured["loads_per_token"] - predicted["loads_per_token"]) <= 0.01 * predicted["loads_per_token"], (
+        measured["loads_per_token"], predicted["loads_per_token"])
