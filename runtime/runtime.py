@@ -128,13 +128,14 @@ class Runtime:
         return self.lm.model(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
 
     @torch.no_grad()
-    def teacher_force(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def teacher_force(self, input_ids: torch.Tensor, cache: DynamicCache | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab], feeding the tokens one step at a time with the KV cache, so the expert cache
-        sees the same sequence of requests as when generating (what evaluation and the simulator compare with)."""
+        sees the same sequence of requests as when generating (what evaluation and the simulator compare with).
+        Pass `cache` (a DynamicCache) to continue a sequence; it is extended in place."""
         ids = torch.as_tensor(input_ids, device=self.lm.device)
         if ids.dim() == 1:
             ids = ids[None]
-        cache = DynamicCache(config=self.lm.config)
+        cache = DynamicCache(config=self.lm.config) if cache is None else cache
         out = []
         for t in range(ids.shape[1]):
             out.append(self.lm.model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])

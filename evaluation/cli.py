@@ -1,0 +1,61 @@
+"""moe-eval: perplexity, agreement with resident, task accuracy, hit/substitution/drop rates, loads and TPOT per
+policy, over the same tokens in one run.
+
+  moe-eval MODEL_DIR --data FILE [--plan PLAN_DIR] [--policies resident,lru,smoe,plan] [--cache PCT] [--batch B]
+           [--link BW[,LAT]] [--max-tokens N] [--window W] [--tasks FILE] --json OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from artifacts.errors import UserError
+
+PROG = "moe-eval"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evaluation.run_eval import EvalConfig
+
+    d = EvalConfig()
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("model_dir")
+    ap.add_argument("--data", required=True, help=".jsonl/.txt file or a datasets directory")
+    ap.add_argument("--plan", default=None)
+    ap.add_argument("--policies", default=None, help="comma-separated (default: resident,lru,smoe and plan with --plan)")
+    ap.add_argument("--cache", default=d.cache, help="cache for lru and smoe: slots per layer or share (25%%)")
+    ap.add_argument("--batch", type=int, default=d.batch)
+    ap.add_argument("--link", default=None, help="emulated link, e.g. 50MB/s,20us")
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    ap.add_argument("--window", type=int, default=d.window)
+    ap.add_argument("--tasks", default=None, help="multiple-choice .jsonl (default: the bundled cloze tasks)")
+    ap.add_argument("--max-tasks", type=int, default=d.max_tasks)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    ap.add_argument("--json", required=True, dest="json_out")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        from evaluation.run_eval import evaluate, table
+
+        policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else (
+            ("resident", "lru", "smoe") + (("plan",) if args.plan else ()))
+        cfg = EvalConfig(policies=policies, cache=args.cache, batch=args.batch, link=args.link,
+                         max_tokens=args.max_tokens, window=args.window, tasks=args.tasks, max_tasks=args.max_tasks,
+                         device=args.device, dtype=args.dtype)
+        result = evaluate(args.model_dir, args.data, args.plan, cfg, progress=not args.quiet)
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+        print(table(result))
+        return 0
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
