@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from artifacts.errors import UserError
+from artifacts.errors import UserError, run_cli
 
 PROG = "moe-compile"
 
@@ -46,34 +46,31 @@ def _check_output(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        from compiler.compile_plan import CompileConfig, compile_plan
-        from compiler.summary import summarize
+    return run_cli(PROG, lambda: _run(args))
 
-        out = Path(args.output)
-        _check_output(out)
-        if args.batch < 1 or args.context < 1:
-            raise UserError("--batch and --context must be at least 1")
-        cfg = CompileConfig(budget=args.budget, target=args.target, tpot_target_ms=args.tpot_target,
-                            max_error=args.max_error, batch=args.batch, context=args.context,
-                            search_tokens=args.search_tokens)
-        log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-        plan = compile_plan(args.profile_dir, cfg, log=log)
-        plan.save(out)
-        if not args.no_report:
-            from compiler.report import write_report
 
-            write_report(plan, args.profile_dir, out)
-        if not args.quiet:
-            print(summarize(plan))
-        print(f"wrote {out}")
-        return 0
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+def _run(args) -> int:
+    from compiler.compile_plan import CompileConfig, compile_plan
+    from compiler.summary import summarize
+
+    out = Path(args.output)
+    _check_output(out)
+    if args.batch < 1 or args.context < 1:
+        raise UserError("--batch and --context must be at least 1")
+    cfg = CompileConfig(budget=args.budget, target=args.target, tpot_target_ms=args.tpot_target,
+                        max_error=args.max_error, batch=args.batch, context=args.context,
+                        search_tokens=args.search_tokens)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    plan = compile_plan(args.profile_dir, cfg, log=log)
+    plan.save(out)
+    if not args.no_report:
+        from compiler.report import write_report
+
+        write_report(plan, args.profile_dir, out)
+    if not args.quiet:
+        print(summarize(plan))
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

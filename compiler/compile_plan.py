@@ -13,8 +13,7 @@ For each (alpha, tau) the prefetch setting is the one of least modeled TPOT.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts.errors import UserError

@@ -20,20 +20,14 @@ import numpy as np
 
 from compiler.targets import Target
 from runtime.policy.config import PolicyConfig
+from runtime.policy.counts import Counts
 from runtime.policy.schedule import CacheModel
 from runtime.policy.substitution import SubstitutionParams
 
 
 @dataclass
-class SimResult:
+class SimResult(Counts):
     tokens: int = 0
-    pairs: int = 0
-    hits: int = 0
-    misses: int = 0
-    host: int = 0
-    drops: int = 0
-    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
-    loads: int = 0
     prefetches: int = 0
     error: float = 0.0            # expected error mass, summed over tokens
     mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
@@ -42,7 +36,7 @@ class SimResult:
 
     @property
     def hit_rate(self) -> float:
-        return (self.hits + sum(self.understudies.values())) / max(self.pairs, 1)
+        return self.served / max(self.pairs, 1)
 
     @property
     def loads_per_token(self) -> float:
@@ -109,15 +103,9 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
                 pred = [dict(zip(pred_ids[t, m].tolist(), pred_scores[t, m].tolist()))]
             s = model.schedule(layer, [row], [chosen], pred, costs.load, costs.host_expert)
             c = s.counts
-            res.pairs += c.pairs
-            res.hits += c.hits
-            res.misses += c.misses
-            res.host += c.host
-            res.drops += c.drops
-            res.per_layer_hits[layer] += c.hits + sum(c.understudies.values())
-            for r, n in c.understudies.items():
-                res.understudies[r] += n
-            res.loads += c.loads + s.prefetches
+            res.add(c)
+            res.per_layer_hits[layer] += c.served
+            res.loads += s.prefetches                    # counts.loads holds the demand loads
             res.prefetches += s.prefetches
             g = {e: float(coef[t, m]) * row.get(e, 0.0) for e in chosen}
             res.mass += sum(g.values())

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from artifacts.errors import UserError
+from artifacts.errors import run_cli
 
 PROG = "moe-eval"
 
@@ -37,24 +37,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True, dest="json_out")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        from evaluation.run_eval import evaluate, table
+    return run_cli(PROG, lambda: _run(args))
 
-        policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else (
-            ("resident", "lru", "smoe") + (("plan",) if args.plan else ()))
-        cfg = EvalConfig(policies=policies, cache=args.cache, batch=args.batch, link=args.link,
-                         max_tokens=args.max_tokens, window=args.window, tasks=args.tasks, max_tasks=args.max_tasks,
-                         device=args.device, dtype=args.dtype)
-        result = evaluate(args.model_dir, args.data, args.plan, cfg, progress=not args.quiet)
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-        print(table(result))
-        return 0
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+
+def _run(args) -> int:
+    from evaluation.run_eval import EvalConfig, evaluate, table
+
+    policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else (
+        ("resident", "lru", "smoe") + (("plan",) if args.plan else ()))
+    cfg = EvalConfig(policies=policies, cache=args.cache, batch=args.batch, link=args.link,
+                     max_tokens=args.max_tokens, window=args.window, tasks=args.tasks, max_tasks=args.max_tasks,
+                     device=args.device, dtype=args.dtype)
+    result = evaluate(args.model_dir, args.data, args.plan, cfg, progress=not args.quiet)
+    Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from artifacts.errors import UserError
+from artifacts.errors import UserError, run_cli
 
 PROG = "moe-profile"
 
@@ -88,16 +88,9 @@ def _run_merge(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "merge":
-            return _run_merge(argv[1:])
-        return _run_profile(argv)
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
+    if argv and argv[0] == "merge":
+        return run_cli(PROG, lambda: _run_merge(argv[1:]))
+    return run_cli(PROG, lambda: _run_profile(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from artifacts.errors import UserError
+from artifacts.errors import UserError, run_cli
 
 PROG = "moe-run"
 
@@ -47,53 +47,50 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        from runtime.runtime import Runtime
+    return run_cli(PROG, lambda: _run(args))
 
-        policy = args.policy or ("plan" if args.plan else "smoe")
-        if policy not in ("resident", "plan") and args.cache is None:
-            raise UserError(f"policy {policy} needs --cache N (slots per layer) or --cache P% (of routed-expert bytes)")
-        host = None if args.host_compute is None else args.host_compute == "on"
-        rt = Runtime.load(args.model_dir, plan=args.plan, policy=policy, cache=args.cache, lossless=args.lossless,
-                          link=args.link, device=args.device, dtype=args.dtype, store=args.store, alpha=args.alpha,
-                          host_compute=host)
-        with rt:
-            stream = len(args.prompt) == 1 and rt.tokenizer is not None
-            if stream:
-                sys.stdout.write(args.prompt[0])
+
+def _run(args) -> int:
+    from runtime.runtime import Runtime
+
+    policy = args.policy or ("plan" if args.plan else "smoe")
+    if policy not in ("resident", "plan") and args.cache is None:
+        raise UserError(f"policy {policy} needs --cache N (slots per layer) or --cache P% (of routed-expert bytes)")
+    host = None if args.host_compute is None else args.host_compute == "on"
+    rt = Runtime.load(args.model_dir, plan=args.plan, policy=policy, cache=args.cache, lossless=args.lossless,
+                      link=args.link, device=args.device, dtype=args.dtype, store=args.store, alpha=args.alpha,
+                      host_compute=host)
+    with rt:
+        stream = len(args.prompt) == 1 and rt.tokenizer is not None
+        if stream:
+            sys.stdout.write(args.prompt[0])
+            sys.stdout.flush()
+            ids: list[int] = []
+            shown = [""]
+
+            def on_step(tokens):
+                tok = int(tokens[0])
+                if tok == rt._eos():
+                    return
+                ids.append(tok)
+                text = rt.tokenizer.decode(ids, skip_special_tokens=True)
+                sys.stdout.write(text[len(shown[0]):])
                 sys.stdout.flush()
-                ids: list[int] = []
-                shown = [""]
-
-                def on_step(tokens):
-                    tok = int(tokens[0])
-                    if tok == rt._eos():
-                        return
-                    ids.append(tok)
-                    text = rt.tokenizer.decode(ids, skip_special_tokens=True)
-                    sys.stdout.write(text[len(shown[0]):])
-                    sys.stdout.flush()
-                    shown[0] = text
-            else:
-                on_step = None
-            texts = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_p=args.top_p, seed=args.seed, on_step=on_step)
-            if stream:
-                sys.stdout.write("\n")
-            else:
-                for p, t in zip(args.prompt, texts):
-                    print(p + t)
-            if not args.quiet:
-                print(rt.stats.summary(), file=sys.stderr)
-            if args.stats_json:
-                Path(args.stats_json).write_text(json.dumps(rt.stats.to_dict(per_layer=args.per_layer), indent=2) + "\n")
-        return 0
-    except UserError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+                shown[0] = text
+        else:
+            on_step = None
+        texts = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, seed=args.seed, on_step=on_step)
+        if stream:
+            sys.stdout.write("\n")
+        else:
+            for p, t in zip(args.prompt, texts):
+                print(p + t)
+        if not args.quiet:
+            print(rt.stats.summary(), file=sys.stderr)
+        if args.stats_json:
+            Path(args.stats_json).write_text(json.dumps(rt.stats.to_dict(per_layer=args.per_layer), indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

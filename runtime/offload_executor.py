@@ -20,6 +20,7 @@ from runtime.expert_compute import expert_rows, make_expert_fn, mix
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader
 from runtime.policy.config import PolicyConfig
+from runtime.policy.counts import Counts
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
 from runtime.router import Routing, top_view
@@ -85,15 +86,10 @@ class OffloadExecutor:
         return mix(x, [(e, *contributions[e]) for e in sorted(contributions)])
 
     def _count(self, layer: int, sched: LayerSchedule) -> None:
-        c, s = self.stats.layer(layer), sched.counts
-        c.pairs += s.pairs
-        c.hits += s.hits
-        c.misses += s.misses
-        c.host += s.host
-        c.drops += s.drops
-        c.prefetch_used += s.prefetch_used
-        for r, n in s.understudies.items():
-            c.understudies[r] += n
+        """The schedule's pair counts; loads are counted as they are issued (with their bytes)."""
+        s = sched.counts
+        self.stats.layer(layer).add(Counts(pairs=s.pairs, hits=s.hits, misses=s.misses, host=s.host, drops=s.drops,
+                                           understudies=dict(s.understudies), prefetch_used=s.prefetch_used))
 
     # ---- mechanism ---------------------------------------------------------------------------------------------
     def _load(self, layer: int, e: int, victim: int | None, prefetch: bool) -> None:

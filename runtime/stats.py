@@ -14,28 +14,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from runtime.policy.counts import Counts
+
 
 @dataclass
-class LayerCounters:
-    pairs: int = 0
-    hits: int = 0
-    misses: int = 0
-    host: int = 0
-    drops: int = 0
-    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
-    loads: int = 0
-    load_bytes: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    stall_s: float = 0.0
+class LayerCounters(Counts):
+    """The cache model's counts plus what only execution measures."""
 
-    def add(self, other: "LayerCounters") -> None:
-        for k, v in asdict(other).items():
-            if k == "understudies":
-                for r, n in v.items():
-                    self.understudies[r] = self.understudies.get(r, 0) + n
-            else:
-                setattr(self, k, getattr(self, k) + v)
+    load_bytes: int = 0
+    stall_s: float = 0.0
 
 
 @dataclass
@@ -78,7 +65,7 @@ class RunStats:
 
     def to_dict(self, per_layer: bool = False) -> dict:
         t = self.total()
-        served = t.hits + sum(t.understudies.values())
+        served = t.served
         pairs = max(t.pairs, 1)
         steps = max(self.decode_positions, 1)
         p = self.total(prefill=True)

@@ -20,10 +20,11 @@ every other expert counts as 0, in the runtime exactly as in the simulator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from runtime.policy.config import PolicyConfig
+from runtime.policy.counts import Counts
 from runtime.policy.eviction import ScoreWindow, lru_victim, score_victim
 from runtime.policy.host_split import split_misses
 from runtime.policy.substitution import SubstitutionParams, TokenDecision, decide_layer
@@ -38,24 +39,12 @@ def predicted_top(scores: Scores, k: int, alpha: float) -> dict[int, float]:
     return {e: s for e, s in ranked[:k] if s > (1.0 + alpha) * s_next}
 
 
-@dataclass
-class LayerCounts:
-    pairs: int = 0
-    hits: int = 0
-    misses: int = 0
-    host: int = 0
-    drops: int = 0
-    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
-    loads: int = 0
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-
 
 @dataclass
 class LayerSchedule:
     decisions: list[TokenDecision]
     ops: list[tuple[str, int, int, int | None]]
-    counts: LayerCounts                                  # this layer's pair counts and demand loads
+    counts: Counts                                  # this layer's pair counts and demand loads
     prefetch_layer: int | None = None
     prefetches: int = 0
 
@@ -116,7 +105,7 @@ class CacheModel:
                     step_scores[ex] += s / len(rows)
             self.windows[layer].push(step_scores)
 
-        c = LayerCounts(pairs=len(chosen) * self.k)
+        c = Counts(pairs=len(chosen) * self.k)
         exact: dict[int, int] = {}                       # expert -> exact pairs
         subs: set[int] = set()
         for d in decisions:

@@ -2,7 +2,6 @@
 import threading
 import time
 
-import torch
 import transformers
 
 from helpers import sample_texts, write_jsonl

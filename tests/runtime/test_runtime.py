@@ -1,5 +1,4 @@
 """The offloading runtime: exactness of every policy in lossless mode, the cache bound, overlap, plans."""
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -42,7 +41,7 @@ def test_lossless_policies_match_hf(family, policy, tiny_model):
             ref = hf(IDS).logits
         assert torch.equal(logits, ref)
         ids = IDS[:1]
-        ours = rt.generate("", input_ids=ids, max_new_tokens=10)
+        rt.generate("", input_ids=ids, max_new_tokens=10)
         theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=rt._eos(), pad_token_id=0)
         n = rt.last_tokens.shape[1]
         assert rt.last_tokens[0].tolist() == theirs[0, ids.shape[1]:ids.shape[1] + n].tolist()

@@ -1,0 +1,40 @@
+"""Counters of what a cache served, per (token, routed expert) pair; sums, so they add across layers and runs.
+
+  hits         served by the expert itself from the cache
+  understudies served by a cached stand-in, by reason: band, similarity, batch
+  misses       the expert itself, loaded on demand;  host: computed on the host;  drops: left out
+  loads        expert copies into the cache (demand + prefetch);  prefetch_issued / prefetch_used
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class Counts:
+    pairs: int = 0
+    hits: int = 0
+    misses: int = 0
+    host: int = 0
+    drops: int = 0
+    understudies: dict[str, int] = field(default_factory=lambda: {"band": 0, "similarity": 0, "batch": 0})
+    loads: int = 0
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+
+    def add(self, other: "Counts") -> None:
+        """Add the counters `other` shares with this one (a subclass may carry more)."""
+        mine = {f.name for f in fields(self)}
+        for f in fields(other):
+            if f.name not in mine:
+                continue
+            v = getattr(other, f.name)
+            if f.name == "understudies":
+                for r, n in v.items():
+                    self.understudies[r] = self.understudies.get(r, 0) + n
+            elif isinstance(v, (int, float)):
+                setattr(self, f.name, getattr(self, f.name) + v)
+
+    @property
+    def served(self) -> int:
+        return self.hits + sum(self.understudies.values())
