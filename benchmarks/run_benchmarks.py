@@ -103,7 +103,14 @@ def main() -> int:
     ap.add_argument("--max-tasks", type=int, default=20)
     ap.add_argument("--work", default=str(ROOT / "out" / "benchmarks"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    ap.add_argument("--from-json", default=None, help="rewrite the document from a saved results.json, no runs")
     args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        out = Path(args.out)
+        (out.parent / "benchmarks").mkdir(parents=True, exist_ok=True)
+        write_doc(saved["results"], saved["peers"], saved["links"], out, out.parent / "benchmarks", args)
+        return 0
     torch.set_num_threads(1)  # one core computes, the other runs the loader thread
 
     from compiler.compile_plan import CompileConfig, compile_plan
@@ -149,6 +156,56 @@ def main() -> int:
                 (work / "results.json").write_text(json.dumps({"results": results, "peers": peers, "links": links}))
     write_doc(results, peers, links, out, plots, args)
     return 0
+
+
+def goals(results, peers) -> list[str]:
+    """The issue's goals, checked against this run's figures (batch 1 unless said)."""
+    def get(model, pct, batch=1):
+        return results.get(f"{model}|{pct}|{batch}", {}).get("policies")
+
+    def mark(ok):
+        return "met" if ok else "missed"
+
+    out = ["## Goals", "", "Checked by the script against the figures above (fixture `tiny-qwen2moe`, batch 1, dev data):", ""]
+    p50, p25 = get("tiny-qwen2moe", "50%"), get("tiny-qwen2moe", "25%")
+    if p50:
+        r, lru, plan = p50["resident"], p50["lru"], p50["plan"]
+        out += [f"- 50% cache: plan hit rate {plan['hit_rate']:.3f} (goal >= 0.85: {mark(plan['hit_rate'] >= 0.85)}); "
+                f"loads/token {plan['loads_per_token'] / lru['loads_per_token']:.2f}x lru (goal <= 0.55x: "
+                f"{mark(plan['loads_per_token'] <= 0.55 * lru['loads_per_token'])}); TPOT "
+                f"{plan['tpot_ms'] / lru['tpot_ms']:.2f}x lru (goal <= 0.6x: {mark(plan['tpot_ms'] <= 0.6 * lru['tpot_ms'])}); "
+                f"perplexity {100 * (plan['perplexity'] / r['perplexity'] - 1):+.2f}% vs resident (goal <= +0.5%: "
+                f"{mark(plan['perplexity'] <= 1.005 * r['perplexity'])}); agreement {plan['agreement']:.3f} (goal >= 0.95: "
+                f"{mark(plan['agreement'] >= 0.95)})."]
+    if p25:
+        r, lru, plan = p25["resident"], p25["lru"], p25["plan"]
+        out += [f"- 25% cache: plan hit rate {plan['hit_rate']:.3f} (goal >= 0.70: {mark(plan['hit_rate'] >= 0.70)}); "
+                f"loads/token {plan['loads_per_token'] / lru['loads_per_token']:.2f}x lru (goal <= 0.6x: "
+                f"{mark(plan['loads_per_token'] <= 0.6 * lru['loads_per_token'])}); perplexity "
+                f"{100 * (plan['perplexity'] / r['perplexity'] - 1):+.2f}% (goal <= +1.5%: "
+                f"{mark(plan['perplexity'] <= 1.015 * r['perplexity'])})."]
+    for name, pe in peers.items():
+        hf, ours = pe["hf_generate_resident"], pe["understudy_resident"]
+        if hf.get("ok", True):
+            out.append(f"- {name}: resident TPOT {ours['tpot_ms'] / hf['tpot_ms']:.2f}x HF generate (goal <= 1.1x: "
+                       f"{mark(ours['tpot_ms'] <= 1.1 * hf['tpot_ms'])}).")
+    up = [(pct, get("tiny-qwen2moe-upcycled", pct)) for pct in ("12.5%", "25%", "50%")]
+    for pct, pol in up:
+        if pol:
+            sm, plan = pol["smoe"], pol["plan"]
+            out.append(f"- upcycled, {pct}: plan hit rate {plan['hit_rate']:.3f} vs smoe {sm['hit_rate']:.3f}, perplexity "
+                       f"{plan['perplexity']:.3f} vs {sm['perplexity']:.3f} (goal: at least smoe's hit rate at equal or "
+                       f"better perplexity: {mark(plan['hit_rate'] >= sm['hit_rate'] and plan['perplexity'] <= sm['perplexity'])}).")
+    out += ["", "Why the plan misses its hit-rate and speed goals here (reading, not measurement): the plan's default "
+            "objective is the least modeled TPOT whose expected error, from the profile's substitution errors, stays "
+            "under 2% of the routed output mass. On the from-scratch fixture every understudy is measured worse than "
+            "a zero output (relative error >= 1), so the plan drops low-score misses instead of substituting: drops "
+            "save loads and time but are not hits. On the upcycled fixture the measured errors are close to 1 as well, "
+            "so the plan chose no band at all and behaves like lru with a better slot allocation; yet smoe's "
+            "substitutions there leave perplexity unchanged, so the profile's error is a conservative proxy for the "
+            "accuracy cost. Calibrating the plan's error budget against moe-eval perplexity, and prefetch that does not "
+            "compete with demand loads on a link-bound target, are the open levers.", ""]
+    return out
 
 
 def write_doc(results, peers, links, out: Path, plots: Path, args) -> None:
@@ -207,6 +264,9 @@ def write_doc(results, peers, links, out: Path, plots: Path, args) -> None:
         fig.tight_layout()
         fig.savefig(plots / f"{name}.png")
         lines += [f"![{name}](benchmarks/{name}.png)", ""]
+    lines += ["Peers run without the emulated link: HF + accelerate reads the experts beyond its memory budget from its "
+              "offload folder (page cache), the runtime's plan from the mmap'd checkpoint.", ""]
+    lines += goals(results, peers)
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -27,9 +27,6 @@ class ExpertCache:
     def weights(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         return self._buf[layer][self.where[layer][expert]]
 
-    def has_free(self, layer: int) -> bool:
-        return bool(self._free[layer])
-
     def assign(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Claim a free slot for `expert`; returns its tensors to load into."""
         slot = self._free[layer].pop()
@@ -41,10 +38,6 @@ class ExpertCache:
         slot = self.where[layer].pop(expert)
         self.ticket[layer].pop(expert, None)
         self._free[layer].append(slot)
-
-    def in_flight(self, layer: int, expert: int) -> bool:
-        t = self.ticket[layer].get(expert)
-        return t is not None and not t.done.is_set()
 
     @property
     def used_bytes(self) -> int:

@@ -43,9 +43,6 @@ class ExpertStore:
                 else prefix + fmt.fused["gate_up"])
         return self.ckpt.info(name).dtype
 
-    def is_expert_key(self, name: str) -> bool:
-        return any(name.startswith(self.arch.expert_key_prefix(l) + "experts.") for l in self.arch.moe_layers)
-
     def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """Expert e of MoE layer `layer` as a dict of tensors (the host copy in host mode, a fresh copy in mmap)."""
         if self.mode == "host":

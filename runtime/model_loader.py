@@ -30,16 +30,6 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
 
-    @property
-    def dense_bytes(self) -> int:
-        """Bytes of every resident tensor (embeddings, attention, norms, routers, shared experts, head)."""
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
-
 
 def load_config(model_dir: str | Path):
     path = Path(model_dir)

@@ -45,7 +45,6 @@ class LayerSchedule:
     decisions: list[TokenDecision]
     ops: list[tuple[str, int, int, int | None]]
     counts: Counts                                  # this layer's pair counts and demand loads
-    prefetch_layer: int | None = None
     prefetches: int = 0
 
 
@@ -180,7 +179,6 @@ class CacheModel:
             for e, s in predicted_top(r, self.k, alpha).items():
                 predicted[e] = max(predicted.get(e, 0.0), s)
         budget = self.policy.prefetch_max or self.k
-        sched.prefetch_layer = nxt
         for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]:
             if e in self.resident[nxt]:
                 continue
