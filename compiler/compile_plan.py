@@ -13,6 +13,7 @@ For each (alpha, tau) the prefetch setting is the one of least modeled TPOT.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,18 @@ def _sim(profile: Profile, slots, policy, subs_map, tau, costs, initial, tokens)
                     costs, initial=initial, error=err, tokens=tokens)
 
 
+def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
+    """The taus of TAUS that admit different sets of similarity understudies (the others replay identically)."""
+    errs = sorted(err for layer in subs_map.values() for ranked in layer["substitutes"].values() for _, _, err in ranked)
+    out, seen = [], None
+    for tau in TAUS:
+        n = bisect.bisect_right(errs, tau)
+        if n != seen:
+            out.append(tau)
+            seen = n
+    return out
+
+
 def _initial(profile: Profile, slots: dict[int, int]) -> dict[int, list[int]]:
     """The most frequently routed experts of each layer start resident."""
     out = {}
@@ -92,8 +105,9 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
     # search alpha x tau; for each, the prefetch setting (off, or up to 1, 2 or k experts) of least modeled TPOT:
     # prefetch only moves loads earlier, so it is a scheduling choice judged by time alone
     candidates = []
+    taus = _distinct_taus(subs_map)
     for alpha in ALPHAS:
-        for tau in (TAUS if alpha > 0 else (TAUS[0],)):
+        for tau in (taus if alpha > 0 else taus[:1]):
             runs = []
             for pmax in PREFETCH_MAX:
                 pol = preset("plan", alpha=alpha, window=config.window, prefetch=pmax > 0,
