@@ -58,6 +58,11 @@ class Plan:
     def choices(self) -> dict:
         return self.header["choices"]
 
+    def substitution_map(self) -> dict[int, dict]:
+        """Per layer {"substitutes", "protected", "drop_ok"}: what runtime.policy.plan_params reads."""
+        return {l: {"substitutes": self.substitutes.get(l, {}), "protected": self.protected.get(l, []),
+                    "drop_ok": self.drop_ok.get(l, [])} for l in self.slots}
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         cache = {"expert_bytes": self.expert_bytes, "slots": {str(l): n for l, n in self.slots.items()},

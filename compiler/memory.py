@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from artifacts.errors import UserError
-from compiler.sizes import human_bytes, parse_bytes
+from artifacts.units import human_bytes, parse_bytes
 from compiler.targets import Target
 
 

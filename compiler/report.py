@@ -35,8 +35,7 @@ def budget_sweep(plan: Plan, profile: Profile, tokens: int = 1024) -> dict[str, 
     layers, e, k = profile.moe_layers, profile.num_experts, profile.top_k
     curves = {int(l): c for l, c in plan.header["curves"].items()}
     c = plan.choices
-    subs_map = {l: {"substitutes": plan.substitutes[l], "protected": plan.protected[l], "drop_ok": plan.drop_ok[l]}
-                for l in layers}
+    subs_map = plan.substitution_map()
     out: dict[str, list[dict]] = {"lru": [], "smoe": [], "plan": []}
     for frac in BUDGETS:
         total = max(len(layers), int(frac * e * len(layers)))

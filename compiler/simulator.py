@@ -14,7 +14,7 @@ token and relative to the routed gate mass (relative_error = error / sum of all 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,7 +32,6 @@ class SimResult(Counts):
     error: float = 0.0            # expected error mass, summed over tokens
     mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
     time_s: float = 0.0           # modeled decode time, summed over tokens
-    per_layer_hits: dict[int, int] = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:
@@ -90,7 +89,7 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
     pred_ids, pred_scores = trace.get("pred_ids"), trace.get("pred_scores")
     t_total = ids.shape[0] if tokens is None else min(tokens, ids.shape[0])
     model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial)
-    res = SimResult(per_layer_hits={l: 0 for l in moe_layers})
+    res = SimResult()
     clock, link_free = 0.0, 0.0
     ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands
     for t in range(t_total):
@@ -104,7 +103,6 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
             s = model.schedule(layer, [row], [chosen], pred, costs.load, costs.host_expert)
             c = s.counts
             res.add(c)
-            res.per_layer_hits[layer] += c.served
             res.loads += s.prefetches                    # counts.loads holds the demand loads
             res.prefetches += s.prefetches
             g = {e: float(coef[t, m]) * row.get(e, 0.0) for e in chosen}

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from artifacts.errors import UserError
-from compiler.sizes import parse_bytes, parse_rate, parse_seconds
+from artifacts.units import parse_bytes, parse_rate, parse_seconds
 
 PRESETS_DIR = Path(__file__).parent / "targets"
 

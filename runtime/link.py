@@ -5,14 +5,10 @@ sleeps for what remains of t. Parse "50MB/s,20us", "1.5GB/s", "12GiB/s,5ms".
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from artifacts.errors import UserError
-
-_SIZE = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-_TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-
+from artifacts.units import parse_rate, parse_seconds
 
 @dataclass(frozen=True)
 class Link:
@@ -27,11 +23,12 @@ class Link:
 
 
 def parse_link(text: str) -> Link:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmg]i?b|b)/s\s*(?:,\s*([\d.]+)\s*(s|ms|us|µs|ns))?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UserError(f"cannot read link {text!r}; write BANDWIDTH[,LATENCY], e.g. 50MB/s,20us or 12GiB/s")
-    bw = float(m.group(1)) * _SIZE[m.group(2).lower()]
-    lat = float(m.group(3)) * _TIME[m.group(4).lower()] if m.group(3) else 0.0
+    bw_text, _, lat_text = str(text).partition(",")
+    try:
+        bw = parse_rate(bw_text.strip(), "link bandwidth")
+        lat = parse_seconds(lat_text.strip(), "link latency") if lat_text.strip() else 0.0
+    except UserError:
+        raise UserError(f"cannot read link {text!r}; write BANDWIDTH[,LATENCY], e.g. 50MB/s,20us or 12GiB/s") from None
     if bw <= 0:
         raise UserError(f"link bandwidth must be positive (got {text!r})")
     return Link(bw, lat)

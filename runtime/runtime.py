@@ -85,7 +85,7 @@ class Runtime:
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
         use_plan = the_plan is not None and policy == "plan"
-        params = substitution_params(cfg, lm.arch.moe_layers, _subs_map(the_plan) if use_plan else None,
+        params = substitution_params(cfg, lm.arch.moe_layers, the_plan.substitution_map() if use_plan else None,
                                      the_plan.tau if use_plan else 1.0)
         initial = the_plan.initial if the_plan is not None and policy == "plan" else {}
         model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial)
@@ -198,7 +198,6 @@ class Runtime:
         eos = self._eos()
         for row in tokens.tolist():   # real tokens: up to and including EOS (later positions are padding)
             s.tokens += row.index(eos) + 1 if eos is not None and eos in row else len(row)
-        s.decode_steps += tokens.shape[1]
         s.ttft_s = timing["ttft_s"] if s.ttft_s == 0.0 else s.ttft_s
         s.step_s.extend(timing["step_s"])
         if self.cache is not None:
@@ -211,11 +210,6 @@ class Runtime:
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
-
-
-def _subs_map(plan: Plan) -> dict[int, dict]:
-    return {l: {"substitutes": plan.substitutes.get(l, {}), "protected": plan.protected.get(l, []),
-                "drop_ok": plan.drop_ok.get(l, [])} for l in plan.slots}
 
 
 def _maybe_tokenizer(model_dir):

@@ -36,7 +36,6 @@ class RunStats:
     decode_positions: int = 0      # (row, step) positions run by decode forward passes
     prompt_tokens: int = 0
     tokens: int = 0                 # generated tokens (all rows)
-    decode_steps: int = 0
     ttft_s: float = 0.0
     step_s: list[float] = field(default_factory=list)   # decode step times after the first token
     cache_capacity_bytes: int = 0

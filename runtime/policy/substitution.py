@@ -68,15 +68,17 @@ def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cach
     score_map = as_scores(scores)
     k = len(chosen)
     s_next = kth_next(score_map, k)
-    scores = _Get(score_map)
+    def score(e: int) -> float:
+        return score_map.get(e, 0.0)
+
     hi, lo = (1.0 + params.alpha) * s_next, (1.0 - params.alpha) * s_next
     available = set(cached) | (set(batch_top) if params.use_batch else set())
     chosen_set = set(chosen)
-    pool = sorted((e for e in available if e not in chosen_set and lo < scores[e] <= s_next),
-                  key=lambda e: (-scores[e], e))                      # E_s, best score first
+    pool = sorted((e for e in available if e not in chosen_set and lo < score(e) <= s_next),
+                  key=lambda e: (-score(e), e))                      # E_s, best score first
     used: set[int] = set()
-    for i in sorted(chosen, key=lambda e: (-scores[e], e)):
-        if scores[i] > hi or i in params.protected or i in available:
+    for i in sorted(chosen, key=lambda e: (-score(e), e)):
+        if score(i) > hi or i in params.protected or i in available:
             d.exact.append(i)
             continue
         j, reason = _understudy(i, pool, cached, batch_top, used, chosen_set, params)
@@ -110,18 +112,6 @@ def _understudy(i, pool, cached, batch_top, used, chosen_set, params):
     if err.get(j, float("inf")) >= 1.0:
         return None, None  # no candidate beats a zero output: drop (if allowed) or load
     return j, candidates[j]
-
-
-class _Get:
-    """Index a sparse score map like a dense vector (absent experts score 0)."""
-
-    __slots__ = ("m",)
-
-    def __init__(self, m: ScoreMap):
-        self.m = m
-
-    def __getitem__(self, e: int) -> float:
-        return self.m.get(e, 0.0)
 
 
 def decide_layer(scores: Sequence[Sequence[float] | ScoreMap], chosen: Sequence[Sequence[int]],

@@ -1,4 +1,4 @@
-"""Sizes and rates written by people: "12GiB", "900MiB", "1.5GB", "25GB/s", "20us"."""
+"""Sizes, rates and durations written by people: "12GiB", "900MiB", "1.5GB", "25GB/s", "20us" (shared by the\ncompiler's budgets and targets and the runtime's emulated link)."""
 from __future__ import annotations
 
 import re
