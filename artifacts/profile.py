@@ -138,6 +138,13 @@ class Profile:
         return self._per_layer(lambda l: self.stat(l, "transition"))
 
     @property
+    def sensitivity(self) -> dict[str, np.ndarray] | None:
+        """The loss cost of substitution options (profiler.sensitivity), or None when not measured."""
+        if not self.header.get("sensitivity"):
+            return None
+        return {k.removeprefix("sensitivity."): v for k, v in self.stats.items() if k.startswith("sensitivity.")}
+
+    @property
     def ratio_bins(self) -> np.ndarray:
         return np.asarray(self.header["ratio_bins"], dtype=np.float64)
 
@@ -156,6 +163,15 @@ class Profile:
                 if tuple(self.stats[key].shape) != shape:
                     raise UserError(f"profile is corrupt: {key} has shape {tuple(self.stats[key].shape)}, "
                                     f"expected {shape}; re-run moe-profile")
+        sens = self.header.get("sensitivity")
+        if sens:
+            shape = (len(sens["options"]), len(sens["cuts"]))
+            for name, want in (("dnll_sum", shape), ("pair_count", shape), ("nll_sum", (1,)), ("predicted", (1,)),
+                               ("positions", (1,))):
+                got = self.stats.get(f"sensitivity.{name}")
+                if got is None or tuple(got.shape) != want:
+                    raise UserError(f"profile is corrupt: sensitivity.{name} is missing or misshapen; "
+                                    "re-run moe-profile")
         if self.trace:
             missing = [k for k in TRACE_KEYS if k not in self.trace]
             if missing:

@@ -1,15 +1,19 @@
 """`compile_plan(...)`: a profile + a budget + a target -> a Plan, with predictions from the trace simulator.
 
 Steps: memory split (compiler.memory) -> substitution map (compiler.substitution_map) -> slots per layer by
-simulated marginal gain (compiler.allocate) -> search over alpha, tau and prefetch, replaying the trace through the
-runtime's own cache model (compiler.simulator) -> predictions for the plan and for lru and smoe at the same budget.
+simulated marginal gain (compiler.allocate) -> search over the substitution rule (alpha, pool depth, drops, tau)
+and then prefetch, replaying the trace through the runtime's own cache model (compiler.simulator) -> predictions for
+the plan and for lru and smoe at the same budget.
 
-Choosing alpha and tau:
-  --tpot-target R:  the candidate of least expected error whose modeled TPOT <= R (else the fastest one);
-  --max-error E:    the candidate with the most hits whose relative expected error <= E;
-  neither:          the least modeled TPOT whose relative expected error <= DEFAULT_MAX_ERROR (2% of the routed
-                    output mass replaced by error).
-For each (alpha, tau) the prefetch setting is the one of least modeled TPOT.
+The accuracy cost of a candidate ("error") is its predicted perplexity increase from the profile's measured loss
+sensitivity (compiler.loss_model); a profile made with --sensitivity-tokens 0 falls back to the relative output
+error (share of routed gate mass replaced by profiled error), a cruder proxy.
+  --tpot-target R:  the candidate of least error whose modeled TPOT <= R (else the fastest one);
+  --max-error E:    the candidate with the most hits whose error <= E;
+  neither:          the least modeled TPOT whose error <= the default (perplexity +0.5%; proxy: 2% of the mass);
+                    candidates within 1% of that TPOT count as ties, won by the most hits (an understudy and a drop
+                    cost about the same measured loss, and an understudy keeps the token's expert count).
+Prefetch only moves loads earlier (and may displace cached experts), so it is tried on the best rules, judged by TPOT.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from artifacts.header import new_header, sha256_dir
 from artifacts.plan import FORMAT, FORMAT_VERSION, Plan
 from artifacts.profile import Profile
 from compiler.allocate import allocate_slots, hit_curves
+from compiler.loss_model import LossModel
 from compiler.memory import split_budget
 from compiler.simulator import Costs, SimResult, simulate
 from compiler.substitution_map import build_substitution_map
@@ -30,10 +35,14 @@ from runtime.policy.config import preset
 from runtime.policy.plan_params import substitution_params
 from runtime.policy.slots import uniform_slots
 
-DEFAULT_MAX_ERROR = 0.02
-ALPHAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+DEFAULT_MAX_PPL = 0.005             # default error limit with a loss model: perplexity +0.5%
+DEFAULT_MAX_ERROR = 0.02            # without one: 2% of the routed gate mass replaced by output error
+ALPHAS = (0.0, 0.25, 0.5, 0.8, 1.0, 1.2, 2.0)
+DEPTHS = (0, 1, 2, 3)                   # band understudies among the token's d best inactive experts
 TAUS = (0.3, 0.6, 0.9)
-PREFETCH_MAX = (0, 1, 2)
+PREFETCH_MAX = (1, 2)
+PREFETCH_TRIALS = 4                  # best rules on which prefetch is tried
+TPOT_TIE = 0.01                      # default objective: within 1% of the least TPOT, the most hits win
 
 
 @dataclass(frozen=True)
@@ -44,18 +53,23 @@ class CompileConfig:
     max_error: float | None = None
     batch: int = 1
     context: int = 2048
-    search_tokens: int = 2048          # trace tokens replayed per search candidate
+    search_tokens: int = 1024          # trace tokens replayed per search candidate
     predict_tokens: int = 8192         # trace tokens replayed for the final predictions
     top_n: int = 8                     # ranked understudies kept per expert
     protect_frac: float = 0.1          # share of experts (by importance) never substituted
     window: int = 16                   # eviction window n (decode steps)
 
 
-def _sim(profile: Profile, slots, policy, subs_map, tau, costs, initial, tokens) -> SimResult:
+def _sim(profile: Profile, slots, policy, subs_map, tau, costs, initial, tokens, loss_model=None) -> SimResult:
     params = substitution_params(policy, profile.moe_layers, subs_map, tau)
     err = profile.substitution_error
     return simulate(profile.trace, profile.moe_layers, profile.num_experts, profile.top_k, slots, policy, params,
-                    costs, initial=initial, error=err, tokens=tokens)
+                    costs, initial=initial, error=err, tokens=tokens, loss_model=loss_model)
+
+
+def _with_drops(subs_map: dict[int, dict], drops: bool) -> dict[int, dict]:
+    """The map with drop_ok kept (drops chosen) or cleared (low-score misses without an understudy are loaded)."""
+    return {l: layer | {"drop_ok": layer["drop_ok"] if drops else []} for l, layer in subs_map.items()}
 
 
 def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
@@ -94,56 +108,80 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
     host = target.host_mem_bandwidth < target.device_mem_bandwidth and target.link_bandwidth < target.host_mem_bandwidth
     n_search = min(config.search_tokens, profile.trace["ids"].shape[0])
 
-    # slots per layer by marginal gain (under the smoe-like plan policy at a middle alpha)
-    base = preset("plan", alpha=0.3, window=config.window, host_compute=False)
+    loss_model = LossModel.from_profile(profile)
+    metric = "ppl_increase" if loss_model is not None else "relative_error"
+    limit = config.max_error if config.max_error is not None else (
+        DEFAULT_MAX_PPL if loss_model is not None else DEFAULT_MAX_ERROR)
+
+    # slots per layer by marginal gain (under the plan policy at a middle setting)
+    base = preset("plan", alpha=0.5, pool_depth=2, window=config.window, host_compute=False)
     curves = hit_curves(profile.trace, layers, e, k, base,
                         substitution_params(base, layers, subs_map, 0.6), max_slots=min(e, split.total_slots),
                         tokens=min(n_search, 1024))
     slots = allocate_slots(curves, split.total_slots, e)
     initial = _initial(profile, slots)
 
-    # search alpha x tau; for each, the prefetch setting (off, or up to 1, 2 or k experts) of least modeled TPOT:
-    # prefetch only moves loads earlier, so it is a scheduling choice judged by time alone
-    candidates = []
-    taus = _distinct_taus(subs_map)
-    for alpha in ALPHAS:
-        for tau in (taus if alpha > 0 else taus[:1]):
-            runs = []
-            for pmax in PREFETCH_MAX:
-                pol = preset("plan", alpha=alpha, window=config.window, prefetch=pmax > 0,
-                             prefetch_max=pmax or None, host_compute=host)
-                r = _sim(profile, slots, pol, subs_map, tau, costs, initial, n_search)
-                runs.append({"alpha": alpha, "tau": tau, "prefetch": pmax > 0, "prefetch_max": pmax, **r.to_dict()})
-            candidates.append(min(runs, key=lambda c: (c["tpot_ms"], -c["hit_rate"])))
-    if config.tpot_target_ms is not None:
-        ok = [c for c in candidates if c["tpot_ms"] <= config.tpot_target_ms]
-        if ok:
-            best = min(ok, key=lambda c: (c["relative_error"], -c["hit_rate"], c["tpot_ms"]))
-            objective = f"least error with modeled TPOT <= {config.tpot_target_ms:g} ms"
-        else:
-            best = min(candidates, key=lambda c: (c["tpot_ms"], c["relative_error"]))
-            objective = f"no candidate meets TPOT <= {config.tpot_target_ms:g} ms: the fastest"
-            log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
-                f"the fastest models {best['tpot_ms']:.2f} ms")
-    else:
-        limit = DEFAULT_MAX_ERROR if config.max_error is None else config.max_error
-        ok = [c for c in candidates if c["relative_error"] <= limit]
-        if config.max_error is not None:
-            best = max(ok, key=lambda c: (c["hit_rate"], -c["tpot_ms"], -c["relative_error"]))
-            objective = f"most hits with relative error <= {limit:g}"
-        else:
-            best = min(ok, key=lambda c: (c["tpot_ms"], -c["hit_rate"], c["relative_error"]))
-            objective = f"least modeled TPOT with relative error <= {limit:g} (default trade-off)"
+    def run(alpha, depth, drops, tau, pmax):
+        pol = preset("plan", alpha=alpha, pool_depth=depth, window=config.window, prefetch=pmax > 0,
+                     prefetch_max=pmax or None, host_compute=host)
+        r = _sim(profile, slots, pol, _with_drops(subs_map, drops), tau, costs, initial, n_search, loss_model)
+        return {"alpha": alpha, "pool_depth": depth, "drop_misses": drops, "tau": tau, "prefetch": pmax > 0,
+                "prefetch_max": pmax, **r.to_dict()}
 
-    chosen = preset("plan", alpha=best["alpha"], window=config.window, prefetch=best["prefetch"],
+    # the substitution rule without prefetch, then prefetch on the best rules
+    candidates = [run(0.0, 0, False, TAUS[0], 0)]
+    taus = _distinct_taus(subs_map)
+    for alpha in ALPHAS[1:]:
+        for depth in DEPTHS:
+            for drops in (False, True):
+                for tau in taus:
+                    candidates.append(run(alpha, depth, drops, tau, 0))
+
+    def pick(cands):
+        if config.tpot_target_ms is not None:
+            ok = [c for c in cands if c["tpot_ms"] <= config.tpot_target_ms]
+            if ok:
+                return min(ok, key=lambda c: (c[metric], -c["hit_rate"], c["tpot_ms"])), \
+                    f"least {metric} with modeled TPOT <= {config.tpot_target_ms:g} ms"
+            return min(cands, key=lambda c: (c["tpot_ms"], c[metric])), \
+                f"no candidate meets TPOT <= {config.tpot_target_ms:g} ms: the fastest"
+        ok = [c for c in cands if c[metric] <= limit] or [cands[0]]
+        if config.max_error is not None:
+            return max(ok, key=lambda c: (c["hit_rate"], -c["tpot_ms"], -c[metric])), \
+                f"most hits with {metric} <= {limit:g}"
+        fastest = min(c["tpot_ms"] for c in ok)
+        near = [c for c in ok if c["tpot_ms"] <= (1 + TPOT_TIE) * fastest]
+        return max(near, key=lambda c: (c["hit_rate"], -c[metric], -c["tpot_ms"])), \
+            f"least modeled TPOT with {metric} <= {limit:g} (default trade-off)"
+
+    ranked = []
+    pool = list(candidates)
+    for _ in range(PREFETCH_TRIALS):
+        if not pool:
+            break
+        best_rule, _ = pick(pool)
+        ranked.append(best_rule)
+        pool = [c for c in pool if c is not best_rule]
+    for c in ranked:
+        for pmax in PREFETCH_MAX:
+            candidates.append(run(c["alpha"], c["pool_depth"], c["drop_misses"], c["tau"], pmax))
+    best, objective = pick(candidates)
+    if config.tpot_target_ms is not None and best["tpot_ms"] > config.tpot_target_ms:
+        log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
+            f"the fastest models {best['tpot_ms']:.2f} ms")
+    subs_map = _with_drops(subs_map, best["drop_misses"])
+
+    chosen = preset("plan", alpha=best["alpha"], pool_depth=best["pool_depth"], window=config.window,
+                    prefetch=best["prefetch"],
                     prefetch_max=best["prefetch_max"] or None, host_compute=host)
     n_pred = min(config.predict_tokens, profile.trace["ids"].shape[0])
     predicted = {"tokens": n_pred, "target": target.name,
-                 "plan": _sim(profile, slots, chosen, subs_map, best["tau"], costs, initial, n_pred).to_dict()}
+                 "plan": _sim(profile, slots, chosen, subs_map, best["tau"], costs, initial, n_pred,
+                              loss_model).to_dict()}
     uniform = uniform_slots(split.total_slots, layers, e)
     for name in ("lru", "smoe"):
         pol = preset(name, window=config.window, host_compute=host if name == "smoe" else False)
-        predicted[name] = _sim(profile, uniform, pol, None, 1.0, costs, None, n_pred).to_dict()
+        predicted[name] = _sim(profile, uniform, pol, None, 1.0, costs, None, n_pred, loss_model).to_dict()
     for name in ("lru", "smoe"):
         if predicted[name]["loads_per_token"] > 0:
             predicted["plan"][f"loads_vs_{name}"] = predicted["plan"]["loads_per_token"] / predicted[name]["loads_per_token"]
@@ -158,10 +196,12 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                  "calibration": [c.get("tokens_sha256") for c in profile.header["calibration"]]},
         budget=split.to_dict() | {"text": config.budget},
         target=target.to_dict(),
-        choices={"alpha": best["alpha"], "tau": best["tau"], "prefetch": best["prefetch"],
+        choices={"alpha": best["alpha"], "tau": best["tau"], "pool_depth": best["pool_depth"],
+                 "drop_misses": best["drop_misses"], "prefetch": best["prefetch"],
                  "prefetch_max": best["prefetch_max"] or None,
                  "window": config.window, "host_compute": host, "width": int(profile.header["trace"]["width"]),
                  "eviction": "score", "understudy_weight": "replaced", "objective": objective,
+                 "error_metric": metric, "error_limit": limit,
                  "protect_frac": config.protect_frac, "batch": config.batch, "context": config.context},
         predicted=predicted,
         search=candidates,

@@ -11,6 +11,8 @@ TPOT = the device's clock advance per token.
 Expected error = sum over understudies of g_i * err(i, j) + sum over drops of g_i * 1, where g_i is the replaced
 expert's mixture weight and err the profiled relative substitution error (a zero output has error 1); reported per
 token and relative to the routed gate mass (relative_error = error / sum of all routed g).
+With the profile's measured loss sensitivity (compiler.loss_model), each understudy and drop also adds its measured
+cost in nats; loss_per_token and ppl_increase = exp(loss_per_token) - 1 are the predicted accuracy cost.
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compiler.loss_model import LossModel
 from compiler.targets import Target
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.schedule import CacheModel
-from runtime.policy.substitution import SubstitutionParams
+from runtime.policy.substitution import SubstitutionParams, kth_next
 
 
 @dataclass
@@ -32,6 +35,7 @@ class SimResult(Counts):
     error: float = 0.0            # expected error mass, summed over tokens
     mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
     time_s: float = 0.0           # modeled decode time, summed over tokens
+    loss: float | None = None     # expected NLL increase (nats), summed over tokens; None without a loss model
 
     @property
     def hit_rate(self) -> float:
@@ -54,8 +58,16 @@ class SimResult(Counts):
         """Share of the routed output mass replaced by error: sum g_i err(i, j) / sum of all routed g."""
         return self.error / self.mass if self.mass > 0 else 0.0
 
+    @property
+    def loss_per_token(self) -> float | None:
+        return None if self.loss is None else self.loss / max(self.tokens, 1)
+
+    @property
+    def ppl_increase(self) -> float | None:
+        return None if self.loss is None else LossModel.ppl_increase(self.loss_per_token)
+
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "hit_rate": self.hit_rate, "loads_per_token": self.loads_per_token,
+        return {"tokens": self.tokens, "loss_per_token": self.loss_per_token, "ppl_increase": self.ppl_increase, "hit_rate": self.hit_rate, "loads_per_token": self.loads_per_token,
                 "tpot_ms": self.tpot_ms, "error_per_token": self.error_per_token,
                 "relative_error": self.relative_error,
                 "substitution_rate": sum(self.understudies.values()) / max(self.pairs, 1),
@@ -83,13 +95,14 @@ class Costs:
 
 def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, slots: dict[int, int], policy: PolicyConfig,
              params: dict[int, SubstitutionParams], costs: Costs, initial: dict[int, list[int]] | None = None,
-             error: dict[int, np.ndarray] | None = None, tokens: int | None = None) -> SimResult:
+             error: dict[int, np.ndarray] | None = None, tokens: int | None = None,
+             loss_model: LossModel | None = None) -> SimResult:
     """Replay trace (profile.trace) token by token, batch 1, in sample order."""
     ids, scores, coef = trace["ids"], trace["scores"], trace["coef"]
     pred_ids, pred_scores = trace.get("pred_ids"), trace.get("pred_scores")
     t_total = ids.shape[0] if tokens is None else min(tokens, ids.shape[0])
     model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial)
-    res = SimResult()
+    res = SimResult(loss=0.0 if loss_model is not None else None)
     clock, link_free = 0.0, 0.0
     ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands
     for t in range(t_total):
@@ -107,12 +120,14 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
             res.prefetches += s.prefetches
             g = {e: float(coef[t, m]) * row.get(e, 0.0) for e in chosen}
             res.mass += sum(g.values())
+            d = s.decisions[0]
             if error is not None:
-                d = s.decisions[0]
                 for i, (j, _) in d.understudy.items():
                     res.error += g[i] * float(error[layer][i, j])
                 for i in d.dropped:
                     res.error += g[i]
+            if loss_model is not None and (d.understudy or d.dropped):
+                res.loss += _replaced_loss(loss_model, row, chosen, d, error[layer] if error is not None else None)
             # event-driven timing of this layer's ops
             clock += costs.dense_layer
             host_done = clock
@@ -129,3 +144,22 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
         res.time_s += clock - t_start
         res.tokens += 1
     return res
+
+
+def _replaced_loss(model: LossModel, row: dict[int, float], chosen: list[int], decision,
+                   error: np.ndarray | None) -> float:
+    """Measured cost (nats) of one token's understudies and drops at one layer."""
+    s_next = kth_next(row, len(chosen))
+    ratio = {i: row.get(i, 0.0) / s_next if s_next > 0 else float("inf") for i in chosen}
+    inactive = sorted((e for e in row if e not in chosen), key=lambda e: (-row[e], e))
+    total = 0.0
+    for i, (j, reason) in decision.understudy.items():
+        if reason == "similarity":
+            err = min(float(error[i, j]), 1.0) if error is not None else 1.0
+            total += err * model.pair_cost("drop", ratio[i])
+        else:
+            rank = inactive.index(j) + 1 if j in inactive else None
+            total += model.pair_cost(model.understudy_option(rank), ratio[i])
+    for i in decision.dropped:
+        total += model.pair_cost("drop", ratio[i])
+    return total

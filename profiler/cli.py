@@ -39,6 +39,9 @@ def _profile_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
     ap.add_argument("--probe-tokens", type=int, default=d.probe_tokens,
                     help=f"tokens on which every expert runs, for similarity (default {d.probe_tokens})")
+    ap.add_argument("--sensitivity-tokens", type=int, default=d.sensitivity_tokens,
+                    help="calibration tokens on which the loss cost of substitutions is measured "
+                         f"(0: skip; the compiler then judges understudies by output error; default {d.sensitivity_tokens})")
     ap.add_argument("--trace-extra", type=int, default=None, help="experts traced beyond the top k (default k)")
     ap.add_argument("--cluster-threshold", type=float, default=d.cluster_threshold,
                     help="distance (1 - cosine) at which functional groups are cut")
@@ -57,6 +60,7 @@ def _run_profile(argv: list[str]) -> int:
     cfg = ProfileConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                         probe_tokens=args.probe_tokens, trace_extra=args.trace_extra,
+                        sensitivity_tokens=args.sensitivity_tokens,
                         cluster_threshold=args.cluster_threshold, tokenizer=args.tokenizer)
     prof = profile(args.model_dir, args.calib, cfg, progress=not args.quiet)
     prof.save(out)

@@ -23,7 +23,12 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
             raise UserError("cannot merge profiles made with different settings (ratio bins or trace width); "
                             "re-run the shards with the same Understudy version and --trace-extra")
     header = copy.deepcopy(first.header)
-    stats = {k: np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in first.stats}
+    keys = [k for k in first.stats if all(k in p.stats for p in profiles)]   # sensitivity only if every shard has it
+    stats = {k: np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in keys}
+    if any(p.sensitivity is None for p in profiles):
+        header["sensitivity"] = None
+    else:
+        header["sensitivity"]["tokens"] = int(sum(p.header["sensitivity"]["tokens"] for p in profiles))
     finalize_clusters(stats, first.moe_layers, float(header["clustering"]["threshold"]))
     offset, samples = 0, []
     for p in profiles:

@@ -17,6 +17,7 @@ from profiler.calibration import build_calibration, load_tokenizer
 from profiler.clustering import cluster_experts
 from profiler.probe_executor import ProbeExecutor
 from profiler.routing_stats import RATIO_EDGES
+from profiler.sensitivity import CUTS, OPTIONS, measure_sensitivity
 from profiler.trace import TraceRecorder
 from runtime.expert_store import ExpertStore
 from runtime.fingerprint import model_fingerprint
@@ -38,6 +39,7 @@ class ProfileConfig:
     trace_extra: int | None = None    # m: experts traced beyond the top k (default k)
     cluster_threshold: float = 0.5    # cut of the average-linkage tree on 1 - cosine
     tokenizer: str | None = None      # default: the model directory
+    sensitivity_tokens: int = 4096    # calibration tokens for the loss cost of substitutions (0: skip)
 
 
 @torch.no_grad()
@@ -90,8 +92,8 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
             progress: bool = True) -> Profile:
     """Profile `model_dir` on calibration `data`. Raises UserError for bad input."""
     t0 = time.perf_counter()
-    if config.probe_tokens < 0 or config.batch_size < 1:
-        raise UserError("--probe-tokens must be >= 0 and --batch-size >= 1")
+    if config.probe_tokens < 0 or config.batch_size < 1 or config.sensitivity_tokens < 0:
+        raise UserError("--probe-tokens and --sensitivity-tokens must be >= 0 and --batch-size >= 1")
     lm = load_model(model_dir, config.device, config.dtype)
     arch = lm.arch
     if arch.max_positions is not None and config.seq_len > arch.max_positions:
@@ -133,6 +135,13 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
         for part in (rec.routing, rec.importance, rec.similarity):
             stats.update({f"L{l}.{k}": v for k, v in part.arrays().items()})
     finalize_clusters(stats, layers, config.cluster_threshold)
+    sensitivity = None
+    if config.sensitivity_tokens > 0:
+        windows = max(1, min(n, config.sensitivity_tokens // s))
+        stats.update(measure_sensitivity(lm.model, lm.blocks, store, calib.tokens[:windows], lm.device,
+                                         config.batch_size, progress))
+        sensitivity = {"options": list(OPTIONS), "cuts": list(CUTS), "tokens": int(windows * s),
+                       "method": "every low pair of every MoE layer replaced at once; mean next-token NLL"}
 
     header = new_header(
         FORMAT, FORMAT_VERSION,
@@ -144,6 +153,7 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
                     "threshold": config.cluster_threshold},
         ratio_bins=[float(x) for x in RATIO_EDGES],
         trace={"width": width, "tokens": total},
+        sensitivity=sensitivity,
         run={"device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
              "seconds": round(time.perf_counter() - t0, 2)},
     )

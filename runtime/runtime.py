@@ -46,7 +46,7 @@ class Runtime:
              record_events: bool = False, **policy_overrides) -> "Runtime":
         """Load `model_dir` for `policy` ("resident", "lru", "smoe", "plan"). `cache`: slots per layer or "P%" of
         routed-expert bytes. `link`: an emulated host-to-device link ("50MB/s,20us"). Overrides: alpha, window,
-        prefetch, prefetch_max, host_compute, understudy_weight, use_batch."""
+        prefetch, prefetch_max, host_compute, understudy_weight, use_batch, pool_depth."""
         lm = load_model(model_dir, device, dtype)
         if policy == "plan" and plan is None:
             raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
@@ -58,7 +58,7 @@ class Runtime:
                 raise UserError(f"plan was compiled for another model (fingerprint {the_plan.fingerprint}, this model "
                                 f"{fp}); re-run moe-profile and moe-compile for {model_dir}")
             if policy == "plan":
-                for key in ("alpha", "window", "prefetch", "prefetch_max", "host_compute"):
+                for key in ("alpha", "window", "prefetch", "prefetch_max", "host_compute", "pool_depth"):
                     if policy_overrides.get(key) is None and key in the_plan.choices:
                         policy_overrides[key] = the_plan.choices[key]
         if policy_overrides.get("host_compute") is None:   # the host is the device on a CPU run

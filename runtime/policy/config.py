@@ -19,7 +19,8 @@ class PolicyConfig:
     prefetch_guard: bool = False     # a prefetch may only evict an expert of lower recent mean score (ours)
     host_compute: bool = False       # compute the lowest-score misses on the host when that beats loading
     understudy_weight: str = "own"   # "own": coef * gate_j (SMoE) | "replaced": the replaced expert's weight
-    by_error: bool = False           # choose understudies by profiled error (plan)
+    by_error: bool = False           # plan: band understudies, then profiled near-twins; drops where the plan allows
+    pool_depth: int | None = None    # band understudies among the token's d best inactive experts (None: any)
     use_batch: bool = True           # other tokens' top-score experts may stand in
 
     @property

@@ -14,12 +14,12 @@ def substitution_params(policy: PolicyConfig, moe_layers: Sequence[int], subs_ma
     out = {}
     for l in moe_layers:
         if subs_map is None or policy.name != "plan":
-            out[l] = SubstitutionParams(alpha=policy.alpha, use_batch=policy.use_batch)
+            out[l] = SubstitutionParams(alpha=policy.alpha, use_batch=policy.use_batch, pool_depth=policy.pool_depth)
             continue
         layer = subs_map.get(l, {})
         subs = layer.get("substitutes", {})
         out[l] = SubstitutionParams(
-            alpha=policy.alpha, use_batch=policy.use_batch, by_error=True,
+            alpha=policy.alpha, use_batch=policy.use_batch, by_error=True, pool_depth=policy.pool_depth,
             similar={i: [(j, err) for j, _, err in v if err <= tau] for i, v in subs.items()},
             error={i: {j: err for j, _, err in v} for i, v in subs.items()},
             protected=frozenset(layer.get("protected", [])),

@@ -7,9 +7,12 @@ For one token at one layer, with scores s (its router scores) and S = S(k+1) the
                           another token in the batch (so they will be on the device anyway)
 SMoE keeps cached (or batch-top) low-score experts and replaces each remaining low-score miss by the highest-scoring
 member of E_s not yet used by this token; misses left when E_s runs out are loaded.
-The profile adds (`similar`): for a low-score miss i, cached experts ranked by their measured substitution error
-err(i, j) <= tau; with `by_error` the understudy is the candidate of least err(i, j) among E_s and the similar list,
-and a miss with no candidate better than a zero output (err >= 1 for all) may be dropped when `drop_ok` allows.
+The plan adds three things, each measured by the profiler:
+  `pool_depth` d: only the token's d highest-scoring inactive experts may stand in (its (k+1)-th, ...): measured on
+                  held-out loss, the router's next choice is a good understudy and deeper ones cost more than a drop;
+  `similar`:      for a low-score miss i, cached experts whose profiled output error err(i, j) <= tau (near-twins),
+                  tried before the band pool, least error first;
+  `drop_ok`:      a low-score miss with no candidate is left out instead of loaded.
 `protected` experts are never substituted. With alpha = 0 the band is empty: every decision is exact (lossless).
 """
 from __future__ import annotations
@@ -25,7 +28,8 @@ class SubstitutionParams:
     use_batch: bool = True                               # other tokens' top-score experts may stand in
     similar: Mapping[int, Sequence[tuple[int, float]]] | None = None  # i -> [(j, err_ij)] ranked, err <= tau
     error: Mapping[int, Mapping[int, float]] | None = None            # err(i, j) for choosing among candidates
-    by_error: bool = False                               # choose the understudy of least error (plan), not score
+    by_error: bool = False                               # plan: band (by score) then similar (by error); drops
+    pool_depth: int | None = None                        # band understudies among the d best inactive experts only
     protected: AbstractSet[int] = frozenset()            # never substituted
     drop_ok: AbstractSet[int] = frozenset()              # low-score misses that may be left out
 
@@ -76,6 +80,10 @@ def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cach
     chosen_set = set(chosen)
     pool = sorted((e for e in available if e not in chosen_set and lo < score(e) <= s_next),
                   key=lambda e: (-score(e), e))                      # E_s, best score first
+    if params.pool_depth is not None:
+        ranked = sorted((e for e in score_map if e not in chosen_set), key=lambda e: (-score(e), e))
+        allowed = set(ranked[: params.pool_depth])
+        pool = [e for e in pool if e in allowed]
     used: set[int] = set()
     for i in sorted(chosen, key=lambda e: (-score(e), e)):
         if score(i) > hi or i in params.protected or i in available:
@@ -93,25 +101,18 @@ def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cach
 
 
 def _understudy(i, pool, cached, batch_top, used, chosen_set, params):
+    """SMoE: the best-scoring band candidate. Plan: a profiled near-twin (err <= tau) of least error if one is
+    cached, else the best-scoring band candidate (the router's own evidence)."""
     band = [j for j in pool if j not in used]
-    if not params.by_error:
-        if band:
-            return band[0], ("band" if band[0] in cached else "batch")
-        return None, None
-    # plan: least measured error among the band pool and the profile's similar experts (cached, unused, inactive);
-    # ties go to the earlier candidate (band by score, then the profile's ranking)
-    candidates: dict[int, str] = {j: ("band" if j in cached else "batch") for j in band}
-    for j, _ in (params.similar or {}).get(i, ()):
-        if j in cached and j not in used and j not in chosen_set and j not in candidates:
-            candidates[j] = "similarity"
-    if not candidates:
-        return None, None
-    err = (params.error or {}).get(i, {})
-    order = {j: n for n, j in enumerate(candidates)}
-    j = min(candidates, key=lambda c: (err.get(c, float("inf")), order[c]))
-    if err.get(j, float("inf")) >= 1.0:
-        return None, None  # no candidate beats a zero output: drop (if allowed) or load
-    return j, candidates[j]
+    if params.by_error:
+        err = (params.error or {}).get(i, {})
+        twins = [j for j, _ in (params.similar or {}).get(i, ())
+                 if j in cached and j not in used and j not in chosen_set]
+        if twins:
+            return min(twins, key=lambda c: (err.get(c, float("inf")), twins.index(c))), "similarity"
+    if band:
+        return band[0], ("band" if band[0] in cached else "batch")
+    return None, None
 
 
 def decide_layer(scores: Sequence[Sequence[float] | ScoreMap], chosen: Sequence[Sequence[int]],

@@ -7,7 +7,7 @@ import pytest
 
 from artifacts import Plan, UserError
 from compiler.cli import main
-from compiler.compile_plan import CompileConfig, compile_plan
+from compiler.compile_plan import ALPHAS, DEPTHS, CompileConfig, compile_plan
 from compiler.memory import split_budget
 from compiler.targets import load_target, presets
 from helpers import sample_texts, write_jsonl
@@ -60,7 +60,7 @@ def test_plan_contents(tiny_profile, tmp_path):
     p = Plan.load(tmp_path / "plan")
     assert sum(p.slots.values()) * p.expert_bytes <= 0.25 * 8 * 3 * p.expert_bytes
     assert set(p.slots) == {0, 1, 2} and all(n >= 1 for n in p.slots.values())
-    assert 0 <= p.alpha <= 0.5 and p.tau > 0
+    assert 0 <= p.alpha <= max(ALPHAS) and p.tau > 0 and p.choices["pool_depth"] in DEPTHS
     assert set(p.predicted) >= {"plan", "lru", "smoe"}
     for name in ("plan", "lru", "smoe"):
         assert {"hit_rate", "loads_per_token", "tpot_ms"} <= set(p.predicted[name])
@@ -71,10 +71,11 @@ def test_plan_contents(tiny_profile, tmp_path):
 
 def test_max_error_and_tpot_target(tiny_profile):
     strict = compile_plan(tiny_profile, CompileConfig(budget="25%", max_error=0.0, search_tokens=64), log=lambda *a: None)
-    assert strict.predicted["plan"]["relative_error"] == 0.0
+    assert strict.predicted["plan"]["ppl_increase"] == 0.0 and strict.predicted["plan"]["drop_rate"] == 0.0
+    assert strict.predicted["plan"]["substitution_rate"] == 0.0
     fast = compile_plan(tiny_profile, CompileConfig(budget="25%", tpot_target_ms=1e9, search_tokens=64),
                         log=lambda *a: None)
-    assert "least error" in fast.choices["objective"]
+    assert fast.choices["objective"].startswith("least ppl_increase with modeled TPOT")
 
 
 def _run(capsys, *argv):

@@ -101,7 +101,9 @@ def test_merge_of_shards_equals_one_run(tiny_model, tmp_path):
     merged = merge_profiles([Profile.load(tmp_path / "pa"), pb])
     for k in pab.stats:
         # forward passes batch the windows differently, so float32 sums differ in the last bits
-        np.testing.assert_allclose(merged.stats[k], pab.stats[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        # (the sensitivity sums are differences of whole-run NLL sums: the last bits show at 1e-3 nats)
+        atol = 1e-3 if k.startswith("sensitivity.") else 1e-6
+        np.testing.assert_allclose(merged.stats[k], pab.stats[k], rtol=1e-5, atol=atol, err_msg=k)
     for k in ("ids", "token", "sample"):
         assert np.array_equal(merged.trace[k], pab.trace[k])
     assert len(merged.header["calibration"]) == 2

@@ -65,17 +65,29 @@ def test_decide_layer_uses_other_rows_top_sets():
 def test_protected_and_drop():
     p = SubstitutionParams(alpha=0.5, protected=frozenset({1}))
     assert decide_token(SCORES, CHOSEN, cached={0, 3}, batch_top=set(), params=p).exact == [0, 1]
-    p = SubstitutionParams(alpha=0.5, by_error=True, error={1: {3: 1.4}}, drop_ok=frozenset({1}))
+    p = SubstitutionParams(alpha=0.5, by_error=True, drop_ok=frozenset({1}))
+    d = decide_token(SCORES, CHOSEN, cached={0}, batch_top=set(), params=p)
+    assert d.dropped == [1] and not d.understudy                     # no stand-in cached: left out, not loaded
+    p = SubstitutionParams(alpha=0.5, by_error=True, drop_ok=frozenset({1}), pool_depth=0)
     d = decide_token(SCORES, CHOSEN, cached={0, 3}, batch_top=set(), params=p)
-    assert d.dropped == [1] and not d.understudy                     # the only stand-in is worse than nothing
+    assert d.dropped == [1] and not d.understudy                     # depth 0: the plan drops instead
+
+
+def test_pool_depth_keeps_only_the_next_router_choices():
+    scores = [0.30, 0.20, 0.0, 0.18, 0.0, 0.0, 0.0, 0.12]           # chosen 0, 1; inactive by score: 3, 7
+    p = SubstitutionParams(alpha=0.5, pool_depth=1)
+    assert decide_token(scores, [0, 1], cached={0, 7}, batch_top=set(), params=p).exact == [0, 1]
+    assert decide_token(scores, [0, 1], cached={0, 3}, batch_top=set(), params=p).understudy == {1: (3, "band")}
+    p = SubstitutionParams(alpha=0.5, pool_depth=2)
+    assert decide_token(scores, [0, 1], cached={0, 7}, batch_top=set(), params=p).understudy == {1: (7, "band")}
 
 
 def test_plan_prefers_least_error_and_similarity():
     err = {1: {3: 0.9, 7: 0.2}}
     p = SubstitutionParams(alpha=0.5, by_error=True, error=err, similar={1: [(7, 0.2)]})
     d = decide_token(SCORES, CHOSEN, cached={0, 3, 7}, batch_top=set(), params=p)
-    assert d.understudy == {1: (7, "similarity")}                    # 7 is outside the band but measured closer
-    p = SubstitutionParams(alpha=0.5, by_error=True, error={1: {3: 0.5, 7: 0.6}}, similar={1: [(7, 0.6)]})
+    assert d.understudy == {1: (7, "similarity")}                    # a profiled near-twin comes first
+    p = SubstitutionParams(alpha=0.5, by_error=True, error={1: {3: 0.5, 7: 0.6}}, similar={})
     assert decide_token(SCORES, CHOSEN, cached={0, 3, 7}, batch_top=set(), params=p).understudy == {1: (3, "band")}
 
 

@@ -1,0 +1,114 @@
+"""What a substitution costs in held-out loss, measured on the model itself.
+
+Output-space similarity (profiler.similarity) says how alike two experts' outputs are; it does not say what replacing
+one by the other costs the next-token loss. On a model trained from scratch every pair of experts is about as far
+apart as two random vectors (relative error ~1.4), yet replacing a low-score expert by the token's next router choice
+costs far less loss than leaving it out. So the profiler measures the loss directly.
+
+Options o: "drop" (leave the expert out) or "next d" (d = 1, 2, 3: the token's d-th best inactive expert stands in,
+with the replaced expert's weight; a token's further low pairs take the next inactive experts in turn).
+Cuts r: a chosen expert i is low when s_i <= r * S(k+1). For each (o, r), every low pair of every MoE layer is
+replaced at once and the next-token NLL over the sensitivity tokens is measured. Stored as sums (so shards merge):
+  dnll_sum[o, r]   = sum over predicted tokens of NLL(o, r) - NLL(exact)     nats
+  pair_count[o, r] = replaced (token, expert) pairs, all MoE layers, all positions
+  nll_sum, predicted, positions: the exact NLL sum, predicted tokens, token positions
+The compiler turns these into a cost per replaced pair and ratio bin (compiler.loss_model).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from runtime.expert_compute import make_expert_fn, routed_output
+from runtime.expert_store import ExpertStore
+from runtime.router import Routing
+
+OPTIONS = ("drop", "next1", "next2", "next3")
+CUTS = (1.25, 1.5, 2.0, 3.0, 5.0)
+
+
+def replace_low(routing: Routing, option: str, cut: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(idx [T, k], weights [T, k], replaced pairs) after applying `option` to the low pairs (s_i <= cut * S(k+1))."""
+    idx, weights, score = routing.idx, routing.weights, routing.score
+    k = idx.shape[1]
+    ranked = score.argsort(dim=-1, descending=True, stable=True)                  # [T, E]
+    s_next = score.gather(1, ranked[:, k:k + 1])                                   # [T, 1] S(k+1)
+    chosen_score = score.gather(1, idx)                                            # [T, k]
+    low = chosen_score <= cut * s_next                                             # [T, k]
+    if option == "drop":
+        return idx, torch.where(low, torch.zeros_like(weights), weights), int(low.sum())
+    d = int(option.removeprefix("next"))
+    inactive = ranked[:, k:]                                                       # [T, E-k], best first
+    # the low pairs of a token, best score first, take inactive ranks d, d+1, ...
+    order = torch.where(low, chosen_score, torch.full_like(chosen_score, -1.0)).argsort(dim=-1, descending=True)
+    nth = torch.empty_like(order)
+    nth.scatter_(1, order, torch.arange(k, device=idx.device).expand_as(order))  # position among the token's low pairs
+    pos = (d - 1 + nth).clamp(max=inactive.shape[1] - 1)
+    new_idx = torch.where(low, inactive.gather(1, pos), idx)
+    return new_idx, weights, int(low.sum())
+
+
+class ReplacingExecutor:
+    """Routed output with the low pairs replaced by one option; streams the experts it needs from the store."""
+
+    def __init__(self, store: ExpertStore, device: torch.device):
+        self.store, self.device = store, device
+        self.expert_fn = make_expert_fn(store.arch.experts)
+        self.option, self.cut, self.replaced = "drop", 0.0, 0
+
+    @torch.no_grad()
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        idx, weights = routing.idx, routing.weights
+        if self.cut > 0:
+            idx, weights, n = replace_low(routing, self.option, self.cut)
+            self.replaced += n
+        loaded: dict[int, dict] = {}
+
+        def weights_of(e: int):
+            if e not in loaded:
+                loaded[e] = {k: v.to(self.device) for k, v in self.store.read(layer, e).items()}
+            return loaded[e]
+
+        return routed_output(x, idx, weights, self.store.arch.num_experts, weights_of, self.expert_fn)
+
+
+@torch.no_grad()
+def measure_sensitivity(model, blocks, store: ExpertStore, tokens: np.ndarray, device: torch.device,
+                        batch_size: int = 4, progress: bool = True) -> dict[str, np.ndarray]:
+    """The sums of the module docstring, measured on tokens [N, L]."""
+    executor = ReplacingExecutor(store, device)
+    saved = {l: b.executor for l, b in blocks.items()}
+    for b in blocks.values():
+        b.executor = executor
+
+    def nll_sum() -> float:
+        total = 0.0
+        for start in range(0, tokens.shape[0], batch_size):
+            ids = torch.from_numpy(tokens[start:start + batch_size]).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits.float()            # [B, L, V]
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                  reduction="none")                               # [B * (L-1)]
+            total += float(nll.double().sum())
+        return total
+
+    dnll = np.zeros((len(OPTIONS), len(CUTS)), np.float64)
+    pairs = np.zeros_like(dnll)
+    try:
+        executor.cut = 0.0
+        base = nll_sum()
+        bar = tqdm(total=dnll.size, desc="sensitivity", unit="pass", disable=not progress)
+        for o, option in enumerate(OPTIONS):
+            for c, cut in enumerate(CUTS):
+                executor.option, executor.cut, executor.replaced = option, cut, 0
+                dnll[o, c] = nll_sum() - base
+                pairs[o, c] = executor.replaced
+                bar.update(1)
+        bar.close()
+    finally:
+        for l, b in blocks.items():
+            b.executor = saved[l]
+    return {"sensitivity.dnll_sum": dnll, "sensitivity.pair_count": pairs, "sensitivity.nll_sum": np.array([base]),
+            "sensitivity.predicted": np.array([tokens.shape[0] * (tokens.shape[1] - 1)], np.int64),
+            "sensitivity.positions": np.array([tokens.size], np.int64)}
