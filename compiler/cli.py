@@ -28,9 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--target", default=d.target, help=f"preset ({', '.join(presets())}) or a YAML file")
     goal = ap.add_mutually_exclusive_group()
     goal.add_argument("--tpot-target", type=float, default=None, metavar="MS",
-                      help="time per output token to meet on the target, with the least expected error")
+                      help="time per output token to meet on the target, with the least predicted error")
     goal.add_argument("--max-error", type=float, default=None, metavar="E",
-                      help="largest relative expected error (share of routed output mass), with the most hits")
+                      help="largest predicted perplexity increase (0.01 = +1%%; without a measured loss sensitivity "
+                           "in the profile: share of routed output mass replaced by error), with the most hits; "
+                           "default: the least TPOT within +0.5%%")
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--context", type=int, default=d.context, help="tokens of KV cache to reserve per sequence")
     ap.add_argument("--search-tokens", type=int, default=d.search_tokens, help="trace tokens per search candidate")

@@ -1,8 +1,9 @@
 """moe-eval: perplexity, agreement with resident, task accuracy, hit/substitution/drop rates, loads and TPOT per
 policy, over the same tokens in one run.
 
-  moe-eval MODEL_DIR --data FILE [--plan PLAN_DIR] [--policies resident,lru,smoe,plan] [--cache PCT] [--batch B]
-           [--link BW[,LAT]] [--max-tokens N] [--window W] [--tasks FILE] --json OUT
+  moe-eval MODEL_DIR --data FILE [--plan PLAN_DIR] [--plan NAME=PLAN_DIR ...] [--policies resident,lru,smoe,plan]
+           [--cache PCT] [--batch B] [--link BW[,LAT]] [--max-tokens N] [--window W] [--tasks FILE] --json OUT
+A plan given as NAME=DIR is evaluated as policy NAME (so two plans, say for two objectives, compare in one run).
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("model_dir")
     ap.add_argument("--data", required=True, help=".jsonl/.txt file or a datasets directory")
-    ap.add_argument("--plan", default=None)
-    ap.add_argument("--policies", default=None, help="comma-separated (default: resident,lru,smoe and plan with --plan)")
+    ap.add_argument("--plan", action="append", default=None, metavar="[NAME=]PLAN_DIR",
+                    help="a compiled plan, evaluated as policy 'plan' (or NAME); repeat for several")
+    ap.add_argument("--policies", default=None,
+                    help="comma-separated (default: resident,lru,smoe and each plan given)")
     ap.add_argument("--cache", default=d.cache, help="cache for lru and smoe: slots per layer or share (25%%)")
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--link", default=None, help="emulated link, e.g. 50MB/s,20us")
@@ -43,15 +46,34 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from evaluation.run_eval import EvalConfig, evaluate, table
 
+    plans = parse_plans(args.plan or [])
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else (
-        ("resident", "lru", "smoe") + (("plan",) if args.plan else ()))
+        ("resident", "lru", "smoe") + tuple(plans))
     cfg = EvalConfig(policies=policies, cache=args.cache, batch=args.batch, link=args.link,
                      max_tokens=args.max_tokens, window=args.window, tasks=args.tasks, max_tasks=args.max_tasks,
                      device=args.device, dtype=args.dtype)
-    result = evaluate(args.model_dir, args.data, args.plan, cfg, progress=not args.quiet)
+    result = evaluate(args.model_dir, args.data, plans or None, cfg, progress=not args.quiet)
     Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0
+
+
+def parse_plans(values: list[str]) -> dict[str, str]:
+    """["DIR", "fast=DIR2"] -> {"plan": "DIR", "fast": "DIR2"}."""
+    from artifacts.errors import UserError
+    from runtime.policy.config import POLICIES
+
+    plans: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        name, path = (name.strip(), path) if sep else ("plan", v)
+        if not name or (name in POLICIES and name != "plan"):
+            raise UserError(f"--plan {v!r}: a plan's name must be new (not {', '.join(POLICIES[:-1])}); "
+                            "write NAME=PLAN_DIR")
+        if name in plans:
+            raise UserError(f"--plan: two plans named {name!r}; name them apart with NAME=PLAN_DIR")
+        plans[name] = path
+    return plans
 
 
 if __name__ == "__main__":

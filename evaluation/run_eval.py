@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -100,30 +101,36 @@ def _greedy(rt, prompt_ids: list[np.ndarray], n: int) -> list[list[int]]:
     return out
 
 
-def evaluate(model_dir: str | Path, data: str, plan: str | None = None, config: EvalConfig = EvalConfig(),
-             progress: bool = True) -> dict:
+def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, str | Path] | None = None,
+             config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
+    """`plan`: one plan directory (policy "plan") or {policy name: plan directory} to compare several."""
     from runtime import Runtime
 
-    unknown = [p for p in config.policies if p not in POLICIES]
+    plan_dirs = {} if plan is None else ({"plan": plan} if isinstance(plan, (str, Path)) else dict(plan))
+    unknown = [p for p in config.policies if p not in POLICIES and p not in plan_dirs]
     if unknown:
-        raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}")
-    if "plan" in config.policies and plan is None:
+        raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}"
+                        + (f" or a plan given ({', '.join(plan_dirs)})" if plan_dirs else ""))
+    missing = [p for p in config.policies if p == "plan" and p not in plan_dirs]
+    if missing:
         raise UserError("policy 'plan' needs --plan PLAN_DIR (run moe-compile), or leave it out of --policies")
     if config.batch < 1 or config.window < 2 or config.max_tokens < 2:
         raise UserError("--batch must be >= 1, --window and --max-tokens >= 2")
     ref_rt = Runtime.load(model_dir, policy="resident", device=config.device, dtype=config.dtype)
     if ref_rt.tokenizer is None:
         raise UserError(f"{model_dir} has no tokenizer; evaluation needs one")
-    plan_obj = None
-    if plan is not None:
+    plans = {}
+    if plan_dirs:
         from artifacts.plan import Plan
         from runtime.fingerprint import model_fingerprint
 
-        plan_obj = Plan.load(plan)
         fp = model_fingerprint(ref_rt.lm.arch, ref_rt.lm.config, ref_rt.lm.ckpt)
-        if plan_obj.fingerprint != fp:
-            raise UserError(f"plan {plan} was compiled for another model (fingerprint {plan_obj.fingerprint}, this "
-                            f"model {fp}); re-run moe-profile and moe-compile for {model_dir}")
+        for name, path in plan_dirs.items():
+            plans[name] = Plan.load(path)
+            if plans[name].fingerprint != fp:
+                raise UserError(f"plan {path} was compiled for another model (fingerprint {plans[name].fingerprint}, "
+                                f"this model {fp}); re-run moe-profile and moe-compile for {model_dir}")
+    first_plan = next(iter(plans.values()), None)
     stream = token_stream(data, ref_rt.tokenizer, config.max_tokens, config.text_field)
     wins = windows(stream, config.window)
     tasks = load_tasks(config.tasks or DEFAULT_TASKS, config.max_tasks)
@@ -133,7 +140,7 @@ def evaluate(model_dir: str | Path, data: str, plan: str | None = None, config: 
 
     results = {}
     for name in config.policies:
-        kw = {"plan": plan_obj, "policy": "plan"} if name == "plan" else {"policy": name}
+        kw = {"plan": plans[name], "policy": "plan"} if name in plans else {"policy": name}
         if name in ("lru", "smoe"):
             kw["cache"] = config.cache
         if name != "resident":
@@ -150,18 +157,23 @@ def evaluate(model_dir: str | Path, data: str, plan: str | None = None, config: 
             agreement = same / max(sum(len(r) for r in reference), 1)
             task = _task_scores(rt, tasks)
         modeled = None
-        if plan_obj is not None and name in plan_obj.predicted:
-            modeled = plan_obj.predicted[name]["tpot_ms"]
+        if name in plans:
+            modeled = plans[name].predicted["plan"]["tpot_ms"]
+        elif first_plan is not None and name in first_plan.predicted:
+            modeled = first_plan.predicted[name]["tpot_ms"]
         results[name] = {
             "perplexity": math.exp(nll / count), "nll_tokens": count, "agreement": agreement,
             "task_accuracy": task["acc"], "task_accuracy_norm": task["acc_norm"],
             "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
             "drop_rate": stats["drop_rate"], "host_rate": stats["host_rate"],
+            "understudies": stats["understudies"],
             "loads_per_token": stats["loads_per_token"], "bytes_per_token": stats["bytes_per_token"],
             "tpot_ms": 1e3 * seconds / max(steps, 1), "tpot_ms_modeled": modeled,
             "cache_capacity_bytes": stats["cache_capacity_bytes"]}
     return {"model": str(model_dir), "data": str(data), "tokens": int(len(stream)), "windows": len(wins),
-            "batch": config.batch, "link": config.link, "cache": config.cache, "plan": str(plan) if plan else None,
+            "batch": config.batch, "link": config.link, "cache": config.cache,
+            "plan": str(plan_dirs["plan"]) if "plan" in plan_dirs else None,
+            "plans": {k: str(v) for k, v in plan_dirs.items()},
             "policies": results}
 
 

@@ -21,4 +21,23 @@ def summarize(p: Profile, top: int = 3) -> str:
         order = np.argsort(-pair_sim, kind="stable")[:top]
         pairs = ", ".join(f"{iu[0][i]}-{iu[1][i]} {pair_sim[i]:.2f}" for i in order)
         lines.append(f"{l:>5}  {imp_s:<44} {pairs:<38} {len(set(p.clusters[l].tolist()))}")
+    lines += sensitivity_table(p)
     return "\n".join(lines)
+
+
+def sensitivity_table(p: Profile) -> list[str]:
+    """Measured loss of replacing the low pairs (s_i <= cut * S(k+1)), per option: the NLL increase per token and
+    the replaced pairs per token (all MoE layers)."""
+    s = p.sensitivity
+    if s is None:
+        return ["loss sensitivity: not measured (--sensitivity-tokens 0)"]
+    head = p.header["sensitivity"]
+    d = s["dnll_sum"] / max(float(s["predicted"][0]), 1.0)
+    n = s["pair_count"] / max(float(s["positions"][0]), 1.0)
+    cuts = head["cuts"]
+    lines = [f"loss sensitivity on {head['tokens']} tokens: NLL increase in millinats per token "
+             "(replaced pairs per token) when every low pair is replaced",
+             f"{'option':>7}  " + "  ".join(f"{'s <= ' + format(c, 'g') + ' S(k+1)':>18}" for c in cuts)]
+    for o, name in enumerate(head["options"]):
+        lines.append(f"{name:>7}  " + "  ".join(f"{1e3 * d[o, c]:>+10.2f} ({n[o, c]:5.2f})" for c in range(len(cuts))))
+    return lines

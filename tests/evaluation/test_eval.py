@@ -86,3 +86,29 @@ def test_plan_for_another_model(tiny_model, data, tmp_path, capsys):
                  str(tmp_path / "o.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "another model" in err[0]
+
+
+def test_two_named_plans_in_one_run(tiny_model, data, tasks, tmp_path, capsys):
+    from compiler.compile_plan import CompileConfig, compile_plan
+    from profiler.profile_model import ProfileConfig, profile
+
+    path = tiny_model("qwen3_moe")
+    prof = profile(path, str(data), ProfileConfig(samples=4, seq_len=32), progress=False)
+    prof.save(tmp_path / "prof")
+    compile_plan(tmp_path / "prof", CompileConfig(budget="50%", search_tokens=16), log=lambda *a: None).save(tmp_path / "a")
+    compile_plan(tmp_path / "prof", CompileConfig(budget="25%", max_error=0.0, search_tokens=16),
+                 log=lambda *a: None).save(tmp_path / "b")
+    capsys.readouterr()
+    out = tmp_path / "o.json"
+    code = main([str(path), "--data", str(data), "--plan", str(tmp_path / "a"), "--plan", f"strict={tmp_path / 'b'}",
+                 "--json", str(out), "--max-tokens", "64", "--window", "32", "--tasks", str(tasks), "--quiet"])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert list(r["policies"]) == ["resident", "lru", "smoe", "plan", "strict"]
+    strict = r["policies"]["strict"]
+    # the strict plan (no predicted error allowed) replaces nothing: its perplexity is resident's
+    assert strict["substitution_rate"] == 0 and strict["drop_rate"] == 0
+    assert strict["perplexity"] == pytest.approx(r["policies"]["resident"]["perplexity"], rel=1e-5)
+    assert strict["cache_capacity_bytes"] < r["policies"]["plan"]["cache_capacity_bytes"]   # 25% vs 50%
+    code = main([str(path), "--data", str(data), "--plan", f"lru={tmp_path / 'a'}", "--json", str(out)])
+    assert code == 2 and "name must be new" in capsys.readouterr().err
