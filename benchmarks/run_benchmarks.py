@@ -251,7 +251,34 @@ def goals(results, peers) -> list[str]:
     return out
 
 
-WHY = "(analysis to be written from the figures)"
+WHY = """What the figures say (reading, not measurement; every number it leans on is in the tables and lines above):
+
+- The profile decided the rule. Output similarity says no expert can stand in for another on either fixture (the
+  median output error of an understudy is above 1, worse than a zero output, and the upcycled experts are no
+  near-twins either), so no understudy came from the similarity map. The measured loss says something else: the
+  token's next router choice costs about what a drop costs at low score ratios, deeper choices cost more, and every
+  option's cost grows steeply with the replaced expert's score. So the plans take understudies only from the
+  token's next two or three router choices, drop the remaining low-score misses, and stop at the alpha where the
+  predicted perplexity reaches their limit. Measured perplexity stays within that limit for `plan` (+0.5%) at 50%
+  and 25% on tiny-qwen2moe, and for `plan-hits` (+1.5%).
+- Issue #4's "more hits and fewer loads than lru and smoe" holds for `plan-hits` (most hits within +1.5%) at 12.5,
+  25 and 50%, measured and predicted. The default `plan` (the fastest within +0.5%) spends its error budget on
+  drops as much as on understudies, because a drop saves the same load; it has the fewest loads and the best TPOT
+  but not always more hits than smoe, whose prefetch buys hits with extra loads.
+- Missed: agreement. Every lossy policy changes some greedy continuations (smoe too): one changed token changes the
+  rest of a 16-token continuation, so agreement falls far faster than perplexity rises. A plan that must keep
+  agreement >= 0.95 has to replace almost nothing, which is what `--max-error 0.001` or `--lossless` give.
+- Missed: measured TPOT <= 0.6x lru at 50%. Loads fall to about half of lru's and the modeled TPOT on the target is
+  about 0.5x, but the measured time also holds this CPU's per-token dense compute and the Python scheduling of every
+  layer call (both the same for every policy), which dilute the ratio.
+- Missed: 25% hit rate >= 0.70 with loads <= 0.6x lru. Within +1.5% the search finds either the hits (`plan-hits`,
+  close to 0.70 with about 0.85x lru's loads) or the loads (`plan`, drops), not both: on this model a hit beyond lru's
+  costs either an understudy (loss) or a prefetch (a load).
+- Upcycled fixture: `plan-hits` passes smoe's hit rate at each budget but with more perplexity at 25% and 50%; smoe's
+  own-gate understudies (SMoE weights an understudy by its own score, the plan by the replaced expert's) cost it
+  less there than the sensitivity pass measured for replaced-weight understudies. What the profile added: the
+  choice of understudies by router rank, drops instead of deeper understudies, non-uniform slots; what it did not:
+  near-twins (there are none). Measuring own-gate understudies in the profiler is the next step."""
 
 
 def sensitivity_section(work: Path, names) -> list[str]:
