@@ -82,3 +82,24 @@ def test_console_script_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "profiler.cli", str(tmp_path / "nope"), "--calib", "x", "-o",
                         str(tmp_path / "p")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_negative_sensitivity_tokens(tiny_model, calib, tmp_path, capsys):
+    code, err = _run(capsys, tiny_model("olmoe"), "--calib", calib, "-o", tmp_path / "p", "--seq-len", 32,
+                     "--sensitivity-tokens", -1)
+    assert code == 2 and len(err) == 1 and "--sensitivity-tokens" in err[0]
+    assert not (tmp_path / "p").exists()
+
+
+def test_merge_keeps_sensitivity_only_when_every_shard_has_it(tiny_model, calib, tmp_path, capsys):
+    model = tiny_model("olmoe")
+    for name, extra in (("a", []), ("b", ["--sensitivity-tokens", 0])):
+        code, _ = _run(capsys, model, "--calib", calib, "-o", tmp_path / name, "--samples", 2, "--seq-len", 32,
+                       "--quiet", *extra)
+        assert code == 0
+    assert Profile.load(tmp_path / "a").sensitivity is not None and Profile.load(tmp_path / "b").sensitivity is None
+    code, _ = _run(capsys, "merge", tmp_path / "a", tmp_path / "a", "-o", tmp_path / "aa", "--quiet")
+    aa, a = Profile.load(tmp_path / "aa"), Profile.load(tmp_path / "a")
+    assert code == 0 and (aa.sensitivity["pair_count"] == 2 * a.sensitivity["pair_count"]).all()
+    code, _ = _run(capsys, "merge", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "ab", "--quiet")
+    assert code == 0 and Profile.load(tmp_path / "ab").sensitivity is None
