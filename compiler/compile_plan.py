@@ -13,6 +13,7 @@ error (share of routed gate mass replaced by profiled error), a cruder proxy.
   neither:          the least modeled TPOT whose error <= the default (perplexity +0.5%; proxy: 2% of the mass);
                     candidates within 1% of that TPOT count as ties, won by the most hits (an understudy and a drop
                     cost about the same measured loss, and an understudy keeps the token's expert count).
+(compiler.objective holds these rules.)
 Prefetch only moves loads earlier (and may displace cached experts), so it is tried on the best rules, judged by TPOT.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from artifacts.profile import Profile
 from compiler.allocate import allocate_slots, hit_curves
 from compiler.loss_model import LossModel
 from compiler.memory import split_budget
+from compiler.objective import Objective
 from compiler.simulator import Costs, SimResult, simulate
 from compiler.substitution_map import build_substitution_map
 from compiler.targets import load_target
@@ -42,7 +44,6 @@ DEPTHS = (0, 1, 2, 3)                   # band understudies among the token's d 
 TAUS = (0.3, 0.6, 0.9)
 PREFETCH_MAX = (1, 2)
 PREFETCH_TRIALS = 4                  # best rules on which prefetch is tried
-TPOT_TIE = 0.01                      # default objective: within 1% of the least TPOT, the most hits win
 
 
 @dataclass(frozen=True)
@@ -137,35 +138,11 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                 for tau in taus:
                     candidates.append(run(alpha, depth, drops, tau, 0))
 
-    def pick(cands):
-        if config.tpot_target_ms is not None:
-            ok = [c for c in cands if c["tpot_ms"] <= config.tpot_target_ms]
-            if ok:
-                return min(ok, key=lambda c: (c[metric], -c["hit_rate"], c["tpot_ms"])), \
-                    f"least {metric} with modeled TPOT <= {config.tpot_target_ms:g} ms"
-            return min(cands, key=lambda c: (c["tpot_ms"], c[metric])), \
-                f"no candidate meets TPOT <= {config.tpot_target_ms:g} ms: the fastest"
-        ok = [c for c in cands if c[metric] <= limit] or [cands[0]]
-        if config.max_error is not None:
-            return max(ok, key=lambda c: (c["hit_rate"], -c["tpot_ms"], -c[metric])), \
-                f"most hits with {metric} <= {limit:g}"
-        fastest = min(c["tpot_ms"] for c in ok)
-        near = [c for c in ok if c["tpot_ms"] <= (1 + TPOT_TIE) * fastest]
-        return max(near, key=lambda c: (c["hit_rate"], -c[metric], -c["tpot_ms"])), \
-            f"least modeled TPOT with {metric} <= {limit:g} (default trade-off)"
-
-    ranked = []
-    pool = list(candidates)
-    for _ in range(PREFETCH_TRIALS):
-        if not pool:
-            break
-        best_rule, _ = pick(pool)
-        ranked.append(best_rule)
-        pool = [c for c in pool if c is not best_rule]
-    for c in ranked:
+    goal = Objective(metric, limit, config.tpot_target_ms, most_hits=config.max_error is not None)
+    for c in goal.best_n(candidates, PREFETCH_TRIALS):
         for pmax in PREFETCH_MAX:
             candidates.append(run(c["alpha"], c["pool_depth"], c["drop_misses"], c["tau"], pmax))
-    best, objective = pick(candidates)
+    best, objective = goal.choose(candidates)
     if config.tpot_target_ms is not None and best["tpot_ms"] > config.tpot_target_ms:
         log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
             f"the fastest models {best['tpot_ms']:.2f} ms")
