@@ -266,17 +266,17 @@ WHY = """What the figures say (reading, not measurement; every number it leans o
   drops as much as on understudies, because a drop saves the same load; it has the fewest loads and the best TPOT
   but not always more hits than smoe, whose prefetch buys hits with extra loads.
 - Missed: agreement. Every lossy policy changes some greedy continuations (smoe too): one changed token changes the
-  rest of a 16-token continuation, so agreement falls far faster than perplexity rises. A plan that must keep
-  agreement >= 0.95 has to replace almost nothing, which is what `--max-error 0.001` or `--lossless` give.
+  rest of a 16-token continuation, so agreement falls far faster than perplexity rises. Only replacing nothing keeps
+  it at 1 by construction (`--lossless`: logits bit-identical to HF's).
 - Missed: measured TPOT <= 0.6x lru at 50%. Loads fall to about half of lru's and the modeled TPOT on the target is
   about 0.5x, but the measured time also holds this CPU's per-token dense compute and the Python scheduling of every
-  layer call (both the same for every policy), which dilute the ratio.
+  layer call, which every offloading policy pays alike and which dilute the ratio.
 - Missed: 25% hit rate >= 0.70 with loads <= 0.6x lru. Within +1.5% the search finds either the hits (`plan-hits`,
   close to 0.70 with about 0.85x lru's loads) or the loads (`plan`, drops), not both: on this model a hit beyond lru's
   costs either an understudy (loss) or a prefetch (a load).
-- Upcycled fixture: `plan-hits` passes smoe's hit rate at each budget but with more perplexity at 25% and 50%; smoe's
-  own-gate understudies (SMoE weights an understudy by its own score, the plan by the replaced expert's) cost it
-  less there than the sensitivity pass measured for replaced-weight understudies. What the profile added: the
+- Upcycled fixture: `plan-hits` passes smoe's hit rate at each budget but with more perplexity. A likely reason, not
+  measured here: SMoE weights an understudy by its own gate, the plan by the replaced expert's (as the sensitivity
+  pass measured it), and a smaller weight costs less when the understudy is not a near-twin. What the profile added: the
   choice of understudies by router rank, drops instead of deeper understudies, non-uniform slots; what it did not:
   near-twins (there are none). Measuring own-gate understudies in the profiler is the next step."""
 

@@ -6,7 +6,7 @@ Counted per (token, routed expert) pair at each MoE layer call:
                (another token's top-score expert)
   miss         the expert itself, loaded on demand
   host         the expert itself, computed on the host
-  drop         left out (the plan shows no stand-in beats a zero output)
+  drop         left out (the plan allows it when its measured loss cost beats loading)
 hit_rate = (hit + understudy) / pairs. loads = expert copies into the cache (demand + prefetch), bytes = their bytes.
 Per-token figures are per decode position (one row, one step); prompt prefill is counted apart.
 """
