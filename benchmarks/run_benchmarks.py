@@ -223,7 +223,7 @@ def goals(results, peers) -> list[str]:
                 lru["loads_per_token"], sm["loads_per_token"])
             line = (f"- {pct}, `{v}`: measured hit rate {d['hit_rate']:.3f} vs lru {lru['hit_rate']:.3f} / smoe "
                     f"{sm['hit_rate']:.3f}, loads/token {d['loads_per_token']:.2f} vs {lru['loads_per_token']:.2f} / "
-                    f"{sm['loads_per_token']:.2f}: {mark(ok)}")
+                    f"{sm['loads_per_token']:.2f}: {mark(ok)} (perplexity {ppl(d, pol['resident']):+.2f}%)")
             p = pred.get(v)
             if p:
                 pp = p["plan"]
@@ -253,32 +253,30 @@ def goals(results, peers) -> list[str]:
 
 WHY = """What the figures say (reading, not measurement; every number it leans on is in the tables and lines above):
 
-- The profile decided the rule. Output similarity says no expert can stand in for another on either fixture (the
-  median output error of an understudy is above 1, worse than a zero output, and the upcycled experts are no
-  near-twins either), so no understudy came from the similarity map. The measured loss says something else: the
-  token's next router choice costs about what a drop costs at low score ratios, deeper choices cost more, and every
-  option's cost grows steeply with the replaced expert's score. So the plans take understudies only from the
-  token's next two or three router choices, drop the remaining low-score misses, and stop at the alpha where the
-  predicted perplexity reaches their limit. Measured perplexity stays within that limit for `plan` (+0.5%) at 50%
-  and 25% on tiny-qwen2moe, and for `plan-hits` (+1.5%).
-- Issue #4's "more hits and fewer loads than lru and smoe" holds for `plan-hits` (most hits within +1.5%) at 12.5,
-  25 and 50%, measured and predicted. The default `plan` (the fastest within +0.5%) spends its error budget on
-  drops as much as on understudies, because a drop saves the same load; it has the fewest loads and the best TPOT
-  but not always more hits than smoe, whose prefetch buys hits with extra loads.
+- The profile decided the rule. Output similarity says no expert can stand in for another on these models (the
+  median output error of an understudy is above 1, worse than a zero output; the upcycled experts are no near-twins
+  either), so no understudy came from the similarity map. The measured loss says something else: the token's next
+  router choice, weighted by its own gate, costs about what a drop costs or less at low score ratios, deeper choices
+  cost more, and every option's cost grows steeply with the replaced expert's score. So the plans take understudies
+  from the token's next few router choices, drop or load the rest, and stop at the alpha where the predicted
+  perplexity reaches their limit. The prediction comes from calibration text; the perplexity measured on 256
+  held-out tokens can differ from it either way.
+- Issue #4's "more hits and fewer loads than lru and smoe" holds for `plan-hits` (most hits within a predicted
+  +1.5%) at 12.5, 25 and 50%, measured and predicted. The default `plan` (the fastest within +0.5%) spends its error
+  budget on drops as much as on understudies, because a drop saves the same load; it has the fewest loads and the
+  best TPOT but not more hits than smoe, whose prefetch buys hits with extra loads.
 - Missed: agreement. Every lossy policy changes some greedy continuations (smoe too): one changed token changes the
   rest of a 16-token continuation, so agreement falls far faster than perplexity rises. Only replacing nothing keeps
   it at 1 by construction (`--lossless`: logits bit-identical to HF's).
 - Missed: measured TPOT <= 0.6x lru at 50%. Loads fall to about half of lru's and the modeled TPOT on the target is
   about 0.5x, but the measured time also holds this CPU's per-token dense compute and the Python scheduling of every
   layer call, which every offloading policy pays alike and which dilute the ratio.
-- Missed: 25% hit rate >= 0.70 with loads <= 0.6x lru. Within +1.5% the search finds either the hits (`plan-hits`,
-  close to 0.70 with about 0.85x lru's loads) or the loads (`plan`, drops), not both: on this model a hit beyond lru's
-  costs either an understudy (loss) or a prefetch (a load).
-- Upcycled fixture: `plan-hits` passes smoe's hit rate at each budget but with more perplexity. A likely reason, not
-  measured here: SMoE weights an understudy by its own gate, the plan by the replaced expert's (as the sensitivity
-  pass measured it), and a smaller weight costs less when the understudy is not a near-twin. What the profile added: the
-  choice of understudies by router rank, drops instead of deeper understudies, non-uniform slots; what it did not:
-  near-twins (there are none). Measuring own-gate understudies in the profiler is the next step."""
+- 25%: within +1.5% the search finds either the hits (`plan-hits`) or the loads (`plan`, with drops), not both: on
+  this model a hit beyond lru's costs an understudy (loss) or a prefetch (a load).
+- Upcycled fixture: `plan-hits` passes smoe's hit rate at every budget, at equal or better perplexity only at 50%;
+  at 12.5% and 25% its extra hits cost perplexity. What the profile added: understudies chosen by router rank and
+  weighted as measured, drops instead of deeper understudies, non-uniform slots; what it did not: near-twins (there
+  are none)."""
 
 
 def sensitivity_section(work: Path, names) -> list[str]:

@@ -177,7 +177,7 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                  "drop_misses": best["drop_misses"], "prefetch": best["prefetch"],
                  "prefetch_max": best["prefetch_max"] or None,
                  "window": config.window, "host_compute": host, "width": int(profile.header["trace"]["width"]),
-                 "eviction": "score", "understudy_weight": "replaced", "objective": objective,
+                 "eviction": "score", "understudy_weight": "auto", "objective": objective,
                  "error_metric": metric, "error_limit": limit,
                  "protect_frac": config.protect_frac, "batch": config.batch, "context": config.context},
         predicted=predicted,

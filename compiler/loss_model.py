@@ -8,7 +8,8 @@ s_i / S(k+1) falls in bin c = (r_{c-1}, r_c] (r_0 = 1):
 bin), then made non-decreasing over bins (a higher-score expert costs no less) and at least MIN_COST (measurement
 noise can make a bin look free; nothing is). A plan's expected loss is sum over its replaced pairs of cost[option, bin] / tokens, and its predicted
 perplexity increase exp(loss) - 1.
-Options: "drop"; "next d" for a band understudy that is the token's d-th best inactive expert (d >= 3 takes next3);
+Options: "drop"; "next d" for a band understudy (own gate) that is the token's d-th best inactive expert (d >= 3
+takes next3);
 an understudy chosen by output similarity (near-twin, error err <= tau) costs err * cost["drop"].
 """
 from __future__ import annotations

@@ -5,8 +5,9 @@ one by the other costs the next-token loss. On a model trained from scratch ever
 apart as two random vectors (relative error ~1.4), yet replacing a low-score expert by the token's next router choice
 costs far less loss than leaving it out. So the profiler measures the loss directly.
 
-Options o: "drop" (leave the expert out) or "next d" (d = 1, 2, 3: the token's d-th best inactive expert stands in,
-with the replaced expert's weight; a token's further low pairs take the next inactive experts in turn).
+Options o: "drop" (leave the expert out) or "next d" (d = 1, 2, 3: the token's d-th best inactive expert stands in
+with its own gate, coef * gate_j, as the plan weights a band understudy; a token's further low pairs take the next
+inactive experts in turn).
 Cuts r: a chosen expert i is low when s_i <= r * S(k+1). For each (o, r), every low pair of every MoE layer is
 replaced at once and the next-token NLL over the sensitivity tokens is measured. Stored as sums (so shards merge):
   dnll_sum[o, r]   = sum over predicted tokens of NLL(o, r) - NLL(exact)     nats
@@ -47,7 +48,8 @@ def replace_low(routing: Routing, option: str, cut: float) -> tuple[torch.Tensor
     nth.scatter_(1, order, torch.arange(k, device=idx.device).expand_as(order))  # position among the token's low pairs
     pos = (d - 1 + nth).clamp(max=inactive.shape[1] - 1)
     new_idx = torch.where(low, inactive.gather(1, pos), idx)
-    return new_idx, weights, int(low.sum())
+    own = (routing.coef[:, None] * routing.gate.gather(1, new_idx)).to(weights.dtype)      # [T, k]
+    return new_idx, torch.where(low, own, weights), int(low.sum())
 
 
 class ReplacingExecutor:

@@ -62,11 +62,11 @@ class OffloadExecutor:
 
         # who computes which rows: exact pairs keep HF's (position, token) order
         skip: set[tuple[int, int]] = set()
-        subs: dict[int, list[tuple[int, int]]] = defaultdict(list)   # j -> [(token, replaced i)]
+        subs: dict[int, list[tuple[int, int, str]]] = defaultdict(list)   # j -> [(token, replaced i, reason)]
         for t, d in enumerate(sched.decisions):
-            for i, (j, _) in d.understudy.items():
+            for i, (j, reason) in d.understudy.items():
                 skip.add((t, i))
-                subs[j].append((t, i))
+                subs[j].append((t, i, reason))
             for i in d.dropped:
                 skip.add((t, i))
         exact = expert_rows(routing.idx, self.num_experts)
@@ -133,12 +133,13 @@ class OffloadExecutor:
             r_list.append(r)
             w_list.append(routing.weights[r, p])
         if e in subs:
-            toks = torch.tensor([t for t, _ in subs[e]], dtype=torch.long, device=x.device)
-            if self.policy.understudy_weight == "replaced":
-                pos = torch.tensor([routing.idx[t].tolist().index(i) for t, i in subs[e]], device=x.device)
-                sw = routing.weights[toks, pos]
-            else:
-                sw = (routing.coef[toks] * routing.gate[toks, e]).to(routing.weights.dtype)
+            toks = torch.tensor([t for t, _, _ in subs[e]], dtype=torch.long, device=x.device)
+            mode = self.policy.understudy_weight
+            replaced = torch.tensor([mode == "replaced" or (mode == "auto" and reason == "similarity")
+                                     for _, _, reason in subs[e]], device=x.device)
+            pos = torch.tensor([routing.idx[t].tolist().index(i) for t, i, _ in subs[e]], device=x.device)
+            own = (routing.coef[toks] * routing.gate[toks, e]).to(routing.weights.dtype)
+            sw = torch.where(replaced, routing.weights[toks, pos], own)
             r_list.append(toks)
             w_list.append(sw)
         r_all = r_list[0] if len(r_list) == 1 else torch.cat(r_list)

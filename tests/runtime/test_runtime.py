@@ -105,8 +105,8 @@ def test_cached_experts_computed_while_loads_in_flight(fixture_model):
 @pytest.mark.parametrize("score5,err,reason", [(0.15, 1.5, "band"), (0.15, 0.0, "similarity"), (0.0, 0.0, "similarity")])
 def test_plan_understudy_is_exact_for_a_planted_copy(tmp_path, score5, err, reason):
     """Expert 5 is an exact copy of 3. When 3 misses at a low score and 5 is cached, 5 stands in: as the profile's
-    near-twin when the plan lists it (error 0, inside or outside the band), else as the band's next router choice;
-    the output is unchanged."""
+    near-twin when the plan lists it (error 0, inside or outside the band), with 3's weight, so the output is
+    unchanged; else as the band's next router choice, with its own gate (the output of routing to 0 and 5)."""
     from runtime.resident import ResidentExecutor
     from runtime.router import Routing
 
@@ -126,6 +126,9 @@ def test_plan_understudy_is_exact_for_a_planted_copy(tmp_path, score5, err, reas
         out = rt.executor(0, x, routing)
         d = rt.stats.to_dict()
         assert d["understudies"][reason] == 1 and d["misses"] == 1 and d["loads"] == 1   # 0 loaded, 3 replaced
+        if reason == "band":
+            idx5 = torch.tensor([[0, 5]])
+            routing = Routing(idx=idx5, weights=score.gather(1, idx5), score=score, coef=torch.ones(1), gate=score)
         ref = ResidentExecutor(rt.store, rt.lm.device)(0, x, routing)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
