@@ -135,11 +135,11 @@ class OffloadExecutor:
         if e in subs:
             toks = torch.tensor([t for t, _, _ in subs[e]], dtype=torch.long, device=x.device)
             mode = self.policy.understudy_weight
-            replaced = torch.tensor([mode == "replaced" or (mode == "auto" and reason == "similarity")
-                                     for _, _, reason in subs[e]], device=x.device)
-            pos = torch.tensor([routing.idx[t].tolist().index(i) for t, i, _ in subs[e]], device=x.device)
-            own = (routing.coef[toks] * routing.gate[toks, e]).to(routing.weights.dtype)
-            sw = torch.where(replaced, routing.weights[toks, pos], own)
+            flags = [mode == "replaced" or (mode == "auto" and reason == "similarity") for _, _, reason in subs[e]]
+            sw = (routing.coef[toks] * routing.gate[toks, e]).to(routing.weights.dtype)   # own gate
+            if any(flags):   # the replaced expert's weight (near-twins; or every understudy with "replaced")
+                pos = torch.tensor([routing.idx[t].tolist().index(i) for t, i, _ in subs[e]], device=x.device)
+                sw = torch.where(torch.tensor(flags, device=x.device), routing.weights[toks, pos], sw)
             r_list.append(toks)
             w_list.append(sw)
         r_all = r_list[0] if len(r_list) == 1 else torch.cat(r_list)
