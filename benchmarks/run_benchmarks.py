@@ -257,7 +257,7 @@ WHY = """What the figures say (reading, not measurement; every number it leans o
   median output error of an understudy is above 1, worse than a zero output; the upcycled experts are no near-twins
   either), so no understudy came from the similarity map. The measured loss says something else: the token's next
   router choice, weighted by its own gate, costs about what a drop costs or less at low score ratios, deeper choices
-  cost more, and every option's cost grows steeply with the replaced expert's score. So the plans take understudies
+  mostly cost more, and every option's cost grows steeply with the replaced expert's score. So the plans take understudies
   from the token's next few router choices, drop or load the rest, and stop at the alpha where the predicted
   perplexity reaches their limit. The prediction comes from calibration text; the perplexity measured on 256
   held-out tokens can differ from it either way.
