@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from artifacts.checks import load_json
 from artifacts.errors import UserError
 
 TOOL_NAME = "understudy"
@@ -19,7 +20,7 @@ def new_header(fmt: str, version: int, **sections) -> dict:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_header(path: Path, fmt: str, supported_version: int, what: str) -> dict:
@@ -28,10 +29,7 @@ def read_header(path: Path, fmt: str, supported_version: int, what: str) -> dict
         raise UserError(f"{what} directory {path.parent} does not exist")
     if not path.is_file():
         raise UserError(f"{path.parent} is not a {what}: {path.name} is missing")
-    try:
-        header = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is corrupt ({exc.__class__.__name__}); re-create the {what}") from None
+    header = load_json(path, what, f"re-create the {what}")
     if not isinstance(header, dict) or header.get("format") != fmt:
         raise UserError(f"{path.parent} is not a {what} (format {header.get('format') if isinstance(header, dict) else None!r}, "
                         f"expected {fmt!r})")

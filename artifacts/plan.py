@@ -11,16 +11,19 @@ Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add field
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts.atomic import atomic_dir
+from artifacts.checks import Checker, load_json
 from artifacts.errors import UserError
 from artifacts.header import read_header, write_json
 
 FORMAT = "understudy.plan"
 FORMAT_VERSION = 1
 HEADER_FILE, CACHE_FILE, SUBS_FILE = "plan.json", "cache_plan.json", "substitution_map.json"
+EXPERT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -63,8 +66,7 @@ class Plan:
         return {l: {"substitutes": self.substitutes.get(l, {}), "protected": self.protected.get(l, []),
                     "drop_ok": self.drop_ok.get(l, [])} for l in self.slots}
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
+    def _files(self) -> tuple[dict, dict]:
         cache = {"expert_bytes": self.expert_bytes, "slots": {str(l): n for l, n in self.slots.items()},
                  "initial": {str(l): v for l, v in self.initial.items()}}
         subs = {"tau": self.tau, "layers": {str(l): {
@@ -72,33 +74,144 @@ class Plan:
             "clusters": self.clusters.get(l, []),
             "substitutes": {str(i): [list(t) for t in v] for i, v in self.substitutes.get(l, {}).items()}}
             for l in self.slots}}
+        return cache, subs
+
+    def _check(self, where: Path | str, cache: dict, subs: dict) -> None:
+        try:
+            as_read = json.loads(json.dumps([self.header, cache, subs], allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"plan {where} holds a value JSON cannot store ({exc}); re-run moe-compile") from None
+        Plan._from_json(Path(where), *as_read)
+
+    def validate(self, where: str = "(in memory)") -> "Plan":
+        """The checks `Plan.load` makes, for a plan built in memory; returns self."""
+        self._check(where, *self._files())
+        return self
+
+    def save(self, path: str | Path, extras=None) -> Path:
+        """Write the plan directory atomically; `extras(tmp_dir)` adds files (report.md, plots) to the same swap."""
+        path = Path(path)
+        cache, subs = self._files()
+        self._check(path, cache, subs)           # never write a plan that would not load
         with atomic_dir(path) as tmp:
             write_json(tmp / CACHE_FILE, cache)
             write_json(tmp / SUBS_FILE, subs)
             write_json(tmp / HEADER_FILE, self.header)
+            if extras is not None:
+                extras(tmp)
         return path
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        """Bytes the expert cache may hold: the budget's cache share (all slots x expert bytes fit in it)."""
+        return int(self.header["budget"]["cache_bytes"])
+
+    @property
+    def expert_dtype(self) -> str:
+        """dtype the plan's expert bytes are counted in (the checkpoint's): what the cache holds at run time."""
+        return str(self.header["model"].get("checkpoint_dtype", "bfloat16"))
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
+        """Read and validate a plan directory: every field against the schema and the plan's own model section
+        (layers, expert ids, slot counts <= experts, finite numbers in range, slots x bytes within the budget)."""
         path = Path(path)
+        remedy = "re-run moe-compile"
         header = read_header(path / HEADER_FILE, FORMAT, FORMAT_VERSION, "plan")
-        try:
-            cache = json.loads((path / CACHE_FILE).read_text())
-            subs = json.loads((path / SUBS_FILE).read_text())
-            layers = subs["layers"]
-            plan = cls(
-                header=header, expert_bytes=int(cache["expert_bytes"]),
-                slots={int(l): int(n) for l, n in cache["slots"].items()},
-                initial={int(l): [int(e) for e in v] for l, v in cache.get("initial", {}).items()},
-                substitutes={int(l): {int(i): [(int(j), float(s), float(e)) for j, s, e in v]
-                                      for i, v in d["substitutes"].items()} for l, d in layers.items()},
-                protected={int(l): [int(e) for e in d.get("protected", [])] for l, d in layers.items()},
-                drop_ok={int(l): [int(e) for e in d.get("drop_ok", [])] for l, d in layers.items()},
-                clusters={int(l): [int(e) for e in d.get("clusters", [])] for l, d in layers.items()})
-            _ = plan.alpha, plan.tau, plan.fingerprint, plan.budget
-        except FileNotFoundError as exc:
-            raise UserError(f"plan {path} is incomplete: {Path(exc.filename or '').name} is missing; "
-                            "re-run moe-compile") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"plan {path} is corrupt ({exc.__class__.__name__}: {exc}); re-run moe-compile") from None
-        return plan
+        cache = load_json(path / CACHE_FILE, "plan", remedy)
+        subs = load_json(path / SUBS_FILE, "plan", remedy)
+        return cls._from_json(path, header, cache, subs)
+
+    @classmethod
+    def _from_json(cls, path: Path, header: dict, cache: dict, subs: dict) -> "Plan":
+        remedy = "re-run moe-compile (plans are not meant to be edited by hand)"
+        h = Checker(f"plan {path / HEADER_FILE}", remedy)
+        model = h.obj(h.get(header, "model", "model"), "model")
+        h.get(model, "fingerprint", "model.fingerprint")
+        layers = [h.int_(x, f"model.moe_layers[{i}]", 0)
+                  for i, x in enumerate(h.lst(h.get(model, "moe_layers", "model.moe_layers"), "model.moe_layers"))]
+        if not layers or len(set(layers)) != len(layers):
+            h.fail("model.moe_layers", "is empty or repeats a layer")
+        e = h.int_(h.get(model, "num_experts", "model.num_experts"), "model.num_experts", 1)
+        h.int_(h.get(model, "top_k", "model.top_k"), "model.top_k", 1, e)
+        if "checkpoint_dtype" in model:
+            h.choice(model["checkpoint_dtype"], "model.checkpoint_dtype", EXPERT_DTYPES)
+        budget = h.obj(h.get(header, "budget", "budget"), "budget")
+        cache_budget = h.int_(h.get(budget, "cache_bytes", "budget.cache_bytes"), "budget.cache_bytes", 1)
+        c = h.obj(h.get(header, "choices", "choices"), "choices")
+        h.num(h.get(c, "alpha", "choices.alpha"), "choices.alpha", 0.0)
+        h.num(h.get(c, "tau", "choices.tau"), "choices.tau", 0.0)
+        for key, lo, hi in (("window", 1, None), ("width", 1, e), ("pool_depth", 0, e), ("prefetch_max", 1, e),
+                            ("batch", 1, None), ("context", 1, None)):
+            if c.get(key) is not None:
+                h.int_(c[key], f"choices.{key}", lo, hi)
+        for key in ("prefetch", "host_compute", "drop_misses"):
+            if key in c:
+                h.bool_(c[key], f"choices.{key}")
+        if "eviction" in c:
+            h.choice(c["eviction"], "choices.eviction", ("lru", "score"))
+        if "understudy_weight" in c:
+            h.choice(c["understudy_weight"], "choices.understudy_weight", ("own", "replaced", "auto"))
+        _finite_tree(h, header.get("predicted", {}), "predicted")
+
+        k = Checker(f"plan {path / CACHE_FILE}", remedy)
+        k.obj(cache, "the file")
+        expert_bytes = k.int_(k.get(cache, "expert_bytes", "expert_bytes"), "expert_bytes", 1)
+        if "expert_bytes" in model and expert_bytes != model["expert_bytes"]:
+            k.fail("expert_bytes", f"is {expert_bytes}, but plan.json's model has {model['expert_bytes']}")
+        slot_map = k.obj(k.get(cache, "slots", "slots"), "slots")
+        slots = {k.key_int(l, "slots", layers): k.int_(n, f"slots[{l}]", 1, e) for l, n in slot_map.items()}
+        if set(slots) != set(layers):
+            k.fail("slots", f"covers layers {sorted(slots)}, the model's MoE layers are {layers}")
+        if sum(slots.values()) * expert_bytes > cache_budget:
+            k.fail("slots", f"hold {sum(slots.values())} x {expert_bytes} B, more than the budget's "
+                            f"{cache_budget} B of cache")
+        initial = {}
+        for l, v in k.obj(cache.get("initial", {}), "initial").items():
+            li = k.key_int(l, "initial", layers)
+            initial[li] = k.ids(v, f"initial[{l}]", e)
+            if len(initial[li]) > slots[li]:
+                k.fail(f"initial[{l}]", f"lists {len(initial[li])} experts for {slots[li]} slots")
+
+        s = Checker(f"plan {path / SUBS_FILE}", remedy)
+        s.obj(subs, "the file")
+        if "tau" in subs:
+            s.num(subs["tau"], "tau", 0.0)
+        substitutes, protected, drop_ok, clusters = {}, {}, {}, {}
+        for l, d in s.obj(s.get(subs, "layers", "layers"), "layers").items():
+            li = s.key_int(l, "layers", layers)
+            d = s.obj(d, f"layers[{l}]")
+            protected[li] = s.ids(d.get("protected", []), f"layers[{l}].protected", e)
+            drop_ok[li] = s.ids(d.get("drop_ok", []), f"layers[{l}].drop_ok", e)
+            clusters[li] = [s.int_(x, f"layers[{l}].clusters[{n}]", 0)
+                            for n, x in enumerate(s.lst(d.get("clusters", []), f"layers[{l}].clusters"))]
+            if clusters[li] and len(clusters[li]) != e:
+                s.fail(f"layers[{l}].clusters", f"has {len(clusters[li])} labels for {e} experts")
+            table = {}
+            for i, ranked in s.obj(d.get("substitutes", {}), f"layers[{l}].substitutes").items():
+                ii = s.key_int(i, f"layers[{l}].substitutes", range(e))
+                rows = []
+                for n, row in enumerate(s.lst(ranked, f"layers[{l}].substitutes[{i}]")):
+                    f = f"layers[{l}].substitutes[{i}][{n}]"
+                    if not isinstance(row, list) or len(row) != 3:
+                        s.fail(f, "is not [expert, similarity, error]")
+                    j = s.int_(row[0], f + "[0]", 0, e - 1)
+                    if j == ii:
+                        s.fail(f + "[0]", "is the replaced expert itself")
+                    rows.append((j, s.num(row[1], f + "[1]"), s.num(row[2], f + "[2]", 0.0)))
+                table[ii] = rows
+            substitutes[li] = table
+        return cls(header=header, slots=slots, expert_bytes=expert_bytes, substitutes=substitutes,
+                   protected=protected, drop_ok=drop_ok, initial=initial, clusters=clusters)
+
+
+def _finite_tree(check: Checker, v, field: str) -> None:
+    """Every number under `v` is finite (predictions are read by reports and the runtime's --stats)."""
+    if isinstance(v, dict):
+        for key, x in v.items():
+            _finite_tree(check, x, f"{field}.{key}")
+    elif isinstance(v, list):
+        for n, x in enumerate(v):
+            _finite_tree(check, x, f"{field}[{n}]")
+    elif isinstance(v, float) and not math.isfinite(v):
+        check.fail(field, "is not a finite number")

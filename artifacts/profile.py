@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from artifacts.atomic import atomic_dir
+from artifacts.checks import Checker
 from artifacts.errors import UserError
 from artifacts.header import read_header, write_json
 
@@ -149,35 +150,78 @@ class Profile:
         return np.asarray(self.header["ratio_bins"], dtype=np.float64)
 
     # ---- I/O ------------------------------------------------------------------------------------------------
-    def validate(self) -> None:
-        e = self.num_experts
+    def validate(self, where: str = "profile") -> None:
+        """Every header field the tools read, every tensor's shape, finite values, expert ids in range."""
+        c = Checker(where, "re-run moe-profile (profiles are not meant to be edited by hand)")
+        h = c.obj(self.header, "the header")
+        model = c.obj(c.get(h, "model", "model"), "model")
+        if not isinstance(c.get(model, "fingerprint", "model.fingerprint"), str):
+            c.fail("model.fingerprint", "is not a string")
+        layers = [c.int_(x, f"model.moe_layers[{i}]", 0)
+                  for i, x in enumerate(c.lst(c.get(model, "moe_layers", "model.moe_layers"), "model.moe_layers"))]
+        if not layers or len(set(layers)) != len(layers):
+            c.fail("model.moe_layers", "is empty or repeats a layer")
+        e = c.int_(c.get(model, "num_experts", "model.num_experts"), "model.num_experts", 1)
+        c.int_(c.get(model, "top_k", "model.top_k"), "model.top_k", 1, e)
+        for key in ("expert_bytes", "routed_expert_bytes"):
+            c.int_(c.get(model, key, f"model.{key}"), f"model.{key}", 1)
+        for key in ("dense_bytes", "kv_bytes_per_token"):
+            if key in model:
+                c.int_(model[key], f"model.{key}", 0)
+        bins = [c.num(x, f"ratio_bins[{i}]") for i, x in enumerate(c.lst(c.get(h, "ratio_bins", "ratio_bins"),
+                                                                          "ratio_bins"))]
+        trace_h = c.obj(c.get(h, "trace", "trace"), "trace")
+        width = c.int_(c.get(trace_h, "width", "trace.width"), "trace.width", 1, e)
+        c.num(c.get(c.obj(c.get(h, "clustering", "clustering"), "clustering"), "threshold", "clustering.threshold"),
+              "clustering.threshold", 0.0)
+        calib = c.lst(c.get(h, "calibration", "calibration"), "calibration")
+        for n, rec in enumerate(calib):
+            c.obj(rec, f"calibration[{n}]")
         shapes = {"tokens": (1,), "act_count": (e,), "score_sum": (e,), "score_sqsum": (e,),
-                  "active_score_sum": (e,), "ratio_hist": (e, len(self.header["ratio_bins"])), "coact": (e, e),
+                  "active_score_sum": (e,), "ratio_hist": (e, len(bins)), "coact": (e, e),
                   "transition": (e, e), "importance_sum": (e,), "out_norm_sum": (e,), "probe_count": (1,),
                   "cos_sum": (e, e), "err_sum": (e, e), "clusters": (e,)}
-        for l in self.moe_layers:
+        for l in layers:
             for name, shape in shapes.items():
-                key = f"L{l}.{name}"
-                if key not in self.stats:
-                    raise UserError(f"profile is corrupt: tensor {key} is missing; re-run moe-profile")
-                if tuple(self.stats[key].shape) != shape:
-                    raise UserError(f"profile is corrupt: {key} has shape {tuple(self.stats[key].shape)}, "
-                                    f"expected {shape}; re-run moe-profile")
-        sens = self.header.get("sensitivity")
+                self._check_tensor(c, self.stats, f"L{l}.{name}", shape)
+        sens = h.get("sensitivity")
         if sens:
-            shape = (len(sens["options"]), len(sens["cuts"]))
+            sens = c.obj(sens, "sensitivity")
+            shape = (len(c.lst(c.get(sens, "options", "sensitivity.options"), "sensitivity.options")),
+                     len(c.lst(c.get(sens, "cuts", "sensitivity.cuts"), "sensitivity.cuts")))
+            for n, x in enumerate(sens["cuts"]):
+                c.num(x, f"sensitivity.cuts[{n}]", 0.0)
+            c.int_(c.get(sens, "tokens", "sensitivity.tokens"), "sensitivity.tokens", 1)
             for name, want in (("dnll_sum", shape), ("pair_count", shape), ("nll_sum", (1,)), ("predicted", (1,)),
                                ("positions", (1,))):
-                got = self.stats.get(f"sensitivity.{name}")
-                if got is None or tuple(got.shape) != want:
-                    raise UserError(f"profile is corrupt: sensitivity.{name} is missing or misshapen; "
-                                    "re-run moe-profile")
+                self._check_tensor(c, self.stats, f"sensitivity.{name}", want)
         if self.trace:
             missing = [k for k in TRACE_KEYS if k not in self.trace]
             if missing:
-                raise UserError(f"profile trace is corrupt: {missing[0]} is missing; re-run moe-profile")
+                c.fail(f"trace tensor {missing[0]}", "is missing")
+            t = int(self.trace["token"].shape[0]) if self.trace["token"].ndim == 1 else -1
+            m = len(layers)
+            for key, shape in (("ids", (t, m, width)), ("scores", (t, m, width)), ("coef", (t, m)),
+                               ("pred_ids", (t, m, width)), ("pred_scores", (t, m, width)), ("token", (t,)),
+                               ("sample", (t,))):
+                self._check_tensor(c, self.trace, key, shape, what="trace tensor")
+            for key, lo in (("ids", 0), ("pred_ids", -1)):
+                a = self.trace[key]
+                if a.size and (int(a.min()) < lo or int(a.max()) >= e):
+                    c.fail(f"trace tensor {key}", f"holds expert ids outside {lo}..{e - 1}")
 
-    def save(self, path: str | Path) -> Path:
+    @staticmethod
+    def _check_tensor(c: Checker, tensors: dict, key: str, shape: tuple, what: str = "tensor") -> None:
+        a = tensors.get(key)
+        if a is None:
+            c.fail(f"{what} {key}", "is missing")
+        if tuple(a.shape) != tuple(shape):
+            c.fail(f"{what} {key}", f"has shape {tuple(a.shape)}, expected {tuple(shape)}")
+        if a.dtype.kind == "f" and a.size and not np.isfinite(a).all():
+            c.fail(f"{what} {key}", "holds NaN or infinite values")
+
+    def save(self, path: str | Path, extras=None) -> Path:
+        """Write the profile directory atomically (`extras(tmp_dir)` may add files to the same swap)."""
         from safetensors.numpy import save_file
 
         self.validate()
@@ -186,6 +230,8 @@ class Profile:
             save_file({k: np.ascontiguousarray(v) for k, v in self.stats.items()}, str(tmp / STATS_FILE))
             save_file({k: np.ascontiguousarray(v) for k, v in self.trace.items()}, str(tmp / TRACE_FILE))
             write_json(tmp / HEADER_FILE, self.header)
+            if extras is not None:
+                extras(tmp)
         return path
 
     @classmethod
@@ -202,9 +248,6 @@ class Profile:
                             "re-run moe-profile") from None
         except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
             raise UserError(f"profile {path} is corrupt ({str(exc).splitlines()[0]}); re-run moe-profile") from None
-        try:
-            profile = cls(header=header, stats=stats, trace=trace)
-            profile.validate()
-        except (KeyError, TypeError) as exc:
-            raise UserError(f"profile {path} is corrupt (header field {exc} missing); re-run moe-profile") from None
+        profile = cls(header=header, stats=stats, trace=trace)
+        profile.validate(f"profile {path}")
         return profile

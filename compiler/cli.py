@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from artifacts.errors import UserError, run_cli
+from artifacts.errors import check_range, run_cli
 
 PROG = "moe-compile"
 
@@ -41,34 +41,36 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _check_output(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "plan.json").is_file())):
-        raise UserError(f"output {path} exists and is not a plan directory; choose another -o path")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return run_cli(PROG, lambda: _run(args))
 
 
 def _run(args) -> int:
+    from artifacts.atomic import check_output_dir
     from compiler.compile_plan import CompileConfig, compile_plan
     from compiler.summary import summarize
 
-    out = Path(args.output)
-    _check_output(out)
-    if args.batch < 1 or args.context < 1:
-        raise UserError("--batch and --context must be at least 1")
+    out = check_output_dir(args.output, "plan.json", "plan")
+    check_range(args.batch, "--batch", 1)
+    check_range(args.context, "--context", 1)
+    check_range(args.search_tokens, "--search-tokens", 1)
+    if args.max_error is not None:
+        check_range(args.max_error, "--max-error", 0.0)
+    if args.tpot_target is not None:
+        check_range(args.tpot_target, "--tpot-target", 0.0, lo_open=True)
     cfg = CompileConfig(budget=args.budget, target=args.target, tpot_target_ms=args.tpot_target,
                         max_error=args.max_error, batch=args.batch, context=args.context,
                         search_tokens=args.search_tokens)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     plan = compile_plan(args.profile_dir, cfg, log=log)
-    plan.save(out)
+    extras = None
     if not args.no_report:
         from compiler.report import write_report
 
-        write_report(plan, args.profile_dir, out)
+        def extras(tmp: Path) -> None:          # report and plots join the plan in one atomic swap
+            write_report(plan, args.profile_dir, tmp)
+    plan.save(out, extras=extras)
     if not args.quiet:
         print(summarize(plan))
     print(f"wrote {out}")

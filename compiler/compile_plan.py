@@ -95,13 +95,13 @@ def _initial(profile: Profile, slots: dict[int, int]) -> dict[int, list[int]]:
 
 
 def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(), log=print) -> Plan:
+    if config.tpot_target_ms is not None and config.max_error is not None:
+        raise UserError("give --tpot-target or --max-error, not both")
+    target = load_target(config.target)
     profile = Profile.load(profile_dir)
     if not profile.trace or profile.trace["ids"].shape[0] == 0:
         raise UserError(f"profile {profile_dir} has no routing trace; re-run moe-profile")
-    if config.tpot_target_ms is not None and config.max_error is not None:
-        raise UserError("give --tpot-target or --max-error, not both")
     model = profile.header["model"]
-    target = load_target(config.target)
     split = split_budget(config.budget, model, target, config.batch, config.context)
     layers, e, k = profile.moe_layers, profile.num_experts, profile.top_k
     costs = Costs.of(target, model)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from artifacts.errors import UserError
-from artifacts.units import human_bytes, parse_bytes
+from artifacts.units import human_bytes, parse_bytes, parse_percent
 from compiler.targets import Target
 
 
@@ -43,21 +43,16 @@ def split_budget(budget: str, model: dict, target: Target, batch: int, context: 
     expert = int(model["expert_bytes"])
     routed = int(model["routed_expert_bytes"])
     text = str(budget).strip()
-    if text.endswith("%"):
-        try:
-            pct = float(text[:-1])
-        except ValueError:
-            raise UserError(f"cannot read budget {budget!r}; write a size (12GiB) or a percentage (25%)") from None
-        if not 0 < pct <= 100:
-            raise UserError(f"budget percentage must be in (0, 100] (got {budget})")
+    pct = parse_percent(text, "budget")
+    if pct is not None:
         cache = int(routed * pct / 100)
-        slots = min(cache // expert, routed // expert)
+        slots = math.floor(pct / 100 * (routed // expert) + 1e-9)     # as the runtime's --cache P% counts
         if slots < layers:
             need = math.ceil(10000 * layers / (routed // expert)) / 100
             raise UserError(f"budget {budget} holds {slots} experts, fewer than one per MoE layer ({layers}); "
                             f"use --budget {need:g}% or more")
         return MemorySplit("percent", pct, 0, 0, 0, cache, expert, slots)
-    total = parse_bytes(text, "budget")
+    total = parse_bytes(text, "budget", unit_required=True)
     dense = int(model["dense_bytes"])
     kv = int(model.get("kv_bytes_per_token", 0)) * context * batch
     fixed = dense + kv + target.workspace

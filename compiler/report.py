@@ -11,7 +11,7 @@ from artifacts.profile import Profile
 from compiler.allocate import allocate_slots
 from compiler.simulator import Costs, simulate
 from compiler.summary import summarize
-from compiler.targets import load_target
+from compiler.targets import Target
 from runtime.policy.config import preset
 from runtime.policy.plan_params import substitution_params
 from runtime.policy.slots import uniform_slots
@@ -30,7 +30,7 @@ def _figure(w=6.4, h=4.0):
 
 def budget_sweep(plan: Plan, profile: Profile, tokens: int = 1024) -> dict[str, list[dict]]:
     model = profile.header["model"]
-    target = load_target(plan.header["target"]["name"]) if plan.header["target"].get("name") else None
+    target = Target.from_dict(plan.header["target"])
     costs = Costs.of(target, model)
     layers, e, k = profile.moe_layers, profile.num_experts, profile.top_k
     curves = {int(l): c for l, c in plan.header["curves"].items()}

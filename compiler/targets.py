@@ -32,6 +32,15 @@ class Target:
     host_mem_bandwidth: float
     workspace: int
 
+    def checked(self, path) -> "Target":
+        """Rates and sizes a cost model can divide by: positive device memory and bandwidths."""
+        if self.device_memory <= 0:
+            raise UserError(f"target file {path}: device_memory must be positive")
+        for name in ("device_mem_bandwidth", "link_bandwidth", "host_mem_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"target file {path}: {name} must be positive (e.g. 25GB/s)")
+        return self
+
     def t_load(self, nbytes: float) -> float:
         return nbytes / self.link_bandwidth + self.link_latency
 
@@ -40,6 +49,11 @@ class Target:
 
     def t_host(self, nbytes: float) -> float:
         return nbytes / self.host_mem_bandwidth
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Target":
+        """The target a plan recorded (plan.json "target"), without looking it up again by name."""
+        return cls(**{f: d[f] for f in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "device_memory": self.device_memory,
@@ -59,15 +73,17 @@ def load_target(name_or_file: str) -> Target:
         if not path.is_file():
             raise UserError(f"unknown target {name_or_file!r}; use a preset ({', '.join(presets())}) or a YAML file")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))   # data only: safe_load builds no Python objects
+        if not isinstance(d, dict):
+            raise UserError(f"target file {path} is not a YAML mapping of fields; see compiler/targets/*.yaml")
         return Target(name=str(d.get("name", path.stem)), description=str(d.get("description", "")),
                       device_memory=parse_bytes(d["device_memory"], "device_memory"),
                       device_mem_bandwidth=parse_rate(d["device_mem_bandwidth"], "device_mem_bandwidth"),
                       link_bandwidth=parse_rate(d["link_bandwidth"], "link_bandwidth"),
                       link_latency=parse_seconds(d.get("link_latency", "0us")),
                       host_mem_bandwidth=parse_rate(d["host_mem_bandwidth"], "host_mem_bandwidth"),
-                      workspace=parse_bytes(d.get("workspace", "256MiB"), "workspace"))
-    except (yaml.YAMLError, AttributeError, TypeError) as exc:
+                      workspace=parse_bytes(d.get("workspace", "256MiB"), "workspace")).checked(path)
+    except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError) as exc:
         raise UserError(f"target file {path} is not valid YAML ({exc.__class__.__name__}); see compiler/targets/") from None
     except KeyError as exc:
         raise UserError(f"target file {path} lacks field {exc}; see compiler/targets/*.yaml for the fields") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from artifacts.errors import run_cli
 
@@ -32,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--link", default=None, help="emulated link, e.g. 50MB/s,20us")
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
-    ap.add_argument("--window", type=int, default=d.window)
+    ap.add_argument("--window", type=int, default=d.window, help="tokens per perplexity window (default: 512, or "
+                    "the model's context if shorter)")
     ap.add_argument("--tasks", default=None, help="multiple-choice .jsonl (default: the bundled cloze tasks)")
     ap.add_argument("--max-tasks", type=int, default=d.max_tasks)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -44,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from artifacts.atomic import atomic_write_text, check_output_file
     from evaluation.run_eval import EvalConfig, evaluate, table
 
+    check_output_file(args.json_out, "--json")
     plans = parse_plans(args.plan or [])
     policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else (
         ("resident", "lru", "smoe") + tuple(plans))
@@ -53,7 +55,7 @@ def _run(args) -> int:
                      max_tokens=args.max_tokens, window=args.window, tasks=args.tasks, max_tasks=args.max_tasks,
                      device=args.device, dtype=args.dtype)
     result = evaluate(args.model_dir, args.data, plans or None, cfg, progress=not args.quiet)
-    Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
     print(table(result))
     return 0
 

@@ -7,8 +7,11 @@ from artifacts.errors import UserError
 from profiler.calibration import read_texts
 
 
-def token_stream(data: str, tokenizer, max_tokens: int, text_field: str = "text") -> np.ndarray:
-    texts, _ = read_texts(data, text_field)
+def token_stream(data: str, tokenizer, max_tokens: int, text_field: str = "text",
+                 texts: list[str] | None = None) -> np.ndarray:
+    """The first `max_tokens` tokens of the texts of `data` (or of `texts`, already read from it)."""
+    if texts is None:
+        texts, _ = read_texts(data, text_field)
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for t in texts:

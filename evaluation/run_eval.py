@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from artifacts.errors import UserError
 from evaluation.data import prompts, token_stream, windows
+from profiler.calibration import read_texts
 from evaluation.tasks import load_tasks, score
 from runtime.policy.config import POLICIES
 
@@ -39,7 +40,7 @@ class EvalConfig:
     batch: int = 1
     link: str | None = None
     max_tokens: int = 2048
-    window: int = 512
+    window: int | None = None         # default: 512, or the model's context if shorter
     tasks: str | None = None          # default: the bundled cloze tasks
     max_tasks: int = 60
     prompts: int = 8
@@ -114,25 +115,36 @@ def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, s
     missing = [p for p in config.policies if p == "plan" and p not in plan_dirs]
     if missing:
         raise UserError("policy 'plan' needs --plan PLAN_DIR (run moe-compile), or leave it out of --policies")
-    if config.batch < 1 or config.window < 2 or config.max_tokens < 2:
+    if config.batch < 1 or (config.window is not None and config.window < 2) or config.max_tokens < 2:
         raise UserError("--batch must be >= 1, --window and --max-tokens >= 2")
+    if config.max_tasks < 1:
+        raise UserError(f"--max-tasks must be at least 1 (got {config.max_tasks})")
+    from artifacts.plan import Plan
+    from runtime.link import parse_link
+    from runtime.policy.slots import resolve_slots
+    from runtime.runtime import check_plan_matches
+
+    plans = {name: Plan.load(path) for name, path in plan_dirs.items()}     # fail before any model work
+    if config.link is not None:
+        parse_link(config.link)
+    if config.tasks is not None:
+        load_tasks(config.tasks, config.max_tasks)
+    texts, _ = read_texts(data, config.text_field)
     ref_rt = Runtime.load(model_dir, policy="resident", device=config.device, dtype=config.dtype)
     if ref_rt.tokenizer is None:
         raise UserError(f"{model_dir} has no tokenizer; evaluation needs one")
-    plans = {}
-    if plan_dirs:
-        from artifacts.plan import Plan
-        from runtime.fingerprint import model_fingerprint
-
-        fp = model_fingerprint(ref_rt.lm.arch, ref_rt.lm.config, ref_rt.lm.ckpt)
-        for name, path in plan_dirs.items():
-            plans[name] = Plan.load(path)
-            if plans[name].fingerprint != fp:
-                raise UserError(f"plan {path} was compiled for another model (fingerprint {plans[name].fingerprint}, "
-                                f"this model {fp}); re-run moe-profile and moe-compile for {model_dir}")
+    arch = ref_rt.lm.arch
+    window = config.window or min(512, arch.max_positions or 512)
+    if arch.max_positions is not None and window > arch.max_positions:
+        raise UserError(f"--window {window} is over the model's limit of {arch.max_positions} positions; "
+                        f"use --window {arch.max_positions} or less")
+    if any(p in ("lru", "smoe") for p in config.policies):
+        resolve_slots(config.cache, arch.moe_layers, arch.num_experts)
+    for name, path in plan_dirs.items():
+        check_plan_matches(plans[name], ref_rt.lm, model_dir)
     first_plan = next(iter(plans.values()), None)
-    stream = token_stream(data, ref_rt.tokenizer, config.max_tokens, config.text_field)
-    wins = windows(stream, config.window)
+    stream = token_stream(data, ref_rt.tokenizer, config.max_tokens, config.text_field, texts)
+    wins = windows(stream, window)
     tasks = load_tasks(config.tasks or DEFAULT_TASKS, config.max_tasks)
     prompt_ids = prompts(stream, config.prompts, config.prompt_len)
     reference = _greedy(ref_rt, prompt_ids, config.gen_tokens)
@@ -171,6 +183,7 @@ def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, s
             "tpot_ms": 1e3 * seconds / max(steps, 1), "tpot_ms_modeled": modeled,
             "cache_capacity_bytes": stats["cache_capacity_bytes"]}
     return {"model": str(model_dir), "data": str(data), "tokens": int(len(stream)), "windows": len(wins),
+            "window": window,
             "batch": config.batch, "link": config.link, "cache": config.cache,
             "plan": str(plan_dirs["plan"]) if "plan" in plan_dirs else None,
             "plans": {k: str(v) for k, v in plan_dirs.items()},

@@ -16,21 +16,35 @@ def load_tasks(path: str | Path, limit: int | None = None) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"task file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UserError(f"task file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     tasks = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             t = json.loads(line)
-            assert isinstance(t["context"], str) and len(t["choices"]) >= 2 and 0 <= int(t["answer"]) < len(t["choices"])
-        except (json.JSONDecodeError, KeyError, AssertionError, TypeError, ValueError):
-            raise UserError(f"{path}:{n} is not a task: need {{\"context\", \"choices\": [..], \"answer\": index}}") from None
+        except json.JSONDecodeError:
+            t = None
+        if not _is_task(t):
+            raise UserError(f"{path}:{n} is not a task: need {{\"context\": str, \"choices\": [str, str, ..], "
+                            "\"answer\": index of the right choice}") from None
         tasks.append(t)
         if limit is not None and len(tasks) >= limit:
             break
     if not tasks:
         raise UserError(f"task file {path} has no tasks")
     return tasks
+
+
+def _is_task(t) -> bool:
+    if not isinstance(t, dict) or not isinstance(t.get("context"), str):
+        return False
+    choices, answer = t.get("choices"), t.get("answer")
+    return (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)
+            and isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices))
 
 
 def score(tasks: list[dict], loglik) -> dict:

@@ -26,6 +26,13 @@ def read_texts(data: str, text_field: str = "text") -> tuple[list[str], dict]:
     """Texts of `data` and a provenance record. Supports .jsonl/.json, .txt, .parquet, a `datasets.save_to_disk`
     directory and (online) a hub dataset name."""
     path = Path(data)
+    try:
+        return _read_texts(path, data, text_field)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{data} is not UTF-8 text (invalid byte at offset {exc.start}); convert it to UTF-8") from None
+
+
+def _read_texts(path: Path, data: str, text_field: str) -> tuple[list[str], dict]:
     if path.is_file():
         suffix = path.suffix.lower()
         info = {"source": str(path), "kind": suffix.lstrip("."), "sha256": sha256_file(path)}
@@ -50,12 +57,18 @@ def read_texts(data: str, text_field: str = "text") -> tuple[list[str], dict]:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise UserError("reading .parquet needs pyarrow: pip install pyarrow") from None
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except Exception as exc:  # pyarrow raises its own error types for garbled files
+                raise UserError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0][:120]})") from None
             if text_field not in table.column_names:
                 raise UserError(f"{path} has no column '{text_field}' (columns: {table.column_names}); "
                                 "pass --text-field NAME")
             return [str(t) for t in table.column(text_field).to_pylist()], info
         raise UserError(f"unsupported calibration file type '{suffix}'; use .jsonl, .txt, .parquet or a datasets directory")
+    if not path.exists() and (path.suffix.lower() in (".jsonl", ".json", ".txt", ".parquet", ".csv")
+                              or str(data).startswith(("/", ".", "~"))):
+        raise UserError(f"calibration data {data} does not exist; check the path")   # a local path: never a hub query
     try:
         import datasets
     except ImportError:
@@ -81,14 +94,16 @@ def read_texts(data: str, text_field: str = "text") -> tuple[list[str], dict]:
 
 
 def load_tokenizer(model_dir: str, tokenizer: str | None = None):
-    from transformers import AutoTokenizer
+    """The tokenizer of `tokenizer` or the model directory (local files only, never code from the directory)."""
+    from runtime.model_loader import load_tokenizer as load_local
 
     where = tokenizer or model_dir
-    try:
-        return AutoTokenizer.from_pretrained(where)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from {where} ({str(exc).splitlines()[0][:160]}); "
-                        "pass --tokenizer DIR") from None
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise UserError(f"--tokenizer {tokenizer} is not a directory; pass a local tokenizer directory")
+    tok = load_local(where)
+    if tok is None:
+        raise UserError(f"cannot load a tokenizer from {where}; pass --tokenizer DIR")
+    return tok
 
 
 def build_calibration(data: str, tok, samples: int, seq_len: int, seed: int, text_field: str = "text") -> Calibration:

@@ -10,14 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from artifacts.errors import UserError, run_cli
+from artifacts.errors import check_range, run_cli
 
 PROG = "moe-profile"
 
 
-def _check_output(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / "profile.json").is_file())):
-        raise UserError(f"output {path} exists and is not a profile directory; choose another -o path")
+def _check_output(path: str) -> Path:
+    from artifacts.atomic import check_output_dir
+
+    return check_output_dir(path, "profile.json", "profile")
 
 
 def _profile_parser() -> argparse.ArgumentParser:
@@ -55,8 +56,15 @@ def _run_profile(argv: list[str]) -> int:
     from profiler.summary import summarize
 
     args = _profile_parser().parse_args(argv)
-    out = Path(args.output)
-    _check_output(out)
+    out = _check_output(args.output)
+    check_range(args.samples, "--samples", 1)
+    check_range(args.seq_len, "--seq-len", 2)
+    check_range(args.batch_size, "--batch-size", 1)
+    check_range(args.probe_tokens, "--probe-tokens", 0)
+    check_range(args.sensitivity_tokens, "--sensitivity-tokens", 0)
+    check_range(args.cluster_threshold, "--cluster-threshold", 0.0, 2.0)
+    if args.trace_extra is not None:
+        check_range(args.trace_extra, "--trace-extra", 0)
     cfg = ProfileConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                         probe_tokens=args.probe_tokens, trace_extra=args.trace_extra,
@@ -80,8 +88,7 @@ def _run_merge(argv: list[str]) -> int:
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    out = Path(args.output)
-    _check_output(out)
+    out = _check_output(args.output)
     merged = merge_profiles([Profile.load(p) for p in args.profiles])
     merged.save(out)
     if not args.quiet:

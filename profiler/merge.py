@@ -15,6 +15,16 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     if len(profiles) < 2:
         raise UserError("merge needs at least two profiles")
     first = profiles[0]
+    seen: dict[str, int] = {}
+    for n, p in enumerate(profiles):
+        for c in p.header["calibration"]:
+            key = c.get("tokens_sha256") if isinstance(c, dict) else None
+            if key is None:
+                continue
+            if key in seen:
+                raise UserError(f"profiles {seen[key] + 1} and {n + 1} were made from the same calibration tokens; "
+                                "merging them would count that data twice: merge profiles of different shards")
+            seen[key] = n
     for p in profiles[1:]:
         if p.fingerprint != first.fingerprint:
             raise UserError(f"cannot merge profiles of different models (fingerprints {first.fingerprint} and "

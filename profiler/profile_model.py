@@ -21,7 +21,8 @@ from profiler.sensitivity import CUTS, OPTIONS, measure_sensitivity
 from profiler.trace import TraceRecorder
 from runtime.expert_store import ExpertStore
 from runtime.fingerprint import model_fingerprint
-from runtime.model_loader import LoadedModel, load_model, next_layer_router
+from runtime.families import resolve_arch
+from runtime.model_loader import LoadedModel, load_config, load_model, next_layer_router
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ProfileConfig:
     seed: int = 0                     # window and probe sampling
     text_field: str = "text"
     device: str = "cpu"
-    dtype: str | None = None          # default: float32 on CPU, the checkpoint's dtype on CUDA
+    dtype: str | None = None          # default: float32 on CPU (measurement precision), the checkpoint's on CUDA
     batch_size: int = 4               # windows per forward pass
     probe_tokens: int = 2048          # tokens on which every expert is run (similarity)
     trace_extra: int | None = None    # m: experts traced beyond the top k (default k)
@@ -94,13 +95,14 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
     t0 = time.perf_counter()
     if config.probe_tokens < 0 or config.batch_size < 1 or config.sensitivity_tokens < 0:
         raise UserError("--probe-tokens and --sensitivity-tokens must be >= 0 and --batch-size >= 1")
-    lm = load_model(model_dir, config.device, config.dtype)
-    arch = lm.arch
+    # the cheap checks first (config, sequence length, tokenizer, calibration text), then the model's weights
+    arch = resolve_arch(load_config(model_dir))
     if arch.max_positions is not None and config.seq_len > arch.max_positions:
         raise UserError(f"--seq-len {config.seq_len} is over the model's limit of {arch.max_positions} positions; "
                         f"use --seq-len {arch.max_positions} or less")
     tok = load_tokenizer(str(model_dir), config.tokenizer)
     calib = build_calibration(data, tok, config.samples, config.seq_len, config.seed, config.text_field)
+    lm = load_model(model_dir, config.device, config.dtype or ("float32" if config.device == "cpu" else None))
 
     width = min(arch.num_experts, arch.top_k + (arch.top_k if config.trace_extra is None else config.trace_extra))
     trace = TraceRecorder(list(arch.moe_layers), width)

@@ -8,6 +8,7 @@ data_offsets: [begin, end]}}, then the data (offsets relative to the end of the 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -38,7 +39,15 @@ class Checkpoint:
         self.dir = Path(model_dir)
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{index} is corrupt (no weight_map); re-download or re-save the checkpoint") from None
+            missing = [f for f in files if not (self.dir / f).is_file()]
+            if missing:
+                raise UserError(f"checkpoint {self.dir} lacks shard {missing[0]} (listed in {index.name}"
+                                + (f", {len(missing) - 1} more missing" if len(missing) > 1 else "")
+                                + "); download the whole checkpoint")
         elif (self.dir / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -56,19 +65,44 @@ class Checkpoint:
                 mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot read {path} ({exc}); is the checkpoint complete?") from None
+        size = len(mm)
         try:
             (n,) = struct.unpack("<Q", mm[:8])
+            if 8 + n > size:
+                raise ValueError("header runs past the end of the file")
             header = json.loads(mm[8:8 + n])
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path} is not a valid safetensors file; re-save the checkpoint") from None
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise UserError(f"{path} is not a valid safetensors file (truncated or garbled); re-download or "
+                            "re-save the checkpoint") from None
         self._maps[name] = mm
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
-            if meta["dtype"] not in DTYPES:
-                raise UserError(f"{path}: tensor {key} has dtype {meta['dtype']}, which Understudy does not read")
-            begin, end = meta["data_offsets"]
-            self._info[key] = TensorInfo(name, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + begin, end - begin)
+            try:
+                dtype_name, shape, (begin, end) = meta["dtype"], tuple(int(d) for d in meta["shape"]), meta["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"{path}: tensor {key} has a malformed entry; re-save the checkpoint") from None
+            if dtype_name not in DTYPES:
+                raise UserError(f"{path}: tensor {key} has dtype {dtype_name}, which Understudy does not read")
+            dtype = DTYPES[dtype_name]
+            want = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != want:
+                raise UserError(f"{path}: tensor {key} has data offsets {[begin, end]} that do not match its shape "
+                                f"{list(shape)} and dtype {dtype_name}; re-save the checkpoint")
+            if 8 + n + end > size:
+                raise UserError(f"{path} is truncated: tensor {key} ends at byte {8 + n + end} of a {size}-byte "
+                                "file; re-download the checkpoint")
+            self._info[key] = TensorInfo(name, dtype, shape, 8 + n + begin, end - begin)
+
+    def float_dtype(self) -> torch.dtype:
+        """The floating dtype holding most of the checkpoint's bytes (its weights' dtype)."""
+        by: dict[torch.dtype, int] = {}
+        for t in self._info.values():
+            if t.dtype.is_floating_point:
+                by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
+        return max(by, key=by.get) if by else torch.float32
 
     def keys(self) -> list[str]:
         return list(self._info)

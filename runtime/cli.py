@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from artifacts.errors import UserError, run_cli
+from artifacts.errors import UserError, check_range, run_cli
 
 PROG = "moe-run"
 
@@ -53,14 +52,25 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from runtime.runtime import Runtime
 
+    from artifacts.atomic import atomic_write_text, check_output_file
+
     policy = args.policy or ("plan" if args.plan else "smoe")
     if policy not in ("resident", "plan") and args.cache is None:
         raise UserError(f"policy {policy} needs --cache N (slots per layer) or --cache P% (of routed-expert bytes)")
+    check_range(args.max_new_tokens, "--max-new-tokens", 1)
+    check_range(args.temperature, "--temperature", 0.0)
+    check_range(args.top_p, "--top-p", 0.0, 1.0, lo_open=True)
+    if args.alpha is not None:
+        check_range(args.alpha, "--alpha", 0.0)
+    if args.stats_json:
+        check_output_file(args.stats_json, "--stats-json")
     host = None if args.host_compute is None else args.host_compute == "on"
     rt = Runtime.load(args.model_dir, plan=args.plan, policy=policy, cache=args.cache, lossless=args.lossless,
                       link=args.link, device=args.device, dtype=args.dtype, store=args.store, alpha=args.alpha,
                       host_compute=host)
     with rt:
+        if not args.quiet and rt.budget is not None:
+            print(rt.budget.describe(), file=sys.stderr)
         stream = len(args.prompt) == 1 and rt.tokenizer is not None
         if stream:
             sys.stdout.write(args.prompt[0])
@@ -89,7 +99,7 @@ def _run(args) -> int:
         if not args.quiet:
             print(rt.stats.summary(), file=sys.stderr)
         if args.stats_json:
-            Path(args.stats_json).write_text(json.dumps(rt.stats.to_dict(per_layer=args.per_layer), indent=2) + "\n")
+            atomic_write_text(args.stats_json, json.dumps(rt.stats.to_dict(per_layer=args.per_layer), indent=2) + "\n")
     return 0
 
 

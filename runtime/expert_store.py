@@ -13,15 +13,23 @@ from runtime.checkpoint import Checkpoint
 from runtime.families.arch import MoEArch
 
 
+STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 class ExpertStore:
     """Routed experts of a checkpoint. mode "mmap": read from the file on each access (page cache or SSD);
     mode "host": every expert copied once into host memory (pinned when `pin`), then served from there."""
 
-    def __init__(self, ckpt: Checkpoint, arch: MoEArch, dtype: torch.dtype, mode: str = "mmap", pin: bool = False):
+    def __init__(self, ckpt: Checkpoint, arch: MoEArch, dtype: torch.dtype | None = None, mode: str = "mmap",
+                 pin: bool = False):
+        """`dtype`: the dtype experts are held (and moved) in; None: the checkpoint's own (what plans count)."""
         if mode not in ("mmap", "host"):
             raise ValueError(f"unknown expert store mode {mode!r}")
-        self.ckpt, self.arch, self.dtype, self.mode = ckpt, arch, dtype, mode
+        self.ckpt, self.arch, self.mode = ckpt, arch, mode
         self._layout = {l: self._detect_layout(l) for l in arch.moe_layers}
+        for l in arch.moe_layers:
+            self._check_tensors(l)
+        self.dtype = self.disk_dtype if dtype is None else dtype
         self._host: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         if mode == "host":
             for l in arch.moe_layers:
@@ -31,7 +39,7 @@ class ExpertStore:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one routed expert in the run's dtype."""
+        """Bytes of one routed expert as the store holds and moves it (`dtype`)."""
         return self.arch.experts.numel() * torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -74,6 +82,34 @@ class ExpertStore:
                             "the checkpoint does not match its config")
         raise UserError(f"no routed-expert tensors found under '{prefix}experts.' in {self.ckpt.dir}; "
                         "is this checkpoint complete?")
+
+    def _check_tensors(self, layer: int) -> None:
+        """Every expert's tensors exist with the shapes the config implies and a dtype the store reads, so a bad
+        checkpoint fails when opened, not in the loader thread in the middle of decoding."""
+        fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
+        shapes = fmt.shapes()
+        if layout == "per_expert":
+            i, h = fmt.intermediate, fmt.hidden
+            want = [(n, s) for n, s in zip(fmt.per_expert, ((i, h), (i, h), (h, i)))]
+            names = [(prefix + n.format(e=e), s) for e in range(self.arch.num_experts) for n, s in want]
+        else:
+            names = []
+            for k, n in fmt.fused.items():
+                s = (self.arch.num_experts,) + shapes[k]
+                got = self.ckpt.shape(prefix + n) if prefix + n in self.ckpt else None
+                if layout == "fused_transposed" and len(s) == 3 and got == (s[0], s[2], s[1]):
+                    s = got
+                names.append((prefix + n, s))
+        for name, shape in names:
+            if name not in self.ckpt:
+                raise UserError(f"checkpoint {self.ckpt.dir} lacks routed-expert tensor {name}; is it complete?")
+            info = self.ckpt.info(name)
+            if tuple(info.shape) != tuple(shape):
+                raise UserError(f"checkpoint tensor {name} has shape {tuple(info.shape)}, the config implies "
+                                f"{tuple(shape)}; the checkpoint does not match its config.json")
+            if info.dtype not in STORED_DTYPES:
+                raise UserError(f"checkpoint tensor {name} is {str(info.dtype).replace('torch.', '')}; Understudy "
+                                "reads float32, bfloat16 and float16 experts (re-save the checkpoint in bf16)")
 
     def _read_disk(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """One expert copied out of the mapping into fresh buffers (fresh buffers are 64-byte aligned, which exact

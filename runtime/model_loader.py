@@ -32,15 +32,39 @@ class LoadedModel:
 
 
 def load_config(model_dir: str | Path):
+    """The model's config, read locally and without running any code from the directory: a config whose
+    model_type transformers does not know (it would need the directory's `auto_map` Python) is refused."""
     path = Path(model_dir)
     if not path.is_dir():
         raise UserError(f"model directory {path} does not exist; pass a local HF checkpoint directory")
-    if not (path / "config.json").is_file():
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
         raise UserError(f"{path} has no config.json; pass an HF checkpoint directory (save_pretrained output)")
     try:
-        return AutoConfig.from_pretrained(str(path))
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from None
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{cfg_file} is not valid JSON ({exc.__class__.__name__}); re-download or re-save the "
+                        "checkpoint") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
+        raise UserError(f"{cfg_file} has no model_type; is this an HF transformers checkpoint?")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        if "auto_map" in raw:
+            raise UserError(f"{path} needs its own Python code (config.json auto_map, model_type "
+                            f"{raw['model_type']!r}); Understudy never runs code from a model directory: use a "
+                            "checkpoint of a model type transformers supports") from None
+        raise UserError(f"cannot read {cfg_file}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def load_tokenizer(where: str | Path):
+    """The tokenizer of a local directory, without running code from it; None where it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(where), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -48,18 +72,22 @@ def _module(root: nn.Module, path: str) -> tuple[nn.Module, str]:
     return root.get_submodule(parent_path), name
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config, device: torch.device) -> torch.dtype:
-    """The run's dtype: explicit, else float32 on CPU (bf16 matmuls are slow there), else the checkpoint's."""
+COMPUTE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, checkpoint: torch.dtype, device: torch.device) -> torch.dtype:
+    """The run's compute dtype: explicit, else the checkpoint's where the device computes it (bf16 and fp32 on
+    CPU; fp16 too on CUDA), else float32 on CPU and bf16 on CUDA (fp8 or fp16 checkpoints)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device.type == "cpu":
-            return torch.float32
-        cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-        return cfg if isinstance(cfg, torch.dtype) else getattr(torch, str(cfg or "float32"))
+        ok = (torch.float32, torch.bfloat16) + ((torch.float16,) if device.type == "cuda" else ())
+        if checkpoint in ok:
+            return checkpoint
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return COMPUTE_DTYPES[dtype]
     except KeyError:
         raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
@@ -71,11 +99,11 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    dtype = resolve_dtype(dtype, config, device)
     ckpt = Checkpoint(model_dir)
+    dtype = resolve_dtype(dtype, ckpt.float_dtype(), device)
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     blocks: dict[int, MoEBlock] = {}
     for layer in arch.moe_layers:
         parent, name = _module(model, arch.block_path.format(l=layer))

@@ -145,10 +145,20 @@ class OffloadExecutor:
         r_all = r_list[0] if len(r_list) == 1 else torch.cat(r_list)
         w_all = w_list[0] if len(w_list) == 1 else torch.cat(w_list)
         xin = x[r_all]
-        y = self.expert_fn(xin.cpu(), w).to(x.device) if host and x.device.type != "cpu" else self.expert_fn(xin, w)
+        if host and x.device.type != "cpu":
+            xin = xin.cpu()
+        y = self.expert_fn(xin, _in_dtype(w, xin.dtype)).to(x.device)
         if self.events is not None:
             self.events.append(("compute_end", time.perf_counter(), layer, e))
         return r_all, y * w_all[:, None]
+
+
+def _in_dtype(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The expert's weights in the compute dtype: as they are when the cache holds that dtype, else converted into
+    fresh (aligned) workspace tensors. Widening bf16 -> float32 is exact, so lossless stays bit-exact."""
+    if next(iter(w.values())).dtype == dtype:
+        return w
+    return {k: v.to(dtype) for k, v in w.items()}
 
 
 def _without(rows, skip):

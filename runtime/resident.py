@@ -9,11 +9,11 @@ from runtime.router import Routing
 
 
 class ResidentExecutor:
-    def __init__(self, store: ExpertStore, device: torch.device, stats=None):
+    def __init__(self, store: ExpertStore, device: torch.device, dtype: torch.dtype, stats=None):
         arch = store.arch
         self.num_experts, self.stats = arch.num_experts, stats
         self.expert_fn = make_expert_fn(arch.experts)
-        self.experts = {(l, e): {k: v.to(device) for k, v in store.read(l, e).items()}
+        self.experts = {(l, e): {k: v.to(device=device, dtype=dtype) for k, v in store.read(l, e).items()}
                         for l in arch.moe_layers for e in range(arch.num_experts)}
 
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:

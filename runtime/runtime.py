@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,27 +15,47 @@ from transformers import DynamicCache
 
 from artifacts.errors import UserError
 from artifacts.plan import Plan
+from runtime.budget import CacheBudget
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore
 from runtime.fingerprint import model_fingerprint
 from runtime.generate import SamplingConfig, decode
 from runtime.link import Link, parse_link
 from runtime.loader import Loader
-from runtime.model_loader import LoadedModel, load_model, next_layer_router
+from runtime.model_loader import LoadedModel, load_model, load_tokenizer, next_layer_router
 from runtime.offload_executor import OffloadExecutor
-from runtime.policy.config import PolicyConfig, preset
+from runtime.policy.config import POLICIES, PolicyConfig, preset
 from runtime.policy.schedule import CacheModel
 from runtime.policy.slots import resolve_slots
 from runtime.policy.plan_params import substitution_params
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
 
+log = logging.getLogger("understudy")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_plan_matches(plan: Plan, lm: LoadedModel, model_dir) -> None:
+    """The plan was compiled for this model: same routers (fingerprint), MoE layers and expert count."""
+    fp = model_fingerprint(lm.arch, lm.config, lm.ckpt)
+    if plan.fingerprint != fp:
+        raise UserError(f"plan was compiled for another model (fingerprint {plan.fingerprint}, this model "
+                        f"{fp}); re-run moe-profile and moe-compile for {model_dir}")
+    m = plan.header["model"]
+    if list(m["moe_layers"]) != list(lm.arch.moe_layers) or m["num_experts"] != lm.arch.num_experts:
+        raise UserError(f"plan's model section (MoE layers {m['moe_layers']}, {m['num_experts']} experts) does not "
+                        f"match {model_dir} ({list(lm.arch.moe_layers)}, {lm.arch.num_experts}); re-run moe-compile")
+
 
 class Runtime:
     def __init__(self, lm: LoadedModel, policy: PolicyConfig, store: ExpertStore, tokenizer=None,
                  executor=None, cache: ExpertCache | None = None, loader: Loader | None = None,
-                 plan: Plan | None = None, stats: RunStats | None = None):
+                 plan: Plan | None = None, stats: RunStats | None = None, budget: CacheBudget | None = None):
         self.lm, self.policy, self.store, self.tokenizer = lm, policy, store, tokenizer
+        self.budget = budget          # the expert-cache budget honoured (None for resident: nothing offloaded)
         self.executor, self.cache, self.loader, self.plan = executor, cache, loader, plan
         self.stats = stats or RunStats(policy=policy.name)
 
@@ -47,16 +68,17 @@ class Runtime:
         """Load `model_dir` for `policy` ("resident", "lru", "smoe", "plan"). `cache`: slots per layer or "P%" of
         routed-expert bytes. `link`: an emulated host-to-device link ("50MB/s,20us"). Overrides: alpha, window,
         prefetch, prefetch_max, host_compute, understudy_weight, use_batch, pool_depth."""
-        lm = load_model(model_dir, device, dtype)
+        # everything a user passes is checked before the model is read
         if policy == "plan" and plan is None:
             raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
                             "or choose --policy smoe|lru|resident")
-        the_plan = plan if isinstance(plan, Plan) or plan is None else Plan.load(plan)
+        if policy not in POLICIES:
+            raise UserError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        the_plan = plan.validate() if isinstance(plan, Plan) else (None if plan is None else Plan.load(plan))
+        the_link = parse_link(link) if isinstance(link, str) else link
+        lm = load_model(model_dir, device, dtype)
         if the_plan is not None:
-            fp = model_fingerprint(lm.arch, lm.config, lm.ckpt)
-            if the_plan.fingerprint != fp:
-                raise UserError(f"plan was compiled for another model (fingerprint {the_plan.fingerprint}, this model "
-                                f"{fp}); re-run moe-profile and moe-compile for {model_dir}")
+            check_plan_matches(the_plan, lm, model_dir)
             if policy == "plan":
                 for key in ("alpha", "window", "prefetch", "prefetch_max", "host_compute", "pool_depth"):
                     if policy_overrides.get(key) is None and key in the_plan.choices:
@@ -65,35 +87,49 @@ class Runtime:
             policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy in ("smoe", "plan") else False
         cfg = preset(policy, lossless=lossless, **policy_overrides)
         mode = ("host" if lm.device.type == "cuda" else "mmap") if store == "auto" else store
-        experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode=mode, pin=lm.device.type == "cuda")
-        tok = _maybe_tokenizer(model_dir)
+        tok = load_tokenizer(model_dir)
         if not cfg.offloads:
+            experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode="mmap")
             stats = RunStats(policy=cfg.name)
-            rt = cls(lm, cfg, experts, tok, executor=ResidentExecutor(experts, lm.device, stats), stats=stats)
+            rt = cls(lm, cfg, experts, tok, executor=ResidentExecutor(experts, lm.device, lm.dtype, stats),
+                     stats=stats)
             rt.stats.cache_capacity_bytes = rt.stats.peak_cache_bytes = (
                 experts.expert_bytes * lm.arch.num_experts * len(lm.arch.moe_layers))
             rt._install(rt.executor)
             return rt
-        if the_plan is not None and policy == "plan":
+        # offloaded experts are held and moved in the checkpoint's dtype (what plans count), computed in lm.dtype
+        experts = ExpertStore(lm.ckpt, lm.arch, None, mode=mode, pin=lm.device.type == "cuda")
+        use_plan = the_plan is not None and policy == "plan"
+        if use_plan:
             if cache is not None:
                 raise UserError("--cache conflicts with the plan's budget; compile a plan for that budget instead")
+            if the_plan.expert_bytes != experts.expert_bytes:
+                raise UserError(f"the plan counts experts of {the_plan.expert_bytes} B ({the_plan.expert_dtype}), "
+                                f"this checkpoint's are {experts.expert_bytes} B "
+                                f"({str(experts.dtype).replace('torch.', '')}); profile and compile this checkpoint")
             slots = {l: the_plan.slots[l] for l in lm.arch.moe_layers}
+            budget = CacheBudget(sum(slots.values()), experts.expert_bytes, _name(experts.dtype), _name(lm.dtype),
+                                 the_plan.cache_budget_bytes, "the plan")
         else:
             slots = resolve_slots(cache, lm.arch.moe_layers, lm.arch.num_experts)
-        the_link = parse_link(link) if isinstance(link, str) else link
-        kv = ExpertCache(lm.arch.experts, slots, lm.device, lm.dtype)
+            budget = CacheBudget(sum(slots.values()), experts.expert_bytes, _name(experts.dtype), _name(lm.dtype),
+                                 None, f"--cache {cache}")
+        if budget.limit_bytes is not None and budget.capacity_bytes > budget.limit_bytes:
+            raise UserError(f"{budget.describe()} exceeds the plan's budget; re-run moe-compile")
+        kv = ExpertCache(lm.arch.experts, slots, lm.device, experts.dtype)
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
-        use_plan = the_plan is not None and policy == "plan"
         params = substitution_params(cfg, lm.arch.moe_layers, the_plan.substitution_map() if use_plan else None,
                                      the_plan.tau if use_plan else 1.0)
-        initial = the_plan.initial if the_plan is not None and policy == "plan" else {}
+        initial = the_plan.initial if use_plan else {}
         model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial)
         width = int(the_plan.choices.get("width", 2 * lm.arch.top_k)) if the_plan is not None else 2 * lm.arch.top_k
         width = min(width, lm.arch.num_experts)
         executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)
-        rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats)
+        rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats,
+                 budget=budget)
+        log.info(budget.describe())
         rt._install(executor)
         rt._warm(model.resident)
         return rt
@@ -136,6 +172,7 @@ class Runtime:
         if ids.dim() == 1:
             ids = ids[None]
         cache = DynamicCache(config=self.lm.config) if cache is None else cache
+        self._check_length(cache.get_seq_length() + ids.shape[1], f"{cache.get_seq_length() + ids.shape[1]} tokens")
         out = []
         for t in range(ids.shape[1]):
             out.append(self.lm.model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True).logits[:, -1])
@@ -144,6 +181,12 @@ class Runtime:
         if self.cache is not None:
             self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.peak_bytes)
         return torch.stack(out, dim=1)
+
+    def _check_length(self, n: int, what: str) -> None:
+        limit = self.lm.arch.max_positions
+        if limit is not None and n > limit:
+            raise UserError(f"{what} is over the model's limit of {limit} positions; shorten the prompt or ask "
+                            "for fewer new tokens")
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -182,6 +225,8 @@ class Runtime:
         cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
+        self._check_length(input_ids.shape[1] + max_new_tokens,
+                           f"a prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens")
         s = self.stats
 
         def on_phase(name: str) -> None:
@@ -210,12 +255,3 @@ class Runtime:
                 row = row[: row.index(eos)]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts
-
-
-def _maybe_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
-    except (OSError, ValueError):
-        return None

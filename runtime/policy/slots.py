@@ -5,6 +5,7 @@ import math
 from typing import Sequence
 
 from artifacts.errors import UserError
+from artifacts.units import parse_percent
 
 
 def uniform_slots(total: int, layers: Sequence[int], num_experts: int) -> dict[int, int]:
@@ -19,13 +20,8 @@ def resolve_slots(cache: int | str | None, moe_layers: Sequence[int], num_expert
         raise UserError("an offloading policy needs a cache size: --cache N (slots per layer) or --cache P% "
                         "(share of routed-expert bytes), or a plan (--plan)")
     layers = list(moe_layers)
-    if isinstance(cache, str) and cache.strip().endswith("%"):
-        try:
-            pct = float(cache.strip()[:-1])
-        except ValueError:
-            raise UserError(f"cannot read cache {cache!r}; write a slot count (8) or a percentage (25%)") from None
-        if not 0 < pct <= 100:
-            raise UserError(f"cache percentage must be in (0, 100] (got {cache})")
+    pct = parse_percent(cache, "cache") if isinstance(cache, str) else None
+    if pct is not None:
         total = math.floor(pct / 100 * num_experts * len(layers) + 1e-9)
         if total < len(layers):
             need = math.ceil(10000 / num_experts) / 100

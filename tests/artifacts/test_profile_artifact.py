@@ -21,7 +21,9 @@ def _tiny_profile(e=4, k=2):
                       f"L{l}.cos_sum": 2 * np.eye(e), f"L{l}.err_sum": np.zeros((e, e)),
                       f"L{l}.clusters": np.arange(e)})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "ratio_bins": [1.0, 1.5, 2.0],
-              "model": {"moe_layers": layers, "num_experts": e, "top_k": k, "fingerprint": "abc"}}
+              "model": {"moe_layers": layers, "num_experts": e, "top_k": k, "fingerprint": "abc", "expert_bytes": 64,
+                        "routed_expert_bytes": 64 * e * len(layers)},
+              "trace": {"width": 4, "tokens": 3}, "clustering": {"threshold": 0.5}, "calibration": []}
     trace = {"ids": np.zeros((3, 2, 4), np.int32), "scores": np.zeros((3, 2, 4), np.float32),
              "coef": np.ones((3, 2), np.float32), "pred_ids": np.zeros((3, 2, 4), np.int32),
              "pred_scores": np.zeros((3, 2, 4), np.float32), "token": np.zeros(3, np.int32), "sample": np.zeros(3, np.int32)}

@@ -37,10 +37,10 @@ def test_percentage_budget():
 def test_absolute_budget_split_and_minimum():
     t = load_target("dev-emulated")
     need = 50_000 + 10 * 128 * 2 + t.workspace + 3 * 1000
-    s = split_budget(str(need + 4500), MODEL, t, 2, 128)
+    s = split_budget(f"{need + 4500}B", MODEL, t, 2, 128)
     assert s.total_slots == 7 and s.dense_bytes + s.kv_bytes + s.workspace_bytes + s.total_slots * 1000 <= need + 4500
     with pytest.raises(UserError, match=r"below the .* needed .* try --budget"):
-        split_budget(str(need - 1), MODEL, t, 2, 128)
+        split_budget(f"{need - 1}B", MODEL, t, 2, 128)
     with pytest.raises(UserError, match="exceeds the target"):
         split_budget("1TiB", MODEL, t, 1, 128)
 

@@ -23,13 +23,21 @@ def calib(tmp_path):
     return write_jsonl(tmp_path / "c.jsonl", sample_texts(4, 31))
 
 
+def _shard(tmp_path, n):
+    return write_jsonl(tmp_path / f"c{n}.jsonl", sample_texts(4, 31, seed=n))
+
+
 def test_profile_and_merge_commands(tiny_model, calib, tmp_path, capsys):
-    out = tmp_path / "p"
+    out, out2 = tmp_path / "p", tmp_path / "p2"
     code, _ = _run(capsys, tiny_model("olmoe"), "--calib", calib, "-o", out, "--samples", 2, "--seq-len", 32, "--quiet")
     assert code == 0 and Profile.load(out).num_experts == 8
-    code, _ = _run(capsys, "merge", out, out, "-o", tmp_path / "m", "--quiet")
+    code, _ = _run(capsys, tiny_model("olmoe"), "--calib", _shard(tmp_path, 1), "-o", out2, "--samples", 2,
+                   "--seq-len", 32, "--quiet")
+    code, _ = _run(capsys, "merge", out, out2, "-o", tmp_path / "m", "--quiet")
     merged = Profile.load(tmp_path / "m")
     assert code == 0 and merged.stat(0, "tokens")[0] == 2 * Profile.load(out).stat(0, "tokens")[0]
+    code, err = _run(capsys, "merge", out, out, "-o", tmp_path / "twice")     # the same data twice is refused
+    assert code == 2 and len(err) == 1 and "same calibration tokens" in err[0] and not (tmp_path / "twice").exists()
 
 
 def test_missing_model_directory(calib, tmp_path, capsys):
@@ -93,13 +101,13 @@ def test_negative_sensitivity_tokens(tiny_model, calib, tmp_path, capsys):
 
 def test_merge_keeps_sensitivity_only_when_every_shard_has_it(tiny_model, calib, tmp_path, capsys):
     model = tiny_model("olmoe")
-    for name, extra in (("a", []), ("b", ["--sensitivity-tokens", 0])):
-        code, _ = _run(capsys, model, "--calib", calib, "-o", tmp_path / name, "--samples", 2, "--seq-len", 32,
-                       "--quiet", *extra)
+    for n, (name, extra) in enumerate((("a", []), ("a2", []), ("b", ["--sensitivity-tokens", 0]))):
+        code, _ = _run(capsys, model, "--calib", _shard(tmp_path, n), "-o", tmp_path / name, "--samples", 2,
+                       "--seq-len", 32, "--quiet", *extra)
         assert code == 0
     assert Profile.load(tmp_path / "a").sensitivity is not None and Profile.load(tmp_path / "b").sensitivity is None
-    code, _ = _run(capsys, "merge", tmp_path / "a", tmp_path / "a", "-o", tmp_path / "aa", "--quiet")
-    aa, a = Profile.load(tmp_path / "aa"), Profile.load(tmp_path / "a")
-    assert code == 0 and (aa.sensitivity["pair_count"] == 2 * a.sensitivity["pair_count"]).all()
+    code, _ = _run(capsys, "merge", tmp_path / "a", tmp_path / "a2", "-o", tmp_path / "aa", "--quiet")
+    aa, a, a2 = Profile.load(tmp_path / "aa"), Profile.load(tmp_path / "a"), Profile.load(tmp_path / "a2")
+    assert code == 0 and (aa.sensitivity["pair_count"] == a.sensitivity["pair_count"] + a2.sensitivity["pair_count"]).all()
     code, _ = _run(capsys, "merge", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "ab", "--quiet")
     assert code == 0 and Profile.load(tmp_path / "ab").sensitivity is None

@@ -11,7 +11,7 @@ from tiny_models import FAMILIES
 
 def _ours(path, mode="mmap"):
     lm = load_model(path, dtype=torch.float32)
-    ex = ResidentExecutor(ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode=mode), lm.device)
+    ex = ResidentExecutor(ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode=mode), lm.device, lm.dtype)
     for b in lm.blocks.values():
         b.executor = ex
     return lm

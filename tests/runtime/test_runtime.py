@@ -14,17 +14,21 @@ from tiny_models import FAMILIES, build_tiny
 IDS = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(5))
 
 
-def _hf(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+def _hf(path, dtype=torch.float32):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                              experts_implementation="eager").eval()
 
 
 def _plan(path, slots, substitutes=None, alpha=0.3, protected=None, drop_ok=None, initial=None) -> Plan:
     lm = load_model(path, dtype=torch.float32)
     layers = lm.arch.moe_layers
-    header = new_header(FORMAT, FORMAT_VERSION, model={"fingerprint": model_fingerprint(lm.arch, lm.config, lm.ckpt)},
-                        budget={"kind": "slots"}, choices={"alpha": alpha, "tau": 0.5, "window": 8})
-    return Plan(header=header, slots={l: slots for l in layers}, expert_bytes=lm.arch.experts.numel() * 4,
+    eb = lm.arch.experts.numel() * lm.ckpt.float_dtype().itemsize
+    header = new_header(FORMAT, FORMAT_VERSION, model={"fingerprint": model_fingerprint(lm.arch, lm.config, lm.ckpt),
+                                                       "moe_layers": list(layers), "num_experts": lm.arch.num_experts,
+                                                       "top_k": lm.arch.top_k, "expert_bytes": eb},
+                        budget={"kind": "slots", "cache_bytes": slots * len(layers) * eb},
+                        choices={"alpha": alpha, "tau": 0.5, "window": 8})
+    return Plan(header=header, slots={l: slots for l in layers}, expert_bytes=eb,
                 substitutes={l: (substitutes or {}) for l in layers}, protected={l: protected or [] for l in layers},
                 drop_ok={l: drop_ok or [] for l in layers}, initial={l: (initial or []) for l in layers})
 
@@ -49,12 +53,17 @@ def test_lossless_policies_match_hf(family, policy, tiny_model):
             assert rt.stats.to_dict()["loads"] > 0 and rt.stats.to_dict()["substitution_rate"] == 0.0
 
 
-def test_batched_left_padded_greedy_matches_hf(fixture_model):
-    with Runtime.load(fixture_model, policy="lru", cache="25%", lossless=True) as rt:
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_batched_left_padded_greedy_matches_hf(fixture_model, dtype):
+    """The default dtype on CPU is the checkpoint's (bf16 here); float32 on request. Both are exact against HF in
+    the same dtype, with the cache holding bf16 experts either way."""
+    with Runtime.load(fixture_model, policy="lru", cache="25%", lossless=True, dtype=dtype) as rt:
+        assert rt.lm.dtype == (dtype or torch.bfloat16) and rt.cache.expert_bytes == rt.store.expert_bytes
+        assert rt.store.dtype == torch.bfloat16
         prompts = ["The function returns", "And the LORD said unto"]
         ids, mask = rt.encode(prompts)
         rt.generate(prompts, max_new_tokens=12)
-        hf = _hf(fixture_model)
+        hf = _hf(fixture_model, rt.lm.dtype)
         ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=rt._pad())
         for row in range(2):
             ours = rt.last_tokens[row].tolist()
@@ -62,10 +71,11 @@ def test_batched_left_padded_greedy_matches_hf(fixture_model):
             assert ours == theirs
 
 
-def test_fixture_lossless_logits(fixture_model):
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_fixture_lossless_logits(fixture_model, dtype):
     ids = torch.randint(1, 4096, (1, 40), generator=torch.Generator().manual_seed(0))
-    with Runtime.load(fixture_model, policy="smoe", cache="25%", lossless=True) as rt:
-        diff = (rt.forward(ids) - _hf(fixture_model)(ids).logits).abs().max().item()
+    with Runtime.load(fixture_model, policy="smoe", cache="25%", lossless=True, dtype=dtype) as rt:
+        diff = (rt.forward(ids) - _hf(fixture_model, rt.lm.dtype)(ids).logits).abs().max().item()
     assert diff == 0.0
 
 
@@ -129,7 +139,7 @@ def test_plan_understudy_is_exact_for_a_planted_copy(tmp_path, score5, err, reas
         if reason == "band":
             idx5 = torch.tensor([[0, 5]])
             routing = Routing(idx=idx5, weights=score.gather(1, idx5), score=score, coef=torch.ones(1), gate=score)
-        ref = ResidentExecutor(rt.store, rt.lm.device)(0, x, routing)
+        ref = ResidentExecutor(rt.store, rt.lm.device, rt.lm.dtype)(0, x, routing)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 

@@ -1,0 +1,33 @@
+"""The expert-cache budget a run honours, and the one line that states it.
+
+The cache holds experts in the dtype the plan counted them in (the checkpoint's), whatever the compute dtype:
+  capacity = sum over MoE layers of slots_l x expert_bytes(checkpoint dtype)  <=  the plan's cache bytes.
+A float32 run of a bf16 plan keeps its slots in bf16 and widens each expert into a workspace when it computes
+(exact), so the bytes held and the bytes moved are the plan's; nothing is re-sized behind the plan's back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from artifacts.units import human_bytes
+
+
+@dataclass(frozen=True)
+class CacheBudget:
+    slots: int                  # cache slots, all MoE layers
+    expert_bytes: int           # bytes of one expert as the cache holds it
+    expert_dtype: str           # dtype the cache holds and the link moves
+    compute_dtype: str          # dtype experts compute in
+    limit_bytes: int | None     # the most the cache may hold: the plan's cache budget (None: --cache given)
+    source: str                 # where the size came from
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.slots * self.expert_bytes
+
+    def describe(self) -> str:
+        limit = (f", within {self.source}'s {human_bytes(self.limit_bytes)}" if self.limit_bytes is not None
+                 else f" ({self.source})")
+        conv = "" if self.compute_dtype == self.expert_dtype else f"; computed in {self.compute_dtype}"
+        return (f"expert cache: {self.slots} slots x {human_bytes(self.expert_bytes)} ({self.expert_dtype}) = "
+                f"{human_bytes(self.capacity_bytes)}{limit}{conv}")
