@@ -19,6 +19,22 @@ def check_range(value, flag: str, lo=None, hi=None, lo_open: bool = False):
     return value
 
 
+def cli_parser(prog: str, description: str):
+    """An argparse parser whose usage errors are one line ("PROG: error: ...; see PROG --help") with exit code 2,
+    and which answers --version."""
+    import argparse
+
+    from artifacts.header import TOOL_VERSION
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+    ap = _Parser(prog=prog, description=description)
+    ap.add_argument("--version", action="version", version=f"%(prog)s (understudy) {TOOL_VERSION}")
+    return ap
+
+
 def run_cli(prog: str, body) -> int:
     """Run a command's body: a user mistake is one line on stderr and exit code 2, never a traceback."""
     import sys

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from artifacts.errors import check_range, run_cli
+from artifacts.errors import check_range, cli_parser, run_cli
 
 PROG = "moe-compile"
 
@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     from compiler.targets import presets
 
     d = CompileConfig()
-    ap = argparse.ArgumentParser(prog=PROG, description="Compile a profile into a plan for a memory budget and target.")
+    ap = cli_parser(PROG, "Compile a profile into a plan for a memory budget and target.")
     ap.add_argument("profile_dir")
     ap.add_argument("--budget", required=True,
                     help="all device memory the runtime may use (12GiB, 900MiB) or the cache's share of routed-expert "

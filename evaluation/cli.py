@@ -7,11 +7,10 @@ A plan given as NAME=DIR is evaluated as policy NAME (so two plans, say for two 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from artifacts.errors import run_cli
+from artifacts.errors import cli_parser, run_cli
 
 PROG = "moe-eval"
 
@@ -20,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.run_eval import EvalConfig
 
     d = EvalConfig()
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap = cli_parser(PROG, __doc__.splitlines()[0])
     ap.add_argument("model_dir")
     ap.add_argument("--data", required=True, help=".jsonl/.txt file or a datasets directory")
     ap.add_argument("--plan", action="append", default=None, metavar="[NAME=]PLAN_DIR",

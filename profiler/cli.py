@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from artifacts.errors import check_range, run_cli
+from artifacts.errors import check_range, cli_parser, run_cli
 
 PROG = "moe-profile"
 
@@ -25,13 +25,13 @@ def _profile_parser() -> argparse.ArgumentParser:
     from profiler.profile_model import ProfileConfig
 
     d = ProfileConfig()
-    ap = argparse.ArgumentParser(prog=PROG, description="Profile a Mixture-of-Experts checkpoint on calibration text "
+    ap = cli_parser(PROG, "Profile a Mixture-of-Experts checkpoint on calibration text "
                                  "(use 'moe-profile merge A B -o C' to merge profiles of calibration shards).")
     ap.add_argument("model_dir", help="HF checkpoint directory (config.json + safetensors)")
     ap.add_argument("--calib", required=True, help=".jsonl/.txt/.parquet file, a saved datasets directory, or a hub name")
     ap.add_argument("-o", "--output", required=True, help="profile directory to write")
     ap.add_argument("--samples", type=int, default=d.samples, help=f"calibration windows (default {d.samples})")
-    ap.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per window (default {d.seq_len})")
+    ap.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per window (default 256, or the model's context if shorter)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--text-field", default=d.text_field, help="field of .jsonl/.parquet/dataset rows with the text")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
@@ -58,7 +58,8 @@ def _run_profile(argv: list[str]) -> int:
     args = _profile_parser().parse_args(argv)
     out = _check_output(args.output)
     check_range(args.samples, "--samples", 1)
-    check_range(args.seq_len, "--seq-len", 2)
+    if args.seq_len is not None:
+        check_range(args.seq_len, "--seq-len", 2)
     check_range(args.batch_size, "--batch-size", 1)
     check_range(args.probe_tokens, "--probe-tokens", 0)
     check_range(args.sensitivity_tokens, "--sensitivity-tokens", 0)
@@ -83,7 +84,7 @@ def _run_merge(argv: list[str]) -> int:
     from profiler.merge import merge_profiles
     from profiler.summary import summarize
 
-    ap = argparse.ArgumentParser(prog=f"{PROG} merge", description="Merge profiles of calibration shards of one model.")
+    ap = cli_parser(f"{PROG} merge", "Merge profiles of calibration shards of one model.")
     ap.add_argument("profiles", nargs="+", help="profile directories")
     ap.add_argument("-o", "--output", required=True)
     ap.add_argument("--quiet", action="store_true")

@@ -30,7 +30,7 @@ class ProfileConfig:
     """Settings of one profiling run; the CLI maps its flags onto these fields."""
 
     samples: int = 64                 # calibration windows
-    seq_len: int = 256                # tokens per window
+    seq_len: int | None = None        # tokens per window (default: 256, or the model's context if shorter)
     seed: int = 0                     # window and probe sampling
     text_field: str = "text"
     device: str = "cpu"
@@ -97,11 +97,12 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
         raise UserError("--probe-tokens and --sensitivity-tokens must be >= 0 and --batch-size >= 1")
     # the cheap checks first (config, sequence length, tokenizer, calibration text), then the model's weights
     arch = resolve_arch(load_config(model_dir))
-    if arch.max_positions is not None and config.seq_len > arch.max_positions:
-        raise UserError(f"--seq-len {config.seq_len} is over the model's limit of {arch.max_positions} positions; "
+    seq_len = config.seq_len or min(256, arch.max_positions or 256)
+    if arch.max_positions is not None and seq_len > arch.max_positions:
+        raise UserError(f"--seq-len {seq_len} is over the model's limit of {arch.max_positions} positions; "
                         f"use --seq-len {arch.max_positions} or less")
     tok = load_tokenizer(str(model_dir), config.tokenizer)
-    calib = build_calibration(data, tok, config.samples, config.seq_len, config.seed, config.text_field)
+    calib = build_calibration(data, tok, config.samples, seq_len, config.seed, config.text_field)
     lm = load_model(model_dir, config.device, config.dtype or ("float32" if config.device == "cpu" else None))
 
     width = min(arch.num_experts, arch.top_k + (arch.top_k if config.trace_extra is None else config.trace_extra))
@@ -149,7 +150,8 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
         FORMAT, FORMAT_VERSION,
         model=model_info,
         calibration=[calib.source],
-        settings={k: v for k, v in asdict(config).items() if k not in ("device", "dtype", "tokenizer")},
+        settings={k: v for k, v in asdict(config).items() if k not in ("device", "dtype", "tokenizer")}
+        | {"seq_len": seq_len},
         probe={"tokens": int(probe.sum())},
         clustering={"method": "agglomerative, average linkage", "distance": "1 - mean cosine (symmetrised)",
                     "threshold": config.cluster_threshold},

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from artifacts.errors import UserError, check_range, run_cli
+from artifacts.errors import UserError, check_range, cli_parser, run_cli
 
 PROG = "moe-run"
 
@@ -17,7 +17,7 @@ PROG = "moe-run"
 def _parser() -> argparse.ArgumentParser:
     from runtime.policy.config import POLICIES
 
-    ap = argparse.ArgumentParser(prog=PROG, description="Decode with a MoE checkpoint whose routed experts are "
+    ap = cli_parser(PROG, "Decode with a MoE checkpoint whose routed experts are "
                                  "offloaded; a bounded device cache; understudies for low-importance misses.")
     ap.add_argument("model_dir")
     ap.add_argument("--plan", default=None, help="plan directory from moe-compile (policy 'plan')")
