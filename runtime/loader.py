@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from artifacts.errors import UserError
+
 from runtime.expert_store import ExpertStore
 from runtime.link import Link
 
@@ -33,9 +35,13 @@ class Ticket:
     metered: bool = False             # its duration has been fed to the load-cost meter
 
     def wait(self) -> None:
+        """Block until the copy has landed; a failed copy is raised here, in the caller, as a one-line error."""
         self.done.wait()
         if self.error is not None:
-            raise self.error
+            err = self.error
+            why = (err.strerror if isinstance(err, OSError) else None) or (str(err).splitlines() or [type(err).__name__])[0]
+            raise UserError(f"loading expert {self.expert} of MoE layer {self.layer} failed ({why}); check the "
+                            "checkpoint files and the disk") from err
         if self.cuda_event is not None:
             torch.cuda.current_stream().wait_event(self.cuda_event)
 

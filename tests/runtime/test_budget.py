@@ -70,3 +70,29 @@ def test_moe_run_prints_the_budget(bf16_plan, capsys):
     err = capsys.readouterr().err
     line = next(l for l in err.splitlines() if l.startswith("expert cache:"))
     assert "(bfloat16)" in line and "within the plan's" in line
+
+
+def test_a_failed_load_reaches_the_caller_as_one_line(bf16_plan, monkeypatch):
+    """An I/O error in the loader thread mid-decode is raised in the decoding thread: no hang, no traceback."""
+    import errno
+    import threading
+
+    from artifacts import UserError
+
+    model, plan_dir = bf16_plan
+    with Runtime.load(model, plan=plan_dir) as rt:
+        def broken(layer, e, dst, non_blocking=False):
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(rt.store, "copy_into", broken)
+        result = {}
+
+        def decode():
+            try:
+                rt.generate(["the expert cache", "router score"], max_new_tokens=12)
+            except UserError as exc:
+                result["error"] = str(exc)
+        t = threading.Thread(target=decode)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive(), "decoding hung on a failed load"
+    assert "failed (Input/output error)" in result["error"] and "\n" not in result["error"]
