@@ -26,6 +26,46 @@ HEADER_FILE, CACHE_FILE, SUBS_FILE = "plan.json", "cache_plan.json", "substituti
 EXPERT_DTYPES = ("float32", "bfloat16", "float16")
 
 
+@dataclass(frozen=True)
+class PlanChoices:
+    """What moe-compile chose (plan.json "choices"): the substitution rule, the cache's behaviour, and how it was
+    chosen. `runtime.policy.plan_policy` turns it into the runtime's policy, for the runtime, the compiler's search
+    and simulator, and the report alike.
+
+    A routed pair (token, i) with score s_i is replaceable when i is not protected and s_i <= (1 + alpha) S(k+1)
+    (S(k+1) = the best unchosen score); it is then served by a near-twin j with profiled error err(i, j) <= tau, or
+    by one of the token's `pool_depth` best unchosen experts that is cached, or dropped (`drop_misses`, where the
+    substitution map allows it), or loaded.
+    """
+
+    alpha: float                       # score band (0: lossless)
+    tau: float                         # near-twin threshold on the profiled relative output error
+    pool_depth: int | None             # band understudies among the token's d best inactive experts (None: any)
+    drop_misses: bool                  # low-score misses without an understudy are dropped (else loaded)
+    prefetch: bool                     # next-layer prefetch
+    prefetch_max: int | None           # prefetches per layer call (None: k)
+    window: int                        # score-eviction window, decode steps
+    host_compute: bool                 # compute low-score misses on the host where cheaper than loading
+    width: int | None = None           # experts per token the runtime ranks (trace width)
+    eviction: str = "score"
+    understudy_weight: str = "auto"
+    objective: str = ""                # how the candidate was chosen, in words
+    error_metric: str = "ppl_increase"
+    error_limit: float | None = None
+    protect_frac: float = 0.1
+    batch: int = 1
+    context: int = 2048
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanChoices":
+        """From plan.json (fields this version does not know are ignored; missing ones take their defaults)."""
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
 @dataclass
 class Plan:
     header: dict
@@ -38,12 +78,16 @@ class Plan:
     clusters: dict[int, list[int]] = field(default_factory=dict)
 
     @property
+    def choices(self) -> PlanChoices:
+        return PlanChoices.from_dict(self.header["choices"])
+
+    @property
     def alpha(self) -> float:
-        return float(self.header["choices"]["alpha"])
+        return self.choices.alpha
 
     @property
     def tau(self) -> float:
-        return float(self.header["choices"]["tau"])
+        return self.choices.tau
 
     @property
     def budget(self) -> dict:
@@ -56,10 +100,6 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         return self.header["model"]["fingerprint"]
-
-    @property
-    def choices(self) -> dict:
-        return self.header["choices"]
 
     def substitution_map(self) -> dict[int, dict]:
         """Per layer {"substitutes", "protected", "drop_ok"}: what runtime.policy.plan_params reads."""
@@ -139,8 +179,10 @@ class Plan:
         budget = h.obj(h.get(header, "budget", "budget"), "budget")
         cache_budget = h.int_(h.get(budget, "cache_bytes", "budget.cache_bytes"), "budget.cache_bytes", 1)
         c = h.obj(h.get(header, "choices", "choices"), "choices")
-        h.num(h.get(c, "alpha", "choices.alpha"), "choices.alpha", 0.0)
-        h.num(h.get(c, "tau", "choices.tau"), "choices.tau", 0.0)
+        for key in ("alpha", "tau", "pool_depth", "drop_misses", "prefetch", "prefetch_max", "window", "host_compute"):
+            h.get(c, key, f"choices.{key}")
+        h.num(c["alpha"], "choices.alpha", 0.0)
+        h.num(c["tau"], "choices.tau", 0.0)
         for key, lo, hi in (("window", 1, None), ("width", 1, e), ("pool_depth", 0, e), ("prefetch_max", 1, e),
                             ("batch", 1, None), ("context", 1, None)):
             if c.get(key) is not None:

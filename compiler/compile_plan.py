@@ -19,23 +19,22 @@ Prefetch only moves loads earlier (and may displace cached experts), so it is tr
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from artifacts.errors import UserError
 from artifacts.header import new_header, sha256_dir
-from artifacts.plan import FORMAT, FORMAT_VERSION, Plan
+from artifacts.plan import FORMAT, FORMAT_VERSION, Plan, PlanChoices
 from artifacts.profile import Profile
 from compiler.allocate import allocate_slots, hit_curves
 from compiler.loss_model import LossModel
 from compiler.memory import split_budget
 from compiler.objective import Objective
-from compiler.simulator import Costs, SimResult, simulate
+from compiler.predict import initial_residents, simulate_baseline, simulate_plan
+from compiler.simulator import Costs
 from compiler.substitution_map import build_substitution_map
 from compiler.targets import load_target
-from runtime.policy.config import preset
-from runtime.policy.plan_params import substitution_params
-from runtime.policy.slots import uniform_slots
+from runtime.policy.plan_params import plan_policy
 
 DEFAULT_MAX_PPL = 0.005             # default error limit with a loss model: perplexity +0.5%
 DEFAULT_MAX_ERROR = 0.02            # without one: 2% of the routed gate mass replaced by output error
@@ -61,18 +60,6 @@ class CompileConfig:
     window: int = 16                   # eviction window n (decode steps)
 
 
-def _sim(profile: Profile, slots, policy, subs_map, tau, costs, initial, tokens, loss_model=None) -> SimResult:
-    params = substitution_params(policy, profile.moe_layers, subs_map, tau)
-    err = profile.substitution_error
-    return simulate(profile.trace, profile.moe_layers, profile.num_experts, profile.top_k, slots, policy, params,
-                    costs, initial=initial, error=err, tokens=tokens, loss_model=loss_model)
-
-
-def _with_drops(subs_map: dict[int, dict], drops: bool) -> dict[int, dict]:
-    """The map with drop_ok kept (drops chosen) or cleared (low-score misses without an understudy are loaded)."""
-    return {l: layer | {"drop_ok": layer["drop_ok"] if drops else []} for l, layer in subs_map.items()}
-
-
 def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
     """The taus of TAUS that admit different sets of similarity understudies (the others replay identically)."""
     errs = sorted(err for layer in subs_map.values() for ranked in layer["substitutes"].values() for _, _, err in ranked)
@@ -82,15 +69,6 @@ def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
         if n != seen:
             out.append(tau)
             seen = n
-    return out
-
-
-def _initial(profile: Profile, slots: dict[int, int]) -> dict[int, list[int]]:
-    """The most frequently routed experts of each layer start resident."""
-    out = {}
-    for l, n in slots.items():
-        f = profile.frequency[l]
-        out[l] = sorted(range(profile.num_experts), key=lambda e: (-f[e], e))[:n]
     return out
 
 
@@ -115,17 +93,22 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
         DEFAULT_MAX_PPL if loss_model is not None else DEFAULT_MAX_ERROR)
 
     # slots per layer by marginal gain (under the plan policy at a middle setting)
-    base = preset("plan", alpha=0.5, pool_depth=2, window=config.window, host_compute=False)
-    curves = hit_curves(profile.trace, layers, e, k, base,
-                        substitution_params(base, layers, subs_map, 0.6), max_slots=min(e, split.total_slots),
+    middle = PlanChoices(alpha=0.5, tau=0.6, pool_depth=2, drop_misses=True, prefetch=False, prefetch_max=None,
+                         window=config.window, host_compute=False)
+    base, base_params = plan_policy(middle, layers, subs_map)
+    curves = hit_curves(profile.trace, layers, e, k, base, base_params, max_slots=min(e, split.total_slots),
                         tokens=min(n_search, 1024))
     slots = allocate_slots(curves, split.total_slots, e)
-    initial = _initial(profile, slots)
+    initial = initial_residents(profile, slots)
+    width = int(profile.header["trace"]["width"])
+
+    def choice(alpha, depth, drops, tau, pmax) -> PlanChoices:
+        return PlanChoices(alpha=alpha, tau=tau, pool_depth=depth, drop_misses=drops, prefetch=pmax > 0,
+                           prefetch_max=pmax or None, window=config.window, host_compute=host, width=width)
 
     def run(alpha, depth, drops, tau, pmax):
-        pol = preset("plan", alpha=alpha, pool_depth=depth, window=config.window, prefetch=pmax > 0,
-                     prefetch_max=pmax or None, host_compute=host)
-        r = _sim(profile, slots, pol, _with_drops(subs_map, drops), tau, costs, initial, n_search, loss_model)
+        c = choice(alpha, depth, drops, tau, pmax)
+        r = simulate_plan(profile, slots, c, subs_map, costs, n_search, loss_model, initial)
         return {"alpha": alpha, "pool_depth": depth, "drop_misses": drops, "tau": tau, "prefetch": pmax > 0,
                 "prefetch_max": pmax, **r.to_dict()}
 
@@ -146,19 +129,15 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
     if config.tpot_target_ms is not None and best["tpot_ms"] > config.tpot_target_ms:
         log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
             f"the fastest models {best['tpot_ms']:.2f} ms")
-    subs_map = _with_drops(subs_map, best["drop_misses"])
-
-    chosen = preset("plan", alpha=best["alpha"], pool_depth=best["pool_depth"], window=config.window,
-                    prefetch=best["prefetch"],
-                    prefetch_max=best["prefetch_max"] or None, host_compute=host)
+    chosen = replace(choice(best["alpha"], best["pool_depth"], best["drop_misses"], best["tau"], best["prefetch_max"]),
+                     objective=objective, error_metric=metric, error_limit=limit, protect_frac=config.protect_frac,
+                     batch=config.batch, context=config.context)
     n_pred = min(config.predict_tokens, profile.trace["ids"].shape[0])
     predicted = {"tokens": n_pred, "target": target.name,
-                 "plan": _sim(profile, slots, chosen, subs_map, best["tau"], costs, initial, n_pred,
-                              loss_model).to_dict()}
-    uniform = uniform_slots(split.total_slots, layers, e)
+                 "plan": simulate_plan(profile, slots, chosen, subs_map, costs, n_pred, loss_model, initial).to_dict()}
     for name in ("lru", "smoe"):
-        pol = preset(name, window=config.window, host_compute=host if name == "smoe" else False)
-        predicted[name] = _sim(profile, uniform, pol, None, 1.0, costs, None, n_pred, loss_model).to_dict()
+        predicted[name] = simulate_baseline(profile, name, split.total_slots, config.window, host, costs, n_pred,
+                                            loss_model).to_dict()
     for name in ("lru", "smoe"):
         if predicted[name]["loads_per_token"] > 0:
             predicted["plan"][f"loads_vs_{name}"] = predicted["plan"]["loads_per_token"] / predicted[name]["loads_per_token"]
@@ -173,13 +152,7 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                  "calibration": [c.get("tokens_sha256") for c in profile.header["calibration"]]},
         budget=split.to_dict() | {"text": config.budget},
         target=target.to_dict(),
-        choices={"alpha": best["alpha"], "tau": best["tau"], "pool_depth": best["pool_depth"],
-                 "drop_misses": best["drop_misses"], "prefetch": best["prefetch"],
-                 "prefetch_max": best["prefetch_max"] or None,
-                 "window": config.window, "host_compute": host, "width": int(profile.header["trace"]["width"]),
-                 "eviction": "score", "understudy_weight": "auto", "objective": objective,
-                 "error_metric": metric, "error_limit": limit,
-                 "protect_frac": config.protect_frac, "batch": config.batch, "context": config.context},
+        choices=chosen.to_dict(),
         predicted=predicted,
         search=candidates,
         curves={str(l): c for l, c in curves.items()},

@@ -9,12 +9,11 @@ import numpy as np
 from artifacts.plan import Plan
 from artifacts.profile import Profile
 from compiler.allocate import allocate_slots
-from compiler.simulator import Costs, simulate
+from compiler.loss_model import LossModel
+from compiler.predict import simulate_baseline, simulate_plan
+from compiler.simulator import Costs
 from compiler.summary import summarize
 from compiler.targets import Target
-from runtime.policy.config import preset
-from runtime.policy.plan_params import substitution_params
-from runtime.policy.slots import uniform_slots
 
 BUDGETS = (0.125, 0.25, 0.5, 0.75)
 
@@ -28,30 +27,33 @@ def _figure(w=6.4, h=4.0):
     return fig
 
 
-def budget_sweep(plan: Plan, profile: Profile, tokens: int = 1024) -> dict[str, list[dict]]:
+def budget_sweep(plan: Plan, profile: Profile) -> list[dict]:
+    """Rows {budget, policy, this_plan, prediction} at BUDGETS and at the plan's own budget. Each budget's plan
+    re-allocates slots from the profiled gain curves and keeps the plan's choices (compiler.predict, the compiler's
+    own replay); the plan's own row is plan.json's prediction itself."""
     model = profile.header["model"]
-    target = Target.from_dict(plan.header["target"])
-    costs = Costs.of(target, model)
-    layers, e, k = profile.moe_layers, profile.num_experts, profile.top_k
+    costs = Costs.of(Target.from_dict(plan.header["target"]), model)
+    layers, e = profile.moe_layers, profile.num_experts
     curves = {int(l): c for l, c in plan.header["curves"].items()}
-    c = plan.choices
-    subs_map = plan.substitution_map()
-    out: dict[str, list[dict]] = {"lru": [], "smoe": [], "plan": []}
-    for frac in BUDGETS:
-        total = max(len(layers), int(frac * e * len(layers)))
-        uni = uniform_slots(total, layers, e)
-        for name in ("lru", "smoe"):
-            pol = preset(name, window=c["window"], host_compute=c["host_compute"] if name == "smoe" else False)
-            r = simulate(profile.trace, layers, e, k, uni, pol, substitution_params(pol, layers), costs,
-                         error=profile.substitution_error, tokens=tokens)
-            out[name].append({"budget": frac, **r.to_dict()})
-        pol = preset("plan", alpha=c["alpha"], window=c["window"], prefetch=c["prefetch"],
-                     prefetch_max=c["prefetch_max"], host_compute=c["host_compute"])
-        slots = allocate_slots(curves, total, e)
-        r = simulate(profile.trace, layers, e, k, slots, pol, substitution_params(pol, layers, subs_map, c["tau"]),
-                     costs, error=profile.substitution_error, tokens=tokens)
-        out["plan"].append({"budget": frac, **r.to_dict()})
-    return out
+    choices, subs_map = plan.choices, plan.substitution_map()
+    tokens = int(plan.predicted["tokens"])
+    loss_model = LossModel.from_profile(profile)
+    total_experts = e * len(layers)
+    own = sum(plan.slots.values())
+    rows = []
+    for total in sorted({max(len(layers), int(frac * total_experts)) for frac in BUDGETS} | {own}):
+        for name in ("lru", "smoe", "plan"):
+            if total == own:
+                r = plan.predicted[name]
+            elif name == "plan":
+                slots = allocate_slots(curves, total, e)
+                r = simulate_plan(profile, slots, choices, subs_map, costs, tokens, loss_model).to_dict()
+            else:
+                r = simulate_baseline(profile, name, total, choices.window, choices.host_compute, costs, tokens,
+                                      loss_model).to_dict()
+            rows.append({"budget": total / total_experts, "slots": total, "policy": name, "this_plan": total == own,
+                         **r})
+    return rows
 
 
 def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
@@ -62,7 +64,8 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
     for n, (key, label) in enumerate((("hit_rate", "hit rate"), ("tpot_ms", "modeled TPOT (ms)"))):
         ax = fig.add_subplot(1, 2, n + 1)
         for name, style in (("lru", "o-"), ("smoe", "s-"), ("plan", "^-")):
-            ax.plot([100 * r["budget"] for r in sweep[name]], [r[key] for r in sweep[name]], style, label=name)
+            pts = [r for r in sweep if r["policy"] == name]
+            ax.plot([100 * r["budget"] for r in pts], [r[key] for r in pts], style, label=name)
         ax.set_xlabel("cache budget (% of routed-expert bytes)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -84,16 +87,21 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
     fig.colorbar(im, ax=fig.axes, shrink=0.8, label="mean output cosine")
     fig.savefig(out / "similarity.png")
 
-    rows = ["| budget | policy | hit rate | loads/token | modeled TPOT (ms) | relative error |", "|---|---|---|---|---|---|"]
-    for i, frac in enumerate(BUDGETS):
-        for name in ("lru", "smoe", "plan"):
-            r = sweep[name][i]
-            rows.append(f"| {100 * frac:g}% | {name} | {r['hit_rate']:.3f} | {r['loads_per_token']:.2f} | "
-                        f"{r['tpot_ms']:.2f} | {r['relative_error']:.4f} |")
+    rows = ["| budget | policy | exact hit | understudy | drop | host | miss | loads/token | modeled TPOT (ms) | "
+            "predicted ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sweep:
+        ppl = "-" if r.get("ppl_increase") is None else f"{100 * r['ppl_increase']:+.2f}%"
+        mark = " (this plan)" if r["this_plan"] else ""
+        rows.append(f"| {100 * r['budget']:.1f}% ({r['slots']} slots){mark} | {r['policy']} | "
+                    f"{r['exact_hit_rate']:.3f} | {r['substitution_rate']:.3f} | {r['drop_rate']:.3f} | "
+                    f"{r['host_rate']:.3f} | {r['miss_rate']:.3f} | {r['loads_per_token']:.2f} | {r['tpot_ms']:.2f} | "
+                    f"{ppl} |")
     text = (f"# Plan report\n\nModel `{plan.header['model']['model_type']}` (fingerprint "
             f"`{plan.fingerprint}`), target `{plan.predicted.get('target')}`.\n\n```\n{summarize(plan)}\n```\n\n"
-            "## Budget sweep (trace replay through the runtime's cache model; the plan's choices, its slots "
-            "re-allocated per budget)\n\n![budget sweep](budget_sweep.png)\n\n" + "\n".join(rows) +
+            f"## Budget sweep\n\nTrace replay ({plan.predicted['tokens']} calibration tokens) through the runtime's own "
+            "cache model; at each budget the plan keeps its choices and re-allocates its slots; the row marked "
+            "(this plan) is plan.json's prediction. Each row's exact hit, understudy, drop, host and miss shares add "
+            "up to 1.\n\n![budget sweep](budget_sweep.png)\n\n" + "\n".join(rows) +
             "\n\n## Functional similarity (experts ordered by cluster)\n\n![similarity](similarity.png)\n")
     (out / "report.md").write_text(text)
     return out / "report.md"

@@ -31,7 +31,6 @@ from runtime.policy.substitution import SubstitutionParams, kth_next
 @dataclass
 class SimResult(Counts):
     tokens: int = 0
-    prefetches: int = 0
     error: float = 0.0            # expected error mass, summed over tokens
     mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
     time_s: float = 0.0           # modeled decode time, summed over tokens
@@ -67,11 +66,10 @@ class SimResult(Counts):
         return None if self.loss is None else LossModel.ppl_increase(self.loss_per_token)
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "loss_per_token": self.loss_per_token, "ppl_increase": self.ppl_increase, "hit_rate": self.hit_rate, "loads_per_token": self.loads_per_token,
+        return {"tokens": self.tokens, "loss_per_token": self.loss_per_token, "ppl_increase": self.ppl_increase,
+                "hit_rate": self.hit_rate, **self.rates(), "loads_per_token": self.loads_per_token,
                 "tpot_ms": self.tpot_ms, "error_per_token": self.error_per_token,
                 "relative_error": self.relative_error,
-                "substitution_rate": sum(self.understudies.values()) / max(self.pairs, 1),
-                "drop_rate": self.drops / max(self.pairs, 1), "host_rate": self.host / max(self.pairs, 1),
                 "understudies": dict(self.understudies), "drops": self.drops, "loads": self.loads}
 
 
@@ -116,8 +114,6 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
             s = model.schedule(layer, [row], [chosen], pred, costs.load, costs.host_expert)
             c = s.counts
             res.add(c)
-            res.loads += s.prefetches                    # counts.loads holds the demand loads
-            res.prefetches += s.prefetches
             g = {e: float(coef[t, m]) * row.get(e, 0.0) for e in chosen}
             res.mass += sum(g.values())
             d = s.decisions[0]

@@ -1,4 +1,5 @@
-"""The short human summary moe-compile prints: memory split, slots per layer, predictions against lru and smoe."""
+"""The short human summary moe-compile prints: memory split, slots per layer, predictions against lru and smoe
+(hit = exact + understudy; exact, understudy, drop, host and miss add up to 1)."""
 from __future__ import annotations
 
 from artifacts.plan import Plan
@@ -11,19 +12,20 @@ def summarize(plan: Plan) -> str:
     c, p = plan.choices, plan.predicted
     lines = [split.describe(),
              "slots per layer: " + ", ".join(f"{l}:{n}" for l, n in sorted(plan.slots.items())),
-             f"alpha {c['alpha']:g}; understudies: near-twins of error <= tau {c['tau']:g}, then the token's "
-             f"{c.get('pool_depth')} next router choices; low-score misses without one "
-             f"{'dropped' if c.get('drop_misses') else 'loaded'}; prefetch "
-             f"{'off' if not c['prefetch'] else 'up to ' + str(c['prefetch_max'] or 'k')}, host compute "
-             f"{'on' if c['host_compute'] else 'off'}; objective: {c['objective']}",
+             f"alpha {c.alpha:g}; understudies: near-twins of error <= tau {c.tau:g}, then the token's "
+             f"{c.pool_depth} next router choices; low-score misses without one "
+             f"{'dropped' if c.drop_misses else 'loaded'}; prefetch "
+             f"{'off' if not c.prefetch else 'up to ' + str(c.prefetch_max or 'k')}, host compute "
+             f"{'on' if c.host_compute else 'off'}; objective: {c.objective}",
              f"predicted on {p['target']} ({p['tokens']} trace tokens, batch 1):",
-             f"  {'policy':<6} {'hit rate':>9} {'substituted':>12} {'dropped':>8} {'loads/tok':>10} {'TPOT ms':>9} "
-             f"{'ppl':>8} {'rel. error':>11}"]
+             f"  {'policy':<6} {'hit':>6} {'exact':>6} {'underst.':>8} {'drop':>6} {'host':>6} {'miss':>6} "
+             f"{'loads/tok':>10} {'TPOT ms':>9} {'ppl':>8}"]
     for name in ("plan", "lru", "smoe"):
         d = p[name]
         ppl = "-" if d.get("ppl_increase") is None else f"{100 * d['ppl_increase']:+.2f}%"
-        lines.append(f"  {name:<6} {d['hit_rate']:>9.3f} {d['substitution_rate']:>12.3f} {d['drop_rate']:>8.3f} "
-                     f"{d['loads_per_token']:>10.2f} {d['tpot_ms']:>9.2f} {ppl:>8} {d['relative_error']:>11.4f}")
+        lines.append(f"  {name:<6} {d['hit_rate']:>6.3f} {d.get('exact_hit_rate', 0):>6.3f} "
+                     f"{d['substitution_rate']:>8.3f} {d['drop_rate']:>6.3f} {d['host_rate']:>6.3f} "
+                     f"{d.get('miss_rate', 0):>6.3f} {d['loads_per_token']:>10.2f} {d['tpot_ms']:>9.2f} {ppl:>8}")
     pl = p["plan"]
     if "loads_vs_lru" in pl:
         lines.append(f"  plan vs lru: loads x{pl['loads_vs_lru']:.2f}, TPOT x{pl.get('tpot_vs_lru', 0):.2f}; "

@@ -27,7 +27,7 @@ from runtime.offload_executor import OffloadExecutor
 from runtime.policy.config import POLICIES, PolicyConfig, preset
 from runtime.policy.schedule import CacheModel
 from runtime.policy.slots import resolve_slots
-from runtime.policy.plan_params import substitution_params
+from runtime.policy.plan_params import plan_policy, substitution_params
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
 
@@ -79,13 +79,15 @@ class Runtime:
         lm = load_model(model_dir, device, dtype)
         if the_plan is not None:
             check_plan_matches(the_plan, lm, model_dir)
-            if policy == "plan":
-                for key in ("alpha", "window", "prefetch", "prefetch_max", "host_compute", "pool_depth"):
-                    if policy_overrides.get(key) is None and key in the_plan.choices:
-                        policy_overrides[key] = the_plan.choices[key]
-        if policy_overrides.get("host_compute") is None:   # the host is the device on a CPU run
-            policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy in ("smoe", "plan") else False
-        cfg = preset(policy, lossless=lossless, **policy_overrides)
+        use_plan = the_plan is not None and policy == "plan"
+        if policy_overrides.get("host_compute") is None and not use_plan:   # the host is the device on a CPU run
+            policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy == "smoe" else False
+        if use_plan:
+            cfg, params = plan_policy(the_plan.choices, lm.arch.moe_layers, the_plan.substitution_map(), lossless,
+                                      **policy_overrides)
+        else:
+            cfg = preset(policy, lossless=lossless, **policy_overrides)
+            params = substitution_params(cfg, lm.arch.moe_layers)
         mode = ("host" if lm.device.type == "cuda" else "mmap") if store == "auto" else store
         tok = load_tokenizer(model_dir)
         if not cfg.offloads:
@@ -99,7 +101,6 @@ class Runtime:
             return rt
         # offloaded experts are held and moved in the checkpoint's dtype (what plans count), computed in lm.dtype
         experts = ExpertStore(lm.ckpt, lm.arch, None, mode=mode, pin=lm.device.type == "cuda")
-        use_plan = the_plan is not None and policy == "plan"
         if use_plan:
             if cache is not None:
                 raise UserError("--cache conflicts with the plan's budget; compile a plan for that budget instead")
@@ -119,12 +120,9 @@ class Runtime:
         kv = ExpertCache(lm.arch.experts, slots, lm.device, experts.dtype)
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
-        params = substitution_params(cfg, lm.arch.moe_layers, the_plan.substitution_map() if use_plan else None,
-                                     the_plan.tau if use_plan else 1.0)
         initial = the_plan.initial if use_plan else {}
         model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial)
-        width = int(the_plan.choices.get("width", 2 * lm.arch.top_k)) if the_plan is not None else 2 * lm.arch.top_k
-        width = min(width, lm.arch.num_experts)
+        width = min((the_plan.choices.width if use_plan else None) or 2 * lm.arch.top_k, lm.arch.num_experts)
         executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)
         rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats,

@@ -20,7 +20,6 @@ class PolicyConfig:
     host_compute: bool = False       # compute the lowest-score misses on the host when that beats loading
     understudy_weight: str = "own"   # "own": coef * gate_j (SMoE) | "replaced": the replaced expert's weight |
                                      # "auto" (plan): near-twins take the replaced weight, band understudies their own
-    by_error: bool = False           # plan: band understudies, then profiled near-twins; drops where the plan allows
     pool_depth: int | None = None    # band understudies among the token's d best inactive experts (None: any)
     use_batch: bool = True           # other tokens' top-score experts may stand in
 
@@ -39,7 +38,7 @@ def preset(name: str, lossless: bool = False, **overrides) -> PolicyConfig:
         # SMoE: alpha 0.25-0.35 in the paper; score eviction; pinning; next-layer prefetch; host/transfer split
         "smoe": PolicyConfig(name="smoe", alpha=0.3, eviction="score", prefetch=True, host_compute=True),
         "plan": PolicyConfig(name="plan", alpha=0.3, eviction="score", prefetch=True, host_compute=True,
-                             understudy_weight="auto", by_error=True, prefetch_guard=True),
+                             understudy_weight="auto", prefetch_guard=True),
     }[name]
     cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if lossless:

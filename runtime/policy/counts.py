@@ -3,7 +3,10 @@
   hits         served by the expert itself from the cache
   understudies served by a cached stand-in, by reason: band, similarity, batch
   misses       the expert itself, loaded on demand;  host: computed on the host;  drops: left out
-  loads        expert copies into the cache (demand + prefetch);  prefetch_issued / prefetch_used
+  (every pair is exactly one of these: pairs = hits + understudies + misses + host + drops)
+  loads        expert copies into the cache, demand and prefetch (prefetch_issued of them), everywhere: in a
+               layer's schedule, the runtime's statistics and the simulator's result;  prefetch_used: prefetched
+               experts that were then used
 """
 from __future__ import annotations
 
@@ -38,3 +41,9 @@ class Counts:
     @property
     def served(self) -> int:
         return self.hits + sum(self.understudies.values())
+
+    def rates(self) -> dict[str, float]:
+        """Shares of pairs that add up to 1: exact hit, understudy, drop, host, miss (hit_rate = exact + understudy)."""
+        n = max(self.pairs, 1)
+        return {"exact_hit_rate": self.hits / n, "substitution_rate": sum(self.understudies.values()) / n,
+                "drop_rate": self.drops / n, "host_rate": self.host / n, "miss_rate": self.misses / n}

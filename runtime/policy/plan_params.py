@@ -1,16 +1,37 @@
-"""Per-layer substitution parameters of a policy, from a plan's substitution map when the policy is `plan`."""
+"""A plan's choices become the runtime's policy here, and only here (`plan_policy`): the runtime, the compiler's
+search and simulator, and the report all call it, so a plan means the same thing everywhere.
+
+Per-layer substitution parameters (`substitution_params`) come from the plan's substitution map for policy `plan`:
+near-twins j of i with profiled error err(i, j) <= tau, the protected experts, and the experts whose low-score
+misses may be dropped (only when the plan chose drops and has a score band, alpha > 0).
+"""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from runtime.policy.config import PolicyConfig
+from artifacts.plan import PlanChoices
+from runtime.policy.config import PolicyConfig, preset
 from runtime.policy.substitution import SubstitutionParams
 
 
+def plan_policy(choices: PlanChoices, moe_layers: Sequence[int], subs_map: Mapping[int, Mapping] | None,
+                lossless: bool = False, **overrides) -> tuple[PolicyConfig, dict[int, SubstitutionParams]]:
+    """(policy, per-layer substitution parameters) of a plan; `overrides` (e.g. alpha, host_compute from a CLI flag)
+    replace the plan's values; `lossless` forces alpha = 0."""
+    fields = {"alpha": choices.alpha, "pool_depth": choices.pool_depth, "window": choices.window,
+              "prefetch": choices.prefetch, "prefetch_max": choices.prefetch_max,
+              "host_compute": choices.host_compute, "eviction": choices.eviction,
+              "understudy_weight": choices.understudy_weight}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = preset("plan", lossless=lossless, **fields)
+    return cfg, substitution_params(cfg, moe_layers, subs_map, choices.tau, drops=choices.drop_misses)
+
+
 def substitution_params(policy: PolicyConfig, moe_layers: Sequence[int], subs_map: Mapping[int, Mapping] | None = None,
-                        tau: float = 1.0) -> dict[int, SubstitutionParams]:
+                        tau: float = 1.0, drops: bool = True) -> dict[int, SubstitutionParams]:
     """subs_map: per layer {"substitutes": {i: [(j, similarity, error), ...]}, "protected": [...], "drop_ok": [...]}.
-    Similarity understudies are those of error <= tau; drops are allowed only with a score band (alpha > 0)."""
+    Similarity understudies are those of error <= tau; drops are allowed only when `drops` and a score band
+    (alpha > 0)."""
     out = {}
     for l in moe_layers:
         if subs_map is None or policy.name != "plan":
@@ -23,5 +44,5 @@ def substitution_params(policy: PolicyConfig, moe_layers: Sequence[int], subs_ma
             similar={i: [(j, err) for j, _, err in v if err <= tau] for i, v in subs.items()},
             error={i: {j: err for j, _, err in v} for i, v in subs.items()},
             protected=frozenset(layer.get("protected", [])),
-            drop_ok=frozenset(layer.get("drop_ok", [])) if policy.alpha > 0 else frozenset())
+            drop_ok=frozenset(layer.get("drop_ok", [])) if drops and policy.alpha > 0 else frozenset())
     return out

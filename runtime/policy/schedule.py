@@ -44,8 +44,7 @@ def predicted_top(scores: Scores, k: int, alpha: float) -> dict[int, float]:
 class LayerSchedule:
     decisions: list[TokenDecision]
     ops: list[tuple[str, int, int, int | None]]
-    counts: Counts                                  # this layer's pair counts and demand loads
-    prefetches: int = 0
+    counts: Counts                                  # this layer's pair counts and loads (demand + prefetch)
 
 
 class CacheModel:
@@ -194,4 +193,5 @@ class CacheModel:
                 break
             self.prefetched[nxt].add(e)
             ops.append(("prefetch", nxt, e, victim))
-            sched.prefetches += 1
+            sched.counts.loads += 1
+            sched.counts.prefetch_issued += 1

@@ -60,7 +60,7 @@ def test_plan_contents(tiny_profile, tmp_path):
     p = Plan.load(tmp_path / "plan")
     assert sum(p.slots.values()) * p.expert_bytes <= 0.25 * 8 * 3 * p.expert_bytes
     assert set(p.slots) == {0, 1, 2} and all(n >= 1 for n in p.slots.values())
-    assert 0 <= p.alpha <= max(ALPHAS) and p.tau > 0 and p.choices["pool_depth"] in DEPTHS
+    assert 0 <= p.alpha <= max(ALPHAS) and p.tau > 0 and p.choices.pool_depth in DEPTHS
     assert set(p.predicted) >= {"plan", "lru", "smoe"}
     for name in ("plan", "lru", "smoe"):
         assert {"hit_rate", "loads_per_token", "tpot_ms"} <= set(p.predicted[name])
@@ -75,7 +75,7 @@ def test_max_error_and_tpot_target(tiny_profile):
     assert strict.predicted["plan"]["substitution_rate"] == 0.0
     fast = compile_plan(tiny_profile, CompileConfig(budget="25%", tpot_target_ms=1e9, search_tokens=64),
                         log=lambda *a: None)
-    assert fast.choices["objective"].startswith("least ppl_increase with modeled TPOT")
+    assert fast.choices.objective.startswith("least ppl_increase with modeled TPOT")
 
 
 def _run(capsys, *argv):
@@ -126,3 +126,38 @@ def test_compiler_needs_no_torch(tiny_profile, tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_report_is_the_plans_numbers_and_custom_targets_report(tiny_profile, tmp_path, capsys):
+    """report.md's own-budget rows are plan.json's predictions; replaying the plan through compiler.predict gives the
+    same numbers; a --target FILE compiles and reports; every row's shares add up to 1."""
+    from artifacts.profile import Profile
+    from compiler.loss_model import LossModel
+    from compiler.predict import simulate_plan
+    from compiler.report import budget_sweep
+    from compiler.simulator import Costs
+    from compiler.targets import Target
+
+    target = tmp_path / "my_gpu.yaml"
+    target.write_text("name: my_gpu\ndevice_memory: 4GiB\ndevice_mem_bandwidth: 200GB/s\nlink_bandwidth: 8GB/s\n"
+                      "link_latency: 10us\nhost_mem_bandwidth: 20GB/s\n")
+    code, _ = _run(capsys, tiny_profile, "--budget", "25%", "--target", target, "-o", tmp_path / "plan",
+                   "--search-tokens", 64)
+    assert code == 0
+    plan, profile = Plan.load(tmp_path / "plan"), Profile.load(tiny_profile)
+    assert plan.header["target"]["name"] == "my_gpu"
+    replay = simulate_plan(profile, plan.slots, plan.choices, plan.substitution_map(),
+                           Costs.of(Target.from_dict(plan.header["target"]), plan.header["model"] | profile.header["model"]),
+                           plan.predicted["tokens"], LossModel.from_profile(profile), plan.initial).to_dict()
+    assert replay == {k: v for k, v in plan.predicted["plan"].items() if k in replay}
+    rows = budget_sweep(plan, profile)
+    own = {r["policy"]: r for r in rows if r["this_plan"]}
+    for name in ("plan", "lru", "smoe"):
+        assert {k: own[name][k] for k in plan.predicted[name]} == plan.predicted[name]
+    for r in rows:
+        shares = [r[k] for k in ("exact_hit_rate", "substitution_rate", "drop_rate", "host_rate", "miss_rate")]
+        assert abs(sum(shares) - 1) < 1e-9 and abs(r["hit_rate"] - shares[0] - shares[1]) < 1e-9
+    report = (tmp_path / "plan" / "report.md").read_text()
+    p = plan.predicted["plan"]
+    assert f"| plan | {p['exact_hit_rate']:.3f} | {p['substitution_rate']:.3f} |" in report
+    assert "(this plan)" in report

@@ -44,6 +44,8 @@ def test_cache_within_plan_budget_in_every_dtype(bf16_plan, dtype):
         rt.generate(["the expert cache", "router score"], max_new_tokens=12)
         stats = rt.stats.to_dict()
         assert stats["loads"] > 0
+        shares = [stats[k] for k in ("exact_hit_rate", "substitution_rate", "drop_rate", "host_rate", "miss_rate")]
+        assert abs(sum(shares) - 1) < 1e-9                                 # every pair counted exactly once
         assert stats["peak_cache_bytes"] <= plan.cache_budget_bytes
         assert stats["bytes_loaded"] == stats["loads"] * plan.expert_bytes   # bytes moved are bf16 bytes
         tensors = [t for slot in rt.cache._buf.values() for w in slot for t in w.values()]

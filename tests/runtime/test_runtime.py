@@ -27,7 +27,8 @@ def _plan(path, slots, substitutes=None, alpha=0.3, protected=None, drop_ok=None
                                                        "moe_layers": list(layers), "num_experts": lm.arch.num_experts,
                                                        "top_k": lm.arch.top_k, "expert_bytes": eb},
                         budget={"kind": "slots", "cache_bytes": slots * len(layers) * eb},
-                        choices={"alpha": alpha, "tau": 0.5, "window": 8})
+                        choices={"alpha": alpha, "tau": 0.5, "window": 8, "pool_depth": None, "drop_misses": True,
+                                 "prefetch": True, "prefetch_max": None, "host_compute": False})
     return Plan(header=header, slots={l: slots for l in layers}, expert_bytes=eb,
                 substitutes={l: (substitutes or {}) for l in layers}, protected={l: protected or [] for l in layers},
                 drop_ok={l: drop_ok or [] for l in layers}, initial={l: (initial or []) for l in layers})
