@@ -5,7 +5,11 @@ Directory layout (format "understudy.plan", version 1):
                           the choices (alpha, tau, eviction window, prefetch, host split) and predicted metrics
   cache_plan.json         {"expert_bytes": int, "slots": {layer: n}, "initial": {layer: [expert ids]}}
   substitution_map.json   {"tau": float, "layers": {layer: {"protected": [ids], "drop_ok": [ids],
-                           "clusters": [labels], "substitutes": {expert: [[j, similarity, error], ...]}}}}
+                           "clusters": [labels], "substitutes": {expert: [[j, similarity, error], ...]},
+                           "cluster_table": [{"id", "members", "mean_error", "max_error"}, ...],
+                           "not_taken": {expert: [[j, error, reason], ...]}}}}
+                          (substitutes: the near-twin candidates, same cluster only; not_taken: why the nearest
+                          others are not; drop_ok is used only where choices.drop_misses)
 Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones.
 """
 from __future__ import annotations
@@ -76,6 +80,8 @@ class Plan:
     drop_ok: dict[int, list[int]] = field(default_factory=dict)        # low-score misses that may be dropped
     initial: dict[int, list[int]] = field(default_factory=dict)        # experts loaded before the first token
     clusters: dict[int, list[int]] = field(default_factory=dict)
+    cluster_table: dict[int, list[dict]] = field(default_factory=dict)              # per cluster: members, errors
+    not_taken: dict[int, dict[int, list[tuple[int, float, str]]]] = field(default_factory=dict)  # why not a twin
 
     @property
     def choices(self) -> PlanChoices:
@@ -112,6 +118,8 @@ class Plan:
         subs = {"tau": self.tau, "layers": {str(l): {
             "protected": self.protected.get(l, []), "drop_ok": self.drop_ok.get(l, []),
             "clusters": self.clusters.get(l, []),
+            "cluster_table": self.cluster_table.get(l, []),
+            "not_taken": {str(i): [list(t) for t in v] for i, v in self.not_taken.get(l, {}).items()},
             "substitutes": {str(i): [list(t) for t in v] for i, v in self.substitutes.get(l, {}).items()}}
             for l in self.slots}}
         return cache, subs
@@ -219,7 +227,7 @@ class Plan:
         s.obj(subs, "the file")
         if "tau" in subs:
             s.num(subs["tau"], "tau", 0.0)
-        substitutes, protected, drop_ok, clusters = {}, {}, {}, {}
+        substitutes, protected, drop_ok, clusters, table, not_taken = {}, {}, {}, {}, {}, {}
         for l, d in s.obj(s.get(subs, "layers", "layers"), "layers").items():
             li = s.key_int(l, "layers", layers)
             d = s.obj(d, f"layers[{l}]")
@@ -229,7 +237,7 @@ class Plan:
                             for n, x in enumerate(s.lst(d.get("clusters", []), f"layers[{l}].clusters"))]
             if clusters[li] and len(clusters[li]) != e:
                 s.fail(f"layers[{l}].clusters", f"has {len(clusters[li])} labels for {e} experts")
-            table = {}
+            rows_by_i = {}
             for i, ranked in s.obj(d.get("substitutes", {}), f"layers[{l}].substitutes").items():
                 ii = s.key_int(i, f"layers[{l}].substitutes", range(e))
                 rows = []
@@ -241,10 +249,19 @@ class Plan:
                     if j == ii:
                         s.fail(f + "[0]", "is the replaced expert itself")
                     rows.append((j, s.num(row[1], f + "[1]"), s.num(row[2], f + "[2]", 0.0)))
-                table[ii] = rows
-            substitutes[li] = table
+                rows_by_i[ii] = rows
+            substitutes[li] = rows_by_i
+            table[li] = s.lst(d.get("cluster_table", []), f"layers[{l}].cluster_table")
+            for n, c in enumerate(table[li]):
+                s.ids(s.get(c, "members", f"layers[{l}].cluster_table[{n}].members"),
+                      f"layers[{l}].cluster_table[{n}].members", e)
+            not_taken[li] = {s.key_int(i, f"layers[{l}].not_taken", range(e)):
+                             [(s.int_(r[0], f"layers[{l}].not_taken[{i}]", 0, e - 1), r[1], str(r[2]))
+                              for r in s.lst(v, f"layers[{l}].not_taken[{i}]")]
+                             for i, v in s.obj(d.get("not_taken", {}), f"layers[{l}].not_taken").items()}
         return cls(header=header, slots=slots, expert_bytes=expert_bytes, substitutes=substitutes,
-                   protected=protected, drop_ok=drop_ok, initial=initial, clusters=clusters)
+                   protected=protected, drop_ok=drop_ok, initial=initial, clusters=clusters, cluster_table=table,
+                   not_taken=not_taken)
 
 
 def _finite_tree(check: Checker, v, field: str) -> None:

@@ -1,24 +1,19 @@
 """The profile artifact: how a model's experts behave on calibration text.
 
-Directory layout (format "understudy.profile", version 1):
+Directory layout (format "understudy.profile", version 2):
   profile.json        header: format, version, provenance (model fingerprint, calibration), settings
   stats.safetensors   per MoE layer l, tensors named "L{l}.{stat}" (sums and counts, so profiles merge by addition)
   trace.safetensors   the routing trace of the calibration tokens, for the compiler's simulator
 
-Statistics stored (E = experts, B = ratio bins; all sums float64, counts int64):
+Statistics stored (E = experts; all sums float64, counts int64), each read by the compiler or the summary:
   tokens [1]              tokens that reached the layer
-  act_count [E]           tokens routed to e
-  score_sum, score_sqsum [E]   sum of e's router score (and its square) over all tokens
-  active_score_sum [E]    sum of e's score over the tokens routed to e
-  ratio_hist [E, B]       for routed tokens, histogram of score_e / S(k+1), edges in header["ratio_bins"]
-  coact [E, E]            tokens routing to both i and j
-  transition [E, E]       tokens routing to i here and to j in the next MoE layer (zeros for the last)
-  importance_sum [E]      sum over tokens routed to e of g_e(x) * ||f_e(x)||
-  out_norm_sum [E]        sum over tokens routed to e of ||f_e(x)||
+  act_count [E]           tokens routed to e                                        (frequency: initial residents)
+  importance_sum [E]      sum over tokens routed to e of g_e(x) * ||f_e(x)||         (importance: protected experts)
   probe_count [1]         probe tokens on which every expert was run
-  cos_sum [E, E]          sum over probe tokens of cos(f_i(x), f_j(x))
-  err_sum [E, E]          sum over probe tokens of ||f_i(x) - f_j(x)|| / ||f_i(x)||
-  clusters [E]            functional-group labels (derived from the mean cosine; recomputed on merge)
+  cos_sum [E, E]          sum over probe tokens of cos(f_i(x), f_j(x))                (similarity: clusters)
+  err_sum [E, E]          sum over probe tokens of ||f_i(x) - f_j(x)|| / ||f_i(x)||   (near-twin understudies)
+  clusters [E]            functional groups (agglomerative, on the mean cosine; recomputed on merge)
+  sensitivity.*           the measured loss cost of substitutions (profiler.sensitivity; header "sensitivity")
 Trace tensors: ids [T, M, W] int32 (the k chosen experts by descending score, then the next W-k by score),
 scores [T, M, W] float32, coef [T, M] float32 (weight per unit of gate), pred_ids / pred_scores [T, M, W] (the same
 view of the next MoE layer's router applied to this layer's input: what the runtime prefetches by; -1 / 0 for the
@@ -26,6 +21,9 @@ last MoE layer), token [T] int32, sample [T] int32;
 M = number of MoE layers, in `moe_layers` order.
 
 Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones.
+Version 2 stopped computing statistics nothing read (version 1 also held score_sum, score_sqsum, active_score_sum,
+ratio_hist, coact, transition and out_norm_sum, and a "ratio_bins" header); a version-1 profile still loads, its
+extra tensors are ignored.
 """
 from __future__ import annotations
 
@@ -40,11 +38,10 @@ from artifacts.errors import UserError
 from artifacts.header import read_header, write_json
 
 FORMAT = "understudy.profile"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_FILE, STATS_FILE, TRACE_FILE = "profile.json", "stats.safetensors", "trace.safetensors"
 
-LAYER_STATS = ("tokens", "act_count", "score_sum", "score_sqsum", "active_score_sum", "ratio_hist", "coact",
-               "transition", "importance_sum", "out_norm_sum", "probe_count", "cos_sum", "err_sum", "clusters")
+LAYER_STATS = ("tokens", "act_count", "importance_sum", "probe_count", "cos_sum", "err_sum", "clusters")
 TRACE_KEYS = ("ids", "scores", "coef", "pred_ids", "pred_scores", "token", "sample")
 
 
@@ -99,24 +96,6 @@ class Profile:
                                / max(float(self.stat(l, "importance_sum").sum()), 1e-30))
 
     @property
-    def score_mean(self) -> dict[int, np.ndarray]:
-        """[E] mean router score over all tokens."""
-        return self._per_layer(lambda l: self.stat(l, "score_sum") / max(int(self.stat(l, "tokens")[0]), 1))
-
-    @property
-    def score_std(self) -> dict[int, np.ndarray]:
-        def std(l):
-            n = max(int(self.stat(l, "tokens")[0]), 1)
-            m = self.stat(l, "score_sum") / n
-            return np.sqrt(np.maximum(self.stat(l, "score_sqsum") / n - m * m, 0.0))
-        return self._per_layer(std)
-
-    @property
-    def active_score_mean(self) -> dict[int, np.ndarray]:
-        """[E] mean router score over the tokens routed to e."""
-        return self._per_layer(lambda l: _safe(self.stat(l, "active_score_sum"), self.stat(l, "act_count")))
-
-    @property
     def similarity(self) -> dict[int, np.ndarray]:
         """[E, E] mean over probe tokens of cos(f_i(x), f_j(x))."""
         return self._per_layer(lambda l: self.stat(l, "cos_sum") / max(int(self.stat(l, "probe_count")[0]), 1))
@@ -131,23 +110,11 @@ class Profile:
         return self._per_layer(lambda l: self.stat(l, "clusters"))
 
     @property
-    def coactivation(self) -> dict[int, np.ndarray]:
-        return self._per_layer(lambda l: self.stat(l, "coact"))
-
-    @property
-    def transitions(self) -> dict[int, np.ndarray]:
-        return self._per_layer(lambda l: self.stat(l, "transition"))
-
-    @property
     def sensitivity(self) -> dict[str, np.ndarray] | None:
         """The loss cost of substitution options (profiler.sensitivity), or None when not measured."""
         if not self.header.get("sensitivity"):
             return None
         return {k.removeprefix("sensitivity."): v for k, v in self.stats.items() if k.startswith("sensitivity.")}
-
-    @property
-    def ratio_bins(self) -> np.ndarray:
-        return np.asarray(self.header["ratio_bins"], dtype=np.float64)
 
     # ---- I/O ------------------------------------------------------------------------------------------------
     def validate(self, where: str = "profile") -> None:
@@ -168,8 +135,6 @@ class Profile:
         for key in ("dense_bytes", "kv_bytes_per_token"):
             if key in model:
                 c.int_(model[key], f"model.{key}", 0)
-        bins = [c.num(x, f"ratio_bins[{i}]") for i, x in enumerate(c.lst(c.get(h, "ratio_bins", "ratio_bins"),
-                                                                          "ratio_bins"))]
         trace_h = c.obj(c.get(h, "trace", "trace"), "trace")
         width = c.int_(c.get(trace_h, "width", "trace.width"), "trace.width", 1, e)
         c.num(c.get(c.obj(c.get(h, "clustering", "clustering"), "clustering"), "threshold", "clustering.threshold"),
@@ -177,9 +142,7 @@ class Profile:
         calib = c.lst(c.get(h, "calibration", "calibration"), "calibration")
         for n, rec in enumerate(calib):
             c.obj(rec, f"calibration[{n}]")
-        shapes = {"tokens": (1,), "act_count": (e,), "score_sum": (e,), "score_sqsum": (e,),
-                  "active_score_sum": (e,), "ratio_hist": (e, len(bins)), "coact": (e, e),
-                  "transition": (e, e), "importance_sum": (e,), "out_norm_sum": (e,), "probe_count": (1,),
+        shapes = {"tokens": (1,), "act_count": (e,), "importance_sum": (e,), "probe_count": (1,),
                   "cos_sum": (e, e), "err_sum": (e, e), "clusters": (e,)}
         for l in layers:
             for name, shape in shapes.items():

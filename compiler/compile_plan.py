@@ -32,7 +32,7 @@ from compiler.memory import split_budget
 from compiler.objective import Objective
 from compiler.predict import initial_residents, simulate_baseline, simulate_plan
 from compiler.simulator import Costs
-from compiler.substitution_map import build_substitution_map
+from compiler.substitution_map import TWIN_MAX_ERROR, build_substitution_map
 from compiler.targets import load_target
 from runtime.policy.plan_params import plan_policy
 
@@ -40,7 +40,7 @@ DEFAULT_MAX_PPL = 0.005             # default error limit with a loss model: per
 DEFAULT_MAX_ERROR = 0.02            # without one: 2% of the routed gate mass replaced by output error
 ALPHAS = (0.0, 0.25, 0.5, 0.8, 1.0, 1.2, 2.0)
 DEPTHS = (0, 1, 2, 3)                   # band understudies among the token's d best inactive experts
-TAUS = (0.3, 0.6, 0.9)
+TAUS = (0.3, 0.6, TWIN_MAX_ERROR)     # near-twin error thresholds tried
 PREFETCH_MAX = (1, 2)
 PREFETCH_TRIALS = 4                  # best rules on which prefetch is tried
 
@@ -161,4 +161,6 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                 substitutes={l: subs_map[l]["substitutes"] for l in layers},
                 protected={l: subs_map[l]["protected"] for l in layers},
                 drop_ok={l: subs_map[l]["drop_ok"] for l in layers}, initial=initial,
-                clusters={l: subs_map[l]["clusters"] for l in layers})
+                clusters={l: subs_map[l]["clusters"] for l in layers},
+                cluster_table={l: subs_map[l]["cluster_table"] for l in layers},
+                not_taken={l: subs_map[l]["not_taken"] for l in layers})

@@ -56,6 +56,22 @@ def budget_sweep(plan: Plan, profile: Profile) -> list[dict]:
     return rows
 
 
+def _cluster_text(plan: Plan) -> str:
+    """Per layer: the clusters of more than one expert, their measured within-cluster error, and the near-twin
+    pairs the plan may use (same cluster, error <= tau)."""
+    lines = ["Near-twin understudies come only from an expert's own cluster, with a profiled relative output error "
+             f"<= tau = {plan.tau:g}; experts in singleton clusters have none.", "",
+             "| layer | clusters | multi-expert clusters (members: mean / max error) | near-twin pairs within tau |",
+             "|---|---|---|---|"]
+    for l in sorted(plan.slots):
+        table = plan.cluster_table.get(l, [])
+        multi = [f"{{{', '.join(map(str, c['members']))}}}: {c['mean_error']:.2f} / {c['max_error']:.2f}"
+                 for c in table if len(c["members"]) > 1]
+        within = sum(1 for v in plan.substitutes.get(l, {}).values() for _, _, err in v if err <= plan.tau)
+        lines.append(f"| {l} | {len(table)} | {'; '.join(multi) or 'none'} | {within} |")
+    return "\n".join(lines)
+
+
 def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
     out = Path(out)
     profile = Profile.load(profile_dir)
@@ -75,15 +91,22 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
     fig.savefig(out / "budget_sweep.png")
 
     shown = profile.moe_layers[:4]
-    fig = _figure(3.2 * len(shown), 3.2)
+    fig = _figure(3.4 * len(shown), 3.6)
     for n, l in enumerate(shown):
         ax = fig.add_subplot(1, len(shown), n + 1)
-        order = np.argsort(profile.clusters[l], kind="stable")
+        labels = profile.clusters[l]
+        order = np.argsort(labels, kind="stable")
         sim = profile.similarity[l][np.ix_(order, order)]
         im = ax.imshow(sim, vmin=-0.2, vmax=1.0, cmap="viridis")
-        ax.set_title(f"layer {l}: {len(set(profile.clusters[l].tolist()))} clusters", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ticks = [f"{e}" for e in order]                    # expert ids, grouped by cluster
+        ax.set_xticks(range(len(order)), ticks, fontsize=5, rotation=90)
+        ax.set_yticks(range(len(order)), [f"c{labels[e]}:{e}" for e in order], fontsize=5)
+        edges = [i for i in range(1, len(order)) if labels[order[i]] != labels[order[i - 1]]]
+        for b in edges:                                     # cluster boundaries
+            ax.axhline(b - 0.5, color="white", lw=0.6)
+            ax.axvline(b - 0.5, color="white", lw=0.6)
+        twins = sum(len(v) for v in plan.substitutes.get(l, {}).values())
+        ax.set_title(f"layer {l}: {len(set(labels.tolist()))} clusters, {twins} near-twin pairs", fontsize=8)
     fig.colorbar(im, ax=fig.axes, shrink=0.8, label="mean output cosine")
     fig.savefig(out / "similarity.png")
 
@@ -102,6 +125,7 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
             "cache model; at each budget the plan keeps its choices and re-allocates its slots; the row marked "
             "(this plan) is plan.json's prediction. Each row's exact hit, understudy, drop, host and miss shares add "
             "up to 1.\n\n![budget sweep](budget_sweep.png)\n\n" + "\n".join(rows) +
-            "\n\n## Functional similarity (experts ordered by cluster)\n\n![similarity](similarity.png)\n")
+            "\n\n## Functional clusters (experts ordered by cluster; row labels cCLUSTER:EXPERT)\n\n"
+            "![similarity](similarity.png)\n\n" + _cluster_text(plan) + "\n")
     (out / "report.md").write_text(text)
     return out / "report.md"

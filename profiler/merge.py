@@ -7,7 +7,7 @@ import copy
 import numpy as np
 
 from artifacts.errors import UserError
-from artifacts.profile import Profile
+from artifacts.profile import FORMAT_VERSION, LAYER_STATS, Profile
 from profiler.profile_model import finalize_clusters
 
 
@@ -29,11 +29,15 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
         if p.fingerprint != first.fingerprint:
             raise UserError(f"cannot merge profiles of different models (fingerprints {first.fingerprint} and "
                             f"{p.fingerprint}); profile shards of one model")
-        if p.header["ratio_bins"] != first.header["ratio_bins"] or p.header["trace"]["width"] != first.header["trace"]["width"]:
-            raise UserError("cannot merge profiles made with different settings (ratio bins or trace width); "
-                            "re-run the shards with the same Understudy version and --trace-extra")
+        if p.header["trace"]["width"] != first.header["trace"]["width"]:
+            raise UserError("cannot merge profiles made with different --trace-extra (trace width); "
+                            "re-run the shards with the same settings")
     header = copy.deepcopy(first.header)
-    keys = [k for k in first.stats if all(k in p.stats for p in profiles)]   # sensitivity only if every shard has it
+    header["format_version"] = FORMAT_VERSION
+    header.pop("ratio_bins", None)
+    # statistics every shard has (sensitivity only if every shard measured it; a version-1 shard's retired
+    # statistics are left out); the merged profile is written in the current format version
+    keys = [k for k in first.stats if all(k in p.stats for p in profiles) and _current(k)]
     stats = {k: np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in keys}
     if any(p.sensitivity is None for p in profiles):
         header["sensitivity"] = None
@@ -51,3 +55,8 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     header["trace"]["tokens"] = int(len(trace["token"]))
     header["run"] = {"merged_from": [p.header["run"] for p in profiles]}
     return Profile(header=header, stats=stats, trace=trace)
+
+
+def _current(key: str) -> bool:
+    """A statistic this format version keeps (per-layer "L{l}.name" of LAYER_STATS, or a sensitivity sum)."""
+    return key.startswith("sensitivity.") or key.partition(".")[2] in LAYER_STATS

@@ -31,28 +31,30 @@ class ProbeExecutor:
         self.store, self.device, self.trace, self.next_router = store, device, trace, next_router
         self.num_experts = arch.num_experts
         self.expert_fn = make_expert_fn(arch.experts)
-        self.layers = {l: LayerRecorder(RoutingStats(arch.num_experts, arch.top_k), ImportanceStats(arch.num_experts),
+        self.layers = {l: LayerRecorder(RoutingStats(arch.num_experts), ImportanceStats(arch.num_experts),
                                         SimilarityStats(arch.num_experts)) for l in arch.moe_layers}
-        self.probe_rows: torch.Tensor | None = None       # flat token rows of this batch to probe
-        self.last_idx: dict[int, torch.Tensor] = {}       # layer -> idx [T, k] of the batch just run
+        self._probe_rows: torch.Tensor | None = None      # flat token rows of this batch to probe
+
+    def begin_batch(self, probe_rows: torch.Tensor) -> None:
+        """The flat token rows of the next batch on which every expert is run (for similarity)."""
+        self._probe_rows = probe_rows
 
     @torch.no_grad()
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         rec = self.layers[layer]
         experts = {e: {k: v.to(self.device, non_blocking=True) for k, v in self.store.read(layer, e).items()}
                    for e in range(self.num_experts)}
-        rec.routing.update(routing.score, routing.idx)
+        rec.routing.update(routing.idx)
         nxt = self.next_router(layer, x) if self.next_router is not None else None
         self.trace.add_layer(layer, routing, nxt[1] if nxt is not None else None)
-        self.last_idx[layer] = routing.idx
 
         def tap(e: int, rows: torch.Tensor, pos: torch.Tensor, y: torch.Tensor) -> None:
             rec.importance.update(e, routing.weights[rows, pos], y)
 
         out = routed_output(x, routing.idx, routing.weights, self.num_experts, experts.__getitem__,
                             self.expert_fn, on_output=tap)
-        if self.probe_rows is not None and self.probe_rows.numel():
-            xp = x[self.probe_rows]                                                          # [P, H]
+        if self._probe_rows is not None and self._probe_rows.numel():
+            xp = x[self._probe_rows]                                                          # [P, H]
             rec.similarity.update(torch.stack([self.expert_fn(xp, experts[e]) for e in range(self.num_experts)]))
         del experts
         return out

@@ -16,7 +16,6 @@ from artifacts.profile import FORMAT, FORMAT_VERSION, Profile
 from profiler.calibration import build_calibration, load_tokenizer
 from profiler.clustering import cluster_experts
 from profiler.probe_executor import ProbeExecutor
-from profiler.routing_stats import RATIO_EDGES
 from profiler.sensitivity import CUTS, OPTIONS, measure_sensitivity
 from profiler.trace import TraceRecorder
 from runtime.expert_store import ExpertStore
@@ -125,11 +124,9 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
         for start in range(0, n, config.batch_size):
             batch = calib.tokens[start:start + config.batch_size]
             rows = np.flatnonzero(probe[start * s:(start + len(batch)) * s])
-            executor.probe_rows = torch.from_numpy(rows).to(lm.device)
+            executor.begin_batch(torch.from_numpy(rows).to(lm.device))
             lm.model(input_ids=torch.from_numpy(batch).to(lm.device), use_cache=False)
             trace.add_tokens(batch, np.arange(start, start + len(batch)))
-            for here, nxt in zip(layers, layers[1:]):
-                executor.layers[here].routing.update_transition(executor.last_idx[here], executor.last_idx[nxt])
             bar.update(len(batch))
     bar.close()
 
@@ -155,7 +152,6 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
         probe={"tokens": int(probe.sum())},
         clustering={"method": "agglomerative, average linkage", "distance": "1 - mean cosine (symmetrised)",
                     "threshold": config.cluster_threshold},
-        ratio_bins=[float(x) for x in RATIO_EDGES],
         trace={"width": width, "tokens": total},
         sensitivity=sensitivity,
         run={"device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),

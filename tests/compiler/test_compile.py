@@ -64,8 +64,11 @@ def test_plan_contents(tiny_profile, tmp_path):
     assert set(p.predicted) >= {"plan", "lru", "smoe"}
     for name in ("plan", "lru", "smoe"):
         assert {"hit_rate", "loads_per_token", "tpot_ms"} <= set(p.predicted[name])
-    ranked = p.substitutes[0][0]
-    assert len(ranked) == 7 and [r[2] for r in ranked] == sorted(r[2] for r in ranked)
+    for l in p.slots:                      # near-twin candidates: same cluster only, best first
+        for i, ranked in p.substitutes[l].items():
+            assert [r[2] for r in ranked] == sorted(r[2] for r in ranked)
+            assert all(p.clusters[l][j] == p.clusters[l][i] for j, _, _ in ranked)
+    assert set(p.not_taken[0]) == set(range(8)) and sum(len(c["members"]) for c in p.cluster_table[0]) == 8
     assert p.header["model"]["fingerprint"] and p.header["profile"]["sha256"]
 
 

@@ -78,6 +78,20 @@ def test_planted_copy_and_zeroed_expert(tmp_path, calib):
     assert imp[6] == 0.0 and np.argsort(imp, kind="stable")[0] == 6 or imp[6] <= imp.min()
     assert imp[6] < min(imp[e] for e in range(p.num_experts) if e != 6 and p.frequency[0][e] > 0)
 
+    # the clusters decide the near-twins: 5 is 3's (and 3 is 5's); nobody outside a cluster ever is
+    from compiler.substitution_map import TWIN_MAX_ERROR, build_substitution_map
+
+    m = build_substitution_map(p)
+    assert m[0]["substitutes"][3][0][0] == 5 and m[0]["substitutes"][5][0][0] == 3
+    for l, layer in m.items():
+        labels = layer["clusters"]
+        for i, ranked in layer["substitutes"].items():
+            assert all(labels[j] == labels[i] and e <= TWIN_MAX_ERROR for j, _, e in ranked)
+            for j, e, why in layer["not_taken"][i]:
+                assert why == ("other cluster" if labels[j] != labels[i] else f"error over {TWIN_MAX_ERROR:g}")
+        members = sorted(x for c in layer["cluster_table"] for x in c["members"])
+        assert members == list(range(p.num_experts))
+
 
 def test_same_inputs_same_profile(tiny_model, calib):
     cfg = _cfg(probe_tokens=50, samples=5, seed=3)
