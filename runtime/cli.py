@@ -80,7 +80,7 @@ def _run(args) -> int:
 
             def on_step(tokens):
                 tok = int(tokens[0])
-                if tok == rt._eos():
+                if tok == rt.eos_id:
                     return
                 ids.append(tok)
                 text = rt.tokenizer.decode(ids, skip_special_tokens=True)

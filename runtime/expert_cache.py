@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 
 from runtime.families.arch import ExpertFormat
-from runtime.loader import Ticket
 
 
 class ExpertCache:
@@ -20,7 +19,6 @@ class ExpertCache:
         self.expert_bytes = fmt.numel() * torch.empty((), dtype=dtype).element_size()
         self.capacity_bytes = self.expert_bytes * sum(slots.values())
         self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot
-        self.ticket: dict[int, dict[int, Ticket]] = {l: {} for l in slots}    # last load of each cached expert
         self._free: dict[int, list[int]] = {l: list(range(n))[::-1] for l, n in slots.items()}
         self.peak_bytes = 0
 
@@ -36,7 +34,6 @@ class ExpertCache:
 
     def evict(self, layer: int, expert: int) -> None:
         slot = self.where[layer].pop(expert)
-        self.ticket[layer].pop(expert, None)
         self._free[layer].append(slot)
 
     @property

@@ -18,7 +18,7 @@ import torch
 from runtime.expert_cache import ExpertCache
 from runtime.expert_compute import expert_rows, make_expert_fn, mix
 from runtime.expert_store import ExpertStore
-from runtime.loader import Loader
+from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.host_split import CostMeter
@@ -46,6 +46,7 @@ class OffloadExecutor:
         self.expert_fn = make_expert_fn(arch.experts)
         self.next_router = next_router
         self.c_load, self.c_host = CostMeter(), CostMeter()
+        self.tickets: dict[tuple[int, int], Ticket] = {}    # (layer, expert) -> the load that filled its slot
         self.events: list[tuple] | None = [] if record_events else None
 
     # ---- the layer ---------------------------------------------------------------------------------------------
@@ -96,8 +97,9 @@ class OffloadExecutor:
         if victim is not None:
             self._wait(layer, victim)            # never overwrite a slot whose copy is still landing
             self.cache.evict(layer, victim)
+            self.tickets.pop((layer, victim), None)
         dst = self.cache.assign(layer, e)
-        self.cache.ticket[layer][e] = self.loader.submit(layer, e, dst, prefetch=prefetch)
+        self.tickets[(layer, e)] = self.loader.submit(layer, e, dst, prefetch=prefetch)
         c = self.stats.layer(layer)
         c.loads += 1
         c.load_bytes += self.cache.expert_bytes
@@ -105,7 +107,7 @@ class OffloadExecutor:
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.used_bytes)
 
     def _wait(self, layer: int, e: int) -> None:
-        ticket = self.cache.ticket[layer].get(e)
+        ticket = self.tickets.get((layer, e))
         if ticket is None:
             return
         if not ticket.done.is_set():

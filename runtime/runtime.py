@@ -189,14 +189,16 @@ class Runtime:
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
             raise UserError(f"{self.lm.ckpt.dir} has no tokenizer; pass token ids instead of text")
-        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] or [self._eos()] for p in prompts]
+        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] or [self.eos_id] for p in prompts]
         width = max(len(r) for r in rows)
-        pad = self._pad()
+        pad = self.pad_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.lm.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.lm.device)
         return ids, mask
 
-    def _eos(self) -> int | None:
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-sequence token (the config's first, else the tokenizer's)."""
         eos = getattr(self.lm.config, "eos_token_id", None)
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -204,25 +206,46 @@ class Runtime:
             eos = self.tokenizer.eos_token_id
         return eos
 
-    def _pad(self) -> int:
+    @property
+    def pad_id(self) -> int:
+        """The padding token prompts are left-padded with (the config's, the tokenizer's, else EOS, else 0)."""
         pad = getattr(self.lm.config, "pad_token_id", None)
         if pad is None and self.tokenizer is not None:
             pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else (self._eos() or 0)
+        return pad if pad is not None else (self.eos_id or 0)
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, on_step: Callable[[torch.Tensor], None] | None = None,
                  input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> list[str]:
-        """Decode continuations of `prompts` (a batch); statistics accumulate in `self.stats`."""
+        """Decode continuations of `prompts` (a batch; or of `input_ids`, already encoded) and return their texts
+        (up to EOS); statistics accumulate in `self.stats`. `generate_ids` returns the token ids."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if input_ids is None:
             input_ids, attention_mask = self.encode(prompts)
-        elif attention_mask is None:
+        tokens = self.generate_ids(input_ids, attention_mask, max_new_tokens, temperature, top_p, seed, on_step)
+        if self.tokenizer is None:
+            return [" ".join(map(str, row)) for row in tokens.tolist()]
+        eos, texts = self.eos_id, []
+        for row in tokens.tolist():
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """New token ids [batch, n <= max_new_tokens] continuing left-padded `input_ids` [batch, seq]; a row that
+        reached EOS holds EOS then padding. Statistics accumulate in `self.stats`."""
+        input_ids = torch.as_tensor(input_ids, device=self.lm.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         if max_new_tokens < 1:
             raise UserError("--max-new-tokens must be at least 1")
+        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         self._check_length(input_ids.shape[1] + max_new_tokens,
                            f"a prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens")
         s = self.stats
@@ -231,25 +254,18 @@ class Runtime:
             s.phase = name
 
         try:
-            tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self._eos(), self._pad(), on_step,
+            tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self.eos_id, self.pad_id, on_step,
                                     on_phase)
         finally:
             s.phase = "decode"
-        self.last_tokens = tokens
+        self.last_tokens = tokens     # deprecated: use the return value
         s.decode_positions += tokens.shape[0] * (tokens.shape[1] - 1)
         s.prompt_tokens += int(attention_mask.sum())
-        eos = self._eos()
+        eos = self.eos_id
         for row in tokens.tolist():   # real tokens: up to and including EOS (later positions are padding)
             s.tokens += row.index(eos) + 1 if eos is not None and eos in row else len(row)
         s.ttft_s = timing["ttft_s"] if s.ttft_s == 0.0 else s.ttft_s
         s.step_s.extend(timing["step_s"])
         if self.cache is not None:
             s.peak_cache_bytes = max(s.peak_cache_bytes, self.cache.peak_bytes)
-        if self.tokenizer is None:
-            return [" ".join(map(str, row)) for row in tokens.tolist()]
-        texts = []
-        for row in tokens.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+        return tokens

@@ -46,10 +46,10 @@ def test_lossless_policies_match_hf(family, policy, tiny_model):
             ref = hf(IDS).logits
         assert torch.equal(logits, ref)
         ids = IDS[:1]
-        rt.generate("", input_ids=ids, max_new_tokens=10)
-        theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=rt._eos(), pad_token_id=0)
-        n = rt.last_tokens.shape[1]
-        assert rt.last_tokens[0].tolist() == theirs[0, ids.shape[1]:ids.shape[1] + n].tolist()
+        ours = rt.generate_ids(ids, max_new_tokens=10)
+        theirs = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=rt.eos_id, pad_token_id=0)
+        n = ours.shape[1]
+        assert ours[0].tolist() == theirs[0, ids.shape[1]:ids.shape[1] + n].tolist()
         if policy != "resident":
             assert rt.stats.to_dict()["loads"] > 0 and rt.stats.to_dict()["substitution_rate"] == 0.0
 
@@ -63,11 +63,11 @@ def test_batched_left_padded_greedy_matches_hf(fixture_model, dtype):
         assert rt.store.dtype == torch.bfloat16
         prompts = ["The function returns", "And the LORD said unto"]
         ids, mask = rt.encode(prompts)
-        rt.generate(prompts, max_new_tokens=12)
+        tokens = rt.generate_ids(ids, mask, max_new_tokens=12)
         hf = _hf(fixture_model, rt.lm.dtype)
-        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=rt._pad())
+        ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=rt.pad_id)
         for row in range(2):
-            ours = rt.last_tokens[row].tolist()
+            ours = tokens[row].tolist()
             theirs = ref[row, ids.shape[1]:].tolist()[: len(ours)]
             assert ours == theirs
 
