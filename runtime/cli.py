@@ -9,7 +9,8 @@ import argparse
 import json
 import sys
 
-from artifacts.errors import UserError, check_range, cli_parser, run_cli
+from artifacts.errors import cli_parser, run_cli
+from runtime.config import DEFAULT_MAX_NEW_TOKENS, RunConfig, SamplingConfig
 
 PROG = "moe-run"
 
@@ -26,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache", default=None, help="slots per MoE layer (8) or share of routed-expert bytes (25%%)")
     ap.add_argument("--link", default=None, help="emulated host-to-device link, e.g. 50MB/s,20us")
     ap.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -54,20 +55,14 @@ def _run(args) -> int:
 
     from artifacts.atomic import atomic_write_text, check_output_file
 
-    policy = args.policy or ("plan" if args.plan else "smoe")
-    if policy not in ("resident", "plan") and args.cache is None:
-        raise UserError(f"policy {policy} needs --cache N (slots per layer) or --cache P% (of routed-expert bytes)")
-    check_range(args.max_new_tokens, "--max-new-tokens", 1)
-    check_range(args.temperature, "--temperature", 0.0)
-    check_range(args.top_p, "--top-p", 0.0, 1.0, lo_open=True)
-    if args.alpha is not None:
-        check_range(args.alpha, "--alpha", 0.0)
+    config = RunConfig(policy=args.policy, plan=args.plan, cache=args.cache, lossless=args.lossless, link=args.link,
+                       device=args.device, dtype=args.dtype, store=args.store, alpha=args.alpha,
+                       host_compute=None if args.host_compute is None else args.host_compute == "on",
+                       sampling=SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                               top_p=args.top_p, seed=args.seed)).checked()
     if args.stats_json:
         check_output_file(args.stats_json, "--stats-json")
-    host = None if args.host_compute is None else args.host_compute == "on"
-    rt = Runtime.load(args.model_dir, plan=args.plan, policy=policy, cache=args.cache, lossless=args.lossless,
-                      link=args.link, device=args.device, dtype=args.dtype, store=args.store, alpha=args.alpha,
-                      host_compute=host)
+    rt = Runtime.load(args.model_dir, config)
     with rt:
         if not args.quiet and rt.budget is not None:
             print(rt.budget.describe(), file=sys.stderr)
@@ -89,8 +84,7 @@ def _run(args) -> int:
                 shown[0] = text
         else:
             on_step = None
-        texts = rt.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, on_step=on_step)
+        texts = rt.generate(args.prompt, on_step=on_step)
         if stream:
             sys.stdout.write("\n")
         else:

@@ -6,20 +6,13 @@ Prompts are left-padded; positions follow the attention mask, as HF `generate` d
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int = 32
-    temperature: float = 0.0          # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
+from runtime.config import SamplingConfig
 
 
 def _select(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:

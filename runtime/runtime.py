@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -19,12 +20,13 @@ from runtime.budget import CacheBudget
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore
 from runtime.fingerprint import model_fingerprint
-from runtime.generate import SamplingConfig, decode
-from runtime.link import Link, parse_link
+from runtime.config import RunConfig
+from runtime.generate import decode
+from runtime.link import parse_link
 from runtime.loader import Loader
 from runtime.model_loader import LoadedModel, load_model, load_tokenizer, next_layer_router
 from runtime.offload_executor import OffloadExecutor
-from runtime.policy.config import POLICIES, PolicyConfig, preset
+from runtime.policy.config import PolicyConfig, preset
 from runtime.policy.schedule import CacheModel
 from runtime.policy.slots import resolve_slots
 from runtime.policy.plan_params import plan_policy, substitution_params
@@ -53,30 +55,35 @@ def check_plan_matches(plan: Plan, lm: LoadedModel, model_dir) -> None:
 class Runtime:
     def __init__(self, lm: LoadedModel, policy: PolicyConfig, store: ExpertStore, tokenizer=None,
                  executor=None, cache: ExpertCache | None = None, loader: Loader | None = None,
-                 plan: Plan | None = None, stats: RunStats | None = None, budget: CacheBudget | None = None):
+                 plan: Plan | None = None, stats: RunStats | None = None, budget: CacheBudget | None = None,
+                 config: RunConfig | None = None):
         self.lm, self.policy, self.store, self.tokenizer = lm, policy, store, tokenizer
+        self.config = config or RunConfig(policy=policy.name)
         self.budget = budget          # the expert-cache budget honoured (None for resident: nothing offloaded)
         self.executor, self.cache, self.loader, self.plan = executor, cache, loader, plan
         self.stats = stats or RunStats(policy=policy.name)
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | Path, plan: str | Path | Plan | None = None, policy: str = "plan",
-             cache: int | str | None = None, lossless: bool = False, link: str | Link | None = None,
-             device: str = "cpu", dtype: str | torch.dtype | None = None, store: str = "auto",
-             record_events: bool = False, **policy_overrides) -> "Runtime":
-        """Load `model_dir` for `policy` ("resident", "lru", "smoe", "plan"). `cache`: slots per layer or "P%" of
-        routed-expert bytes. `link`: an emulated host-to-device link ("50MB/s,20us"). Overrides: alpha, window,
-        prefetch, prefetch_max, host_compute, understudy_weight, use_batch, pool_depth."""
+    def load(cls, model_dir: str | Path, config: RunConfig | None = None, *, plan: str | Path | Plan | None = None,
+             record_events: bool = False, **options) -> "Runtime":
+        """Load `model_dir` for a run: `config` (a RunConfig), or its fields as keywords (policy, cache, lossless,
+        link, device, dtype, store, alpha, host_compute, sampling). `plan`: a plan directory or a Plan. Further
+        keywords override the policy's parameters (window, prefetch, prefetch_max, understudy_weight, use_batch,
+        pool_depth)."""
+        fields = RunConfig.__dataclass_fields__
+        if config is None:
+            config = RunConfig(**{k: v for k, v in options.items() if k in fields})
+        if plan is not None and not isinstance(plan, Plan):
+            config = replace(config, plan=str(plan))
+        policy_overrides = {k: v for k, v in options.items() if k not in fields}
+        policy_overrides.update(alpha=config.alpha, host_compute=config.host_compute)
         # everything a user passes is checked before the model is read
-        if policy == "plan" and plan is None:
-            raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
-                            "or choose --policy smoe|lru|resident")
-        if policy not in POLICIES:
-            raise UserError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-        the_plan = plan.validate() if isinstance(plan, Plan) else (None if plan is None else Plan.load(plan))
-        the_link = parse_link(link) if isinstance(link, str) else link
-        lm = load_model(model_dir, device, dtype)
+        config = replace(config, plan=config.plan or ("(in memory)" if isinstance(plan, Plan) else None)).checked()
+        policy, cache, lossless = config.resolved_policy, config.cache, config.lossless
+        the_plan = plan.validate() if isinstance(plan, Plan) else (None if config.plan is None else Plan.load(config.plan))
+        the_link = parse_link(config.link) if isinstance(config.link, str) else config.link
+        lm = load_model(model_dir, config.device, config.dtype)
         if the_plan is not None:
             check_plan_matches(the_plan, lm, model_dir)
         use_plan = the_plan is not None and policy == "plan"
@@ -88,13 +95,13 @@ class Runtime:
         else:
             cfg = preset(policy, lossless=lossless, **policy_overrides)
             params = substitution_params(cfg, lm.arch.moe_layers)
-        mode = ("host" if lm.device.type == "cuda" else "mmap") if store == "auto" else store
+        mode = ("host" if lm.device.type == "cuda" else "mmap") if config.store == "auto" else config.store
         tok = load_tokenizer(model_dir)
         if not cfg.offloads:
             experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode="mmap")
             stats = RunStats(policy=cfg.name)
             rt = cls(lm, cfg, experts, tok, executor=ResidentExecutor(experts, lm.device, lm.dtype, stats),
-                     stats=stats)
+                     stats=stats, config=config)
             rt.stats.cache_capacity_bytes = rt.stats.peak_cache_bytes = (
                 experts.expert_bytes * lm.arch.num_experts * len(lm.arch.moe_layers))
             rt._install(rt.executor)
@@ -126,7 +133,7 @@ class Runtime:
         executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)
         rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats,
-                 budget=budget)
+                 budget=budget, config=config)
         log.info(budget.describe())
         rt._install(executor)
         rt._warm(model.resident)
@@ -214,11 +221,13 @@ class Runtime:
             pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.eos_id or 0)
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, on_step: Callable[[torch.Tensor], None] | None = None,
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 on_step: Callable[[torch.Tensor], None] | None = None,
                  input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> list[str]:
         """Decode continuations of `prompts` (a batch; or of `input_ids`, already encoded) and return their texts
-        (up to EOS); statistics accumulate in `self.stats`. `generate_ids` returns the token ids."""
+        (up to EOS); statistics accumulate in `self.stats`. `generate_ids` returns the token ids. Sampling
+        arguments left as None take the run's `config.sampling`."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if input_ids is None:
@@ -234,8 +243,8 @@ class Runtime:
         return texts
 
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                     max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                     max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                     seed: int | None = None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """New token ids [batch, n <= max_new_tokens] continuing left-padded `input_ids` [batch, seq]; a row that
         reached EOS holds EOS then padding. Statistics accumulate in `self.stats`."""
         input_ids = torch.as_tensor(input_ids, device=self.lm.device)
@@ -243,9 +252,9 @@ class Runtime:
             input_ids = input_ids[None]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be at least 1")
-        cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        cfg = replace(self.config.sampling, **{k: v for k, v in given.items() if v is not None}).checked()
+        max_new_tokens = cfg.max_new_tokens
         self._check_length(input_ids.shape[1] + max_new_tokens,
                            f"a prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens")
         s = self.stats

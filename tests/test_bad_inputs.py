@@ -248,7 +248,7 @@ CASES = [
                                                                     "cache_plan.json"), "--prompt", "x"], "incomplete"),
     ("run-plan-other-model", R, lambda c: [c.model, "--plan", plan_with(
         c, "plan.json", lambda d: d["model"].update(fingerprint="0" * 32)), "--prompt", "x"], "another model"),
-    ("run-lru-no-cache", R, lambda c: [c.model, "--policy", "lru", "--prompt", "x"], "needs --cache"),
+    ("run-lru-no-cache", R, lambda c: [c.model, "--policy", "lru", "--prompt", "x"], "needs a cache size"),
     ("run-cache-words", R, lambda c: [c.model, "--policy", "lru", "--cache", "many", "--prompt", "x"],
      "cannot read cache"),
     ("run-cache-0pct", R, lambda c: [c.model, "--policy", "lru", "--cache", "0%", "--prompt", "x"], "(0, 100]"),

@@ -32,7 +32,7 @@ def test_batch_of_prompts_sampled(fixture_model, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--policy", "lru"], "needs --cache"),
+    (["--policy", "lru"], "needs a cache size"),
     (["--policy", "lru", "--cache", "many"], "cannot read cache"),
     (["--policy", "lru", "--cache", "4", "--link", "fast"], "cannot read link"),
     (["--plan", "/nonexistent/plan"], "does not exist"),

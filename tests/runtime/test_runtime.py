@@ -158,4 +158,6 @@ def test_cache_argument_errors(tiny_model):
     with pytest.raises(UserError, match="unknown policy"):
         Runtime.load(tiny_model("olmoe"), policy="fifo", cache=2)
     with pytest.raises(UserError, match="needs a plan"):
+        Runtime.load(tiny_model("olmoe"), policy="plan")
+    with pytest.raises(UserError, match="policy smoe needs a cache size"):   # the default: plan with a plan, else smoe
         Runtime.load(tiny_model("olmoe"))

@@ -1,0 +1,66 @@
+"""One run's configuration: what `moe-run`, `moe-eval`, the Python API and the server share.
+
+    cfg = RunConfig(plan="out/plan", link="50MB/s,20us", sampling=SamplingConfig(max_new_tokens=64))
+    rt = Runtime.load("demo/model", config=cfg)
+
+Pure data (no torch): the runtime resolves it when it loads a model. Defaults live here and nowhere else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from artifacts.errors import UserError, check_range
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0                # nucleus: the smallest set of tokens whose probability reaches top_p
+    seed: int = 0
+
+    def checked(self) -> "SamplingConfig":
+        check_range(self.max_new_tokens, "--max-new-tokens", 1)
+        check_range(self.temperature, "--temperature", 0.0)
+        check_range(self.top_p, "--top-p", 0.0, 1.0, lo_open=True)
+        return self
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    policy: str | None = None         # resident | lru | smoe | plan; None: plan with a plan, else smoe
+    plan: str | None = None           # plan directory (policy plan)
+    cache: int | str | None = None    # slots per layer or "P%" of routed-expert bytes (not with a plan)
+    lossless: bool = False            # no understudies, no drops: logits equal HF's
+    link: object = None               # emulated host-to-device link: "50MB/s,20us" or a runtime.link.Link
+    device: str = "cpu"
+    dtype: object = None              # compute dtype (a name or torch.dtype); None: the checkpoint's where the device
+                                      # computes it
+    store: str = "auto"               # where offloaded experts live: auto | mmap | host
+    alpha: float | None = None        # overrides the policy's (or plan's) score band
+    host_compute: bool | None = None  # overrides the policy's (or plan's) host/transfer split
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    @property
+    def resolved_policy(self) -> str:
+        return self.policy or ("plan" if self.plan is not None else "smoe")
+
+    def checked(self) -> "RunConfig":
+        """Flag-level checks, before any model work (files and the model are checked when loaded)."""
+        from runtime.policy.config import POLICIES
+
+        policy = self.resolved_policy
+        if policy not in POLICIES:
+            raise UserError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        if policy == "plan" and self.plan is None:
+            raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
+                            "or choose --policy smoe|lru|resident")
+        if policy in ("lru", "smoe") and self.cache is None:
+            raise UserError(f"policy {policy} needs a cache size: --cache N (slots per layer) or --cache P% (of "
+                            "routed-expert bytes), or a plan (--plan)")
+        if self.alpha is not None:
+            check_range(self.alpha, "--alpha", 0.0)
+        self.sampling.checked()
+        return self
