@@ -2,8 +2,11 @@
 policy, over the same tokens in one run.
 
   moe-eval MODEL_DIR --data FILE [--plan PLAN_DIR] [--plan NAME=PLAN_DIR ...] [--policies resident,lru,smoe,plan]
-           [--cache PCT] [--batch B] [--link BW[,LAT]] [--max-tokens N] [--window W] [--tasks FILE] --json OUT
+           [--cache PCT] [--batch B] [--link BW[,LAT]] [--max-tokens N] [--window W] [--tasks FILE|none]
+           [--max-tasks N] [--threads N] --json OUT
 A plan given as NAME=DIR is evaluated as policy NAME (so two plans, say for two objectives, compare in one run).
+resident always runs first: it is the reference of top1_agreement (teacher-forced) and greedy_agreement.
+By default the tasks are cloze questions built from the texts of --data that the perplexity stream does not reach.
 """
 from __future__ import annotations
 
@@ -32,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens)
     ap.add_argument("--window", type=int, default=d.window, help="tokens per perplexity window (default: 512, or "
                     "the model's context if shorter)")
-    ap.add_argument("--tasks", default=None, help="multiple-choice .jsonl (default: the bundled cloze tasks)")
+    ap.add_argument("--tasks", default=d.tasks, metavar="FILE|none",
+                    help="multiple-choice .jsonl, or none to skip tasks (default: cloze tasks built from the texts "
+                         "of --data after the first --max-tokens tokens)")
     ap.add_argument("--max-tasks", type=int, default=d.max_tasks)
+    ap.add_argument("--threads", type=int, default=d.threads,
+                    help="torch compute threads (default: %(default)s; the loader thread takes another core)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     ap.add_argument("--json", required=True, dest="json_out")
@@ -52,7 +59,7 @@ def _run(args) -> int:
         ("resident", "lru", "smoe") + tuple(plans))
     cfg = EvalConfig(policies=policies, cache=args.cache, batch=args.batch, link=args.link,
                      max_tokens=args.max_tokens, window=args.window, tasks=args.tasks, max_tasks=args.max_tasks,
-                     device=args.device, dtype=args.dtype)
+                     device=args.device, dtype=args.dtype, threads=args.threads)
     result = evaluate(args.model_dir, args.data, plans or None, cfg, progress=not args.quiet)
     atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
     print(table(result))

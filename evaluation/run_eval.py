@@ -1,20 +1,29 @@
-"""`evaluate(...)`: every policy over the same tokens, in one run.
+"""`evaluate(...)`: every policy over the same tokens, in one run. `resident` (exact: every expert in place) runs
+first, as the reference of both agreements; it is reported when asked for.
 
-perplexity      exp(mean NLL) over every predicted token: the stream's first N tokens cut into windows of `window`
-                tokens; each window predicts its tokens 2..len from the ones before. Tokens pass one step at a time with
-                the KV cache (Runtime.teacher_force), so the expert cache sees what it sees when generating;
-                `batch` windows run side by side as the rows of one batch.
-agreement       share of greedy tokens equal to resident's, continuing prompts taken from the data.
-task_accuracy   log-likelihood multiple choice (evaluation.tasks), contexts and continuations stepped the same way.
-rates           from the runtime's counters over the perplexity pass (decode steps only).
-tpot_ms         wall time per decode step of that pass (with --link, on the emulated link);
-tpot_ms_modeled the plan's modeled TPOT for that policy on its target (needs --plan).
+perplexity        exp(sum NLL / predicted tokens) over the stream's first N tokens cut into windows of `window`
+                  tokens; each window predicts its tokens 2..len from the ones before. Tokens pass one step at a time
+                  with the KV cache (Runtime.teacher_force), so the expert cache sees what it sees when generating;
+                  `batch` windows run side by side as the rows of one batch. `window_nll` keeps [NLL sum, tokens]
+                  per window (the same windows for every policy: evaluation.stats.paired_bootstrap pairs them).
+top1_agreement    teacher-forced argmax agreement with resident at every predicted position of that pass
+                  (evaluation.agreement).
+greedy_agreement  share of resident's greedy continuation reproduced before the first difference, averaged over
+                  `prompts` prompts of `prompt_len` tokens taken at even spacing from the stream; `greedy_tokens`
+                  continuation tokens each.
+task_accuracy     log-likelihood multiple choice (evaluation.tasks). By default cloze tasks built by
+                  evaluation.make_tasks.cloze_tasks from the held-out texts: those of the data after the last text
+                  the perplexity stream reads (so no task sentence is in the stream). `tasks`: a task file instead,
+                  or "none" to skip.
+rates             from the runtime's counters over the perplexity pass (decode steps only).
+tpot_ms           wall time per decode step of that pass (with --link, on the emulated link);
+tpot_ms_modeled   the plan's modeled TPOT for that policy on its target (needs --plan).
 """
 from __future__ import annotations
 
-import copy
+import hashlib
+import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -22,15 +31,19 @@ from typing import Mapping
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from artifacts.errors import UserError
-from evaluation.data import prompts, token_stream, windows
+from evaluation.agreement import greedy_agreement, top1_agreement
+from evaluation.data import EvalText, prompts, read_eval_text, windows
+from evaluation.make_tasks import cloze_tasks
+from evaluation.passes import PerplexityPass, greedy_pass, perplexity_pass, task_pass
+from evaluation.stats import paired_bootstrap
+from evaluation.tasks import EncodedTask, Task, encode, load_tasks, score
 from profiler.calibration import read_texts
-from evaluation.tasks import load_tasks, score
 from runtime.policy.config import POLICIES
 
-DEFAULT_TASKS = Path(__file__).resolve().parents[1] / "demo" / "data" / "tasks.jsonl"
+REFERENCE = "resident"
+NO_TASKS = "none"                     # EvalConfig.tasks value that skips tasks
 
 
 @dataclass(frozen=True)
@@ -41,72 +54,28 @@ class EvalConfig:
     link: str | None = None
     max_tokens: int = 2048
     window: int | None = None         # default: 512, or the model's context if shorter
-    tasks: str | None = None          # default: the bundled cloze tasks
-    max_tasks: int = 60
+    tasks: str | None = None          # None: cloze tasks from the held-out texts; a .jsonl file; "none": no tasks
+    max_tasks: int = 40
     prompts: int = 8
     prompt_len: int = 16
     gen_tokens: int = 16
     device: str = "cpu"
     dtype: str | None = None
     text_field: str = "text"
+    threads: int = 1                  # torch compute threads: one leaves a core to the loader thread (and a busy
+                                      # core cannot stall every op, as it does a multi-threaded one)
 
 
-@torch.no_grad()
-def _nll(rt, wins: list[np.ndarray], batch: int, bar) -> tuple[float, int, float, int]:
-    """Sum of NLL and count of predicted tokens; wall seconds and decode steps."""
-    total, count, seconds, steps = 0.0, 0, 0.0, 0
-    for start in range(0, len(wins), batch):
-        group = wins[start:start + batch]
-        n = min(len(w) for w in group)           # rows of one batch step together: cut to the shortest
-        ids = torch.from_numpy(np.stack([w[:n] for w in group])).to(rt.lm.device)
-        t0 = time.perf_counter()
-        logits = rt.teacher_force(ids)           # [B, n, V]
-        seconds += time.perf_counter() - t0
-        steps += n
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        total += float(-logp.gather(-1, ids[:, 1:, None]).sum())
-        count += ids[:, 1:].numel()
-        bar.update(len(group))
-    return total, count, seconds, steps
-
-
-@torch.no_grad()
-def _task_scores(rt, tasks: list[dict]) -> dict:
-    """Each context is stepped once; each choice continues from a copy of its KV cache."""
-    tok = rt.tokenizer
-    memo: dict[str, tuple] = {}
-
-    def loglik(context: str, continuation: str) -> float:
-        if context not in memo:
-            ctx = tok(context, add_special_tokens=False)["input_ids"]
-            cache = DynamicCache(config=rt.lm.config)
-            last = rt.teacher_force(torch.tensor([ctx], device=rt.lm.device), cache=cache)[0, -1]
-            memo.clear()
-            memo[context] = (ctx, cache, last)
-        ctx, cache, last = memo[context]
-        cont = tok(context + continuation, add_special_tokens=False)["input_ids"][len(ctx):] or \
-            tok(continuation, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([cont], device=rt.lm.device)
-        logits = torch.cat([last[None], rt.teacher_force(ids[:, :-1], cache=copy.deepcopy(cache))[0]]) \
-            if len(cont) > 1 else last[None]
-        return float(torch.log_softmax(logits.float(), -1).gather(-1, ids[0, :, None]).sum())
-
-    return score(tasks, loglik)
-
-
-def _greedy(rt, prompt_ids: list[np.ndarray], n: int) -> list[list[int]]:
-    out = []
-    for p in prompt_ids:
-        rt.generate("", input_ids=torch.from_numpy(p)[None].to(rt.lm.device), max_new_tokens=n)
-        out.append(rt.last_tokens[0].tolist())
-    return out
+@dataclass(frozen=True)
+class Reference:
+    """resident's outputs that the other policies are compared with."""
+    argmax: torch.Tensor              # [predicted tokens] of the perplexity pass
+    greedy: list[list[int]]           # per prompt: its greedy continuation
 
 
 def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, str | Path] | None = None,
              config: EvalConfig = EvalConfig(), progress: bool = True) -> dict:
     """`plan`: one plan directory (policy "plan") or {policy name: plan directory} to compare several."""
-    from runtime import Runtime
-
     plan_dirs = {} if plan is None else ({"plan": plan} if isinstance(plan, (str, Path)) else dict(plan))
     unknown = [p for p in config.policies if p not in POLICIES and p not in plan_dirs]
     if unknown:
@@ -119,83 +88,168 @@ def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, s
         raise UserError("--batch must be >= 1, --window and --max-tokens >= 2")
     if config.max_tasks < 1:
         raise UserError(f"--max-tasks must be at least 1 (got {config.max_tasks})")
+    if config.threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {config.threads})")
     from artifacts.plan import Plan
     from runtime.link import parse_link
-    from runtime.policy.slots import resolve_slots
-    from runtime.runtime import check_plan_matches
 
     plans = {name: Plan.load(path) for name, path in plan_dirs.items()}     # fail before any model work
     if config.link is not None:
         parse_link(config.link)
-    if config.tasks is not None:
-        load_tasks(config.tasks, config.max_tasks)
+    file_tasks = None if config.tasks in (None, NO_TASKS) else load_tasks(config.tasks, config.max_tasks)
     texts, _ = read_texts(data, config.text_field)
-    ref_rt = Runtime.load(model_dir, policy="resident", device=config.device, dtype=config.dtype)
-    if ref_rt.tokenizer is None:
-        raise UserError(f"{model_dir} has no tokenizer; evaluation needs one")
-    arch = ref_rt.lm.arch
-    window = config.window or min(512, arch.max_positions or 512)
-    if arch.max_positions is not None and window > arch.max_positions:
-        raise UserError(f"--window {window} is over the model's limit of {arch.max_positions} positions; "
-                        f"use --window {arch.max_positions} or less")
-    if any(p in ("lru", "smoe") for p in config.policies):
-        resolve_slots(config.cache, arch.moe_layers, arch.num_experts)
-    for name, path in plan_dirs.items():
-        check_plan_matches(plans[name], ref_rt.lm, model_dir)
-    first_plan = next(iter(plans.values()), None)
-    stream = token_stream(data, ref_rt.tokenizer, config.max_tokens, config.text_field, texts)
-    wins = windows(stream, window)
-    tasks = load_tasks(config.tasks or DEFAULT_TASKS, config.max_tasks)
-    prompt_ids = prompts(stream, config.prompts, config.prompt_len)
-    reference = _greedy(ref_rt, prompt_ids, config.gen_tokens)
-    ref_rt.close()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _evaluate(model_dir, data, texts, plan_dirs, plans, file_tasks, config, progress)
+    finally:
+        torch.set_num_threads(threads)
 
+
+@dataclass(frozen=True)
+class Inputs:
+    """What every policy is measured on."""
+    windows: list[np.ndarray]         # perplexity windows of the stream, each [<= window] token ids
+    prompts: np.ndarray               # [P, prompt_len] token ids, continued greedily
+    tasks: list[Task] | None          # None: tasks skipped
+    encoded: list[EncodedTask]        # the tasks' token ids
+
+
+def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: dict, file_tasks: list[Task] | None,
+              config: EvalConfig, progress: bool) -> dict:
+    from runtime import Runtime
+    from runtime.policy.slots import resolve_slots
+    from runtime.runtime import check_plan_matches
+
+    with Runtime.load(model_dir, policy=REFERENCE, device=config.device, dtype=config.dtype) as ref_rt:
+        if ref_rt.tokenizer is None:
+            raise UserError(f"{model_dir} has no tokenizer; evaluation needs one")
+        arch = ref_rt.lm.arch
+        window = config.window or min(512, arch.max_positions or 512)
+        if arch.max_positions is not None and window > arch.max_positions:
+            raise UserError(f"--window {window} is over the model's limit of {arch.max_positions} positions; "
+                            f"use --window {arch.max_positions} or less")
+        if any(p in ("lru", "smoe") for p in config.policies):
+            resolve_slots(config.cache, arch.moe_layers, arch.num_experts)
+        for name in plan_dirs:
+            check_plan_matches(plans[name], ref_rt.lm, model_dir)
+        text = read_eval_text(data, ref_rt.tokenizer, config.max_tokens, config.text_field, texts)
+        tasks = file_tasks if file_tasks is not None else _data_tasks(data, text, config)
+        encoded = [encode(t, ref_rt.tokenizer) for t in tasks or []]
+        _check_task_lengths(encoded, arch.max_positions)
+        inputs = Inputs(windows(text.stream, window), prompts(text.stream, config.prompts, config.prompt_len),
+                        tasks, encoded)
+        ref_entry, reference = _measure(ref_rt, REFERENCE, inputs, None, REFERENCE in config.policies,
+                                        _modeled_tpot(REFERENCE, plans), config, progress)
     results = {}
     for name in config.policies:
+        if name == REFERENCE:
+            results[name] = ref_entry
+            continue
         kw = {"plan": plans[name], "policy": "plan"} if name in plans else {"policy": name}
         if name in ("lru", "smoe"):
             kw["cache"] = config.cache
-        if name != "resident":
-            kw["link"] = config.link
-        rt = Runtime.load(model_dir, device=config.device, dtype=config.dtype, **kw)
-        with rt:
-            bar = tqdm(total=len(wins), desc=f"{name}: perplexity", unit="window", disable=not progress)
-            nll, count, seconds, steps = _nll(rt, wins, config.batch, bar)
-            bar.close()
-            stats = rt.stats.to_dict()
-            rt.stats.reset()
-            gen = _greedy(rt, prompt_ids, config.gen_tokens)
-            same = sum(int(a == b) for g, r in zip(gen, reference) for a, b in zip(g, r))
-            agreement = same / max(sum(len(r) for r in reference), 1)
-            task = _task_scores(rt, tasks)
-        modeled = None
-        if name in plans:
-            modeled = plans[name].predicted["plan"]["tpot_ms"]
-        elif first_plan is not None and name in first_plan.predicted:
-            modeled = first_plan.predicted[name]["tpot_ms"]
-        results[name] = {
-            "perplexity": math.exp(nll / count), "nll_tokens": count, "agreement": agreement,
-            "task_accuracy": task["acc"], "task_accuracy_norm": task["acc_norm"],
-            "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
-            "drop_rate": stats["drop_rate"], "host_rate": stats["host_rate"],
-            "understudies": stats["understudies"],
-            "loads_per_token": stats["loads_per_token"], "bytes_per_token": stats["bytes_per_token"],
-            "tpot_ms": 1e3 * seconds / max(steps, 1), "tpot_ms_modeled": modeled,
-            "cache_capacity_bytes": stats["cache_capacity_bytes"]}
-    return {"model": str(model_dir), "data": str(data), "tokens": int(len(stream)), "windows": len(wins),
-            "window": window,
-            "batch": config.batch, "link": config.link, "cache": config.cache,
-            "plan": str(plan_dirs["plan"]) if "plan" in plan_dirs else None,
+        with Runtime.load(model_dir, device=config.device, dtype=config.dtype, link=config.link, **kw) as rt:
+            results[name], _ = _measure(rt, name, inputs, reference, True, _modeled_tpot(name, plans), config,
+                                        progress)
+    return {"model": str(model_dir), "data": str(data), "tokens": int(len(text.stream)),
+            "windows": len(inputs.windows), "window": window, "batch": config.batch, "link": config.link,
+            "cache": config.cache, "plan": str(plan_dirs["plan"]) if "plan" in plan_dirs else None,
             "plans": {k: str(v) for k, v in plan_dirs.items()},
+            "reference": REFERENCE, "prompts": int(inputs.prompts.shape[0]), "greedy_tokens": config.gen_tokens,
+            "tasks": None if tasks is None else {
+                "source": "held-out data" if file_tasks is None else str(config.tasks), "count": len(tasks),
+                "sha256": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()},
             "policies": results}
 
 
+def _data_tasks(data: str, text: EvalText, config: EvalConfig) -> list[Task] | None:
+    """The default tasks: cloze questions from the held-out texts; None when tasks are skipped."""
+    if config.tasks == NO_TASKS:
+        return None
+    tasks = cloze_tasks(list(text.held_out), config.max_tasks)
+    if not tasks:
+        raise UserError(f"{data} has no cloze sentences in the {len(text.held_out)} texts after the first "
+                        f"{config.max_tokens} tokens (the default tasks come from there); pass more text, a smaller "
+                        "--max-tokens, --tasks FILE, or --tasks none")
+    return tasks
+
+
+def _check_task_lengths(encoded: list[EncodedTask], limit: int | None) -> None:
+    for i, t in enumerate(encoded, 1):
+        n = len(t.context) + max(len(c) for c in t.continuations) - 1     # positions the longest choice reaches
+        if limit is not None and n > limit:
+            raise UserError(f"task {i} takes {n} tokens, over the model's limit of {limit} positions; shorten its "
+                            "context, or pass --tasks none")
+
+
+def _modeled_tpot(name: str, plans: dict) -> float | None:
+    """The plan's modeled TPOT of policy `name` (ms): a plan's own, or what the first plan predicts for `name`."""
+    if name in plans:
+        return plans[name].predicted["plan"]["tpot_ms"]
+    first = next(iter(plans.values()), None)
+    return first.predicted[name]["tpot_ms"] if first is not None and name in first.predicted else None
+
+
+def _measure(rt, name: str, inputs: Inputs, reference: Reference | None, with_tasks: bool, modeled: float | None,
+             config: EvalConfig, progress: bool) -> tuple[dict, Reference]:
+    """The three passes over one policy: its entry of the result (agreements against `reference`; None when rt is
+    resident, the reference itself), and its own outputs as a reference."""
+    def bar(what: str, total: int, unit: str) -> tqdm:
+        return tqdm(total=total, desc=f"{name}: {what}", unit=unit, disable=not progress)
+
+    with bar("perplexity", len(inputs.windows), "window") as b:
+        ppl: PerplexityPass = perplexity_pass(rt, inputs.windows, config.batch, b)
+    stats = rt.stats.to_dict()                    # the rates are the perplexity pass's
+    rt.stats.reset()
+    greedy: list[list[int]] = []
+    if len(inputs.prompts):
+        with bar("greedy", config.gen_tokens, "token") as b:
+            greedy = greedy_pass(rt, inputs.prompts, config.gen_tokens, b)
+    task = None
+    if with_tasks and inputs.tasks is not None:
+        with bar("tasks", len(inputs.encoded), "task") as b:
+            task = score(inputs.tasks, task_pass(rt, inputs.encoded, b))
+    ours = Reference(ppl.argmax, greedy)
+    ref = reference or ours
+    entry = {
+        "perplexity": math.exp(ppl.nll / ppl.count), "nll_tokens": ppl.count,
+        "window_nll": [[s, c] for s, c in ppl.window_nll],
+        "top1_agreement": top1_agreement(ppl.argmax, ref.argmax),
+        "greedy_agreement": greedy_agreement(greedy, ref.greedy) if greedy else None,
+        "greedy_tokens": config.gen_tokens,
+        "task_accuracy": None if task is None else task["acc"],
+        "task_accuracy_norm": None if task is None else task["acc_norm"],
+        "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
+        "drop_rate": stats["drop_rate"], "host_rate": stats["host_rate"],
+        "understudies": stats["understudies"],
+        "loads_per_token": stats["loads_per_token"], "bytes_per_token": stats["bytes_per_token"],
+        "tpot_ms": 1e3 * ppl.seconds / max(ppl.steps, 1), "tpot_ms_modeled": modeled,
+        "cache_capacity_bytes": stats["cache_capacity_bytes"]}
+    return entry, ours
+
+
 def table(result: dict) -> str:
-    lines = [f"{'policy':<9} {'ppl':>8} {'agree':>6} {'task':>5} {'hit':>6} {'subst':>6} {'drop':>6} "
-             f"{'loads/t':>8} {'TPOT ms':>8} {'modeled':>8}"]
-    for name, r in result["policies"].items():
-        m = "-" if r["tpot_ms_modeled"] is None else f"{r['tpot_ms_modeled']:.2f}"
-        lines.append(f"{name:<9} {r['perplexity']:>8.3f} {r['agreement']:>6.3f} {r['task_accuracy']:>5.2f} "
+    """The result as a table: one row per policy, perplexity change vs resident with its paired 95% interval."""
+    pols = result["policies"]
+    w = max([9] + [len(n) for n in pols])
+    t = result["tasks"]
+    tasks = "no tasks" if t is None else f"{t['count']} tasks from {t['source']}"
+    lines = [f"{result['tokens']} tokens in {result['windows']} windows of {result['window']}; greedy: "
+             f"{result['prompts']} prompts x {result['greedy_tokens']} tokens; {tasks}",
+             f"{'policy':<{w}} {'ppl':>8} {'vs ' + REFERENCE + ' % [95% CI]':>24} {'top1':>6} {'greedy':>6} "
+             f"{'task':>5} {'hit':>6} {'subst':>6} {'drop':>6} {'loads/t':>8} {'TPOT ms':>8} {'modeled':>8}"]
+
+    def num(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for name, r in pols.items():
+        vs = "-"
+        if REFERENCE in pols and name != REFERENCE:
+            d, lo, hi = paired_bootstrap(result, REFERENCE, name)
+            vs = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+        lines.append(f"{name:<{w}} {r['perplexity']:>8.3f} {vs:>24} {r['top1_agreement']:>6.3f} "
+                     f"{num(r['greedy_agreement'], '.3f'):>6} {num(r['task_accuracy'], '.2f'):>5} "
                      f"{r['hit_rate']:>6.3f} {r['substitution_rate']:>6.3f} {r['drop_rate']:>6.3f} "
-                     f"{r['loads_per_token']:>8.2f} {r['tpot_ms']:>8.2f} {m:>8}")
+                     f"{r['loads_per_token']:>8.2f} {r['tpot_ms']:>8.2f} {num(r['tpot_ms_modeled'], '.2f'):>8}")
     return "\n".join(lines)
