@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from artifacts.errors import UserError
-from profiler.calibration import read_texts
+from artifacts.texts import join_with_eos, read_texts
 
 
 @dataclass(frozen=True)
@@ -21,21 +21,10 @@ def read_eval_text(data: str, tokenizer, max_tokens: int, text_field: str = "tex
     """The stream of `data` (or of `texts`, already read from it) and the texts it leaves out."""
     if texts is None:
         texts, _ = read_texts(data, text_field)
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    used = len(texts)
-    for i, t in enumerate(texts):
-        if not t.strip():
-            continue
-        stream += tokenizer(t, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(eos)
-        if len(stream) >= max_tokens:
-            used = i + 1
-            break
+    stream, used = join_with_eos(texts, tokenizer, max_tokens)
     if len(stream) < 2:
         raise UserError(f"{data} gives {len(stream)} tokens; evaluation needs text (field '{text_field}')")
-    return EvalText(np.asarray(stream[:max_tokens], dtype=np.int64), tuple(texts[used:]))
+    return EvalText(np.asarray(stream, dtype=np.int64), tuple(texts[used:]))
 
 
 def token_stream(data: str, tokenizer, max_tokens: int, text_field: str = "text",

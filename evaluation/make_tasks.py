@@ -46,7 +46,7 @@ def cloze_tasks(texts: list[str], count: int, seed: int = 0) -> list[Task]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from profiler.calibration import read_texts
+    from artifacts.texts import read_texts
 
     ap = argparse.ArgumentParser(description="write cloze tasks built from held-out text to a task file")
     ap.add_argument("data", help=".jsonl/.txt file or a datasets directory")

@@ -39,7 +39,7 @@ from evaluation.make_tasks import cloze_tasks
 from evaluation.passes import PerplexityPass, greedy_pass, perplexity_pass, task_pass
 from evaluation.stats import paired_bootstrap
 from evaluation.tasks import EncodedTask, Task, encode, load_tasks, score
-from profiler.calibration import read_texts
+from artifacts.texts import read_texts
 from runtime.policy.config import POLICIES
 
 REFERENCE = "resident"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from artifacts.errors import UserError
-from profiler.calibration import build_calibration, load_tokenizer, read_texts
+from artifacts.texts import read_texts
+from profiler.calibration import build_calibration, load_tokenizer
 from tiny_models import save_byte_tokenizer
 
 TEXTS = ["first paragraph of text", "second one, a bit longer than the first", "third"]
