@@ -102,13 +102,14 @@ def child(case: dict) -> dict:
                       dtype=case["dtype"]) as rt:
         sampler.sample()
         sampler.phase = "decode"
-        rt.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)
+        ids, mask = rt.encode(prompts)
+        tokens = rt.generate_ids(ids, mask, max_new_tokens=MAX_NEW_TOKENS)
         sampler.sample()
         sampler.stop.set()
         sampler.join()
         cfg, lm = rt.lm.config, rt.lm
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        positions = rt.encode(prompts)[0].shape[1] + rt.last_tokens.shape[1] - 1   # the last token is never fed
+        positions = ids.shape[1] + tokens.shape[1] - 1   # the last token is never fed
         kv = (2 * cfg.num_hidden_layers * len(prompts) * cfg.num_key_value_heads * head_dim * positions
               * lm.dtype.itemsize)
         return {"dense": sum(p.numel() * p.element_size() for p in lm.model.parameters()),

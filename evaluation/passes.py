@@ -63,9 +63,9 @@ def greedy_pass(rt, prompt_ids: np.ndarray, n: int, bar: tqdm) -> list[list[int]
     """Greedy continuations of prompt_ids [P, L] (one batch, no padding: the prompts have one length), each up to
     and including EOS, at most n tokens."""
     ids = torch.from_numpy(prompt_ids).to(rt.lm.device)                               # [P, L]
-    rt.generate("", input_ids=ids, max_new_tokens=n, on_step=lambda _: bar.update(1))
+    tokens = rt.generate_ids(ids, max_new_tokens=n, on_step=lambda _: bar.update(1))  # [P, <= n]
     eos = rt.tokenizer.eos_token_id if rt.tokenizer is not None else None
-    return [continuation(row, eos) for row in rt.last_tokens.tolist()]               # rt.last_tokens: [P, <= n]
+    return [continuation(row, eos) for row in tokens.tolist()]
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -121,7 +121,7 @@ def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: di
     from runtime.policy.slots import resolve_slots
     from runtime.runtime import check_plan_matches
 
-    with Runtime.load(model_dir, policy=REFERENCE, device=config.device, dtype=config.dtype) as ref_rt:
+    with Runtime.load(model_dir, _run_config(REFERENCE, plans, config)) as ref_rt:
         if ref_rt.tokenizer is None:
             raise UserError(f"{model_dir} has no tokenizer; evaluation needs one")
         arch = ref_rt.lm.arch
@@ -146,10 +146,7 @@ def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: di
         if name == REFERENCE:
             results[name] = ref_entry
             continue
-        kw = {"plan": plans[name], "policy": "plan"} if name in plans else {"policy": name}
-        if name in ("lru", "smoe"):
-            kw["cache"] = config.cache
-        with Runtime.load(model_dir, device=config.device, dtype=config.dtype, link=config.link, **kw) as rt:
+        with Runtime.load(model_dir, _run_config(name, plans, config), plan=plans.get(name)) as rt:
             results[name], _ = _measure(rt, name, inputs, reference, True, _modeled_tpot(name, plans), config,
                                         progress)
     return {"model": str(model_dir), "data": str(data), "tokens": int(len(text.stream)),
@@ -161,6 +158,18 @@ def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: di
                 "source": "held-out data" if file_tasks is None else str(config.tasks), "count": len(tasks),
                 "sha256": hashlib.sha256(json.dumps([t.to_dict() for t in tasks]).encode()).hexdigest()},
             "policies": results}
+
+
+def _run_config(name: str, plans: dict, config: EvalConfig):
+    """The run configuration of one evaluated policy (a named plan runs as policy plan, with its plan)."""
+    from runtime.config import RunConfig
+
+    base = RunConfig(device=config.device, dtype=config.dtype)
+    if name == REFERENCE:
+        return replace(base, policy=REFERENCE)
+    if name in plans:
+        return replace(base, policy="plan", link=config.link)
+    return replace(base, policy=name, cache=config.cache, link=config.link)
 
 
 def _data_tasks(data: str, text: EvalText, config: EvalConfig) -> list[Task] | None:

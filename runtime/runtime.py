@@ -267,7 +267,6 @@ class Runtime:
                                     on_phase)
         finally:
             s.phase = "decode"
-        self.last_tokens = tokens     # deprecated: use the return value
         s.decode_positions += tokens.shape[0] * (tokens.shape[1] - 1)
         s.prompt_tokens += int(attention_mask.sum())
         eos = self.eos_id
