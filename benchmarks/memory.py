@@ -44,7 +44,6 @@ MIB = 2**20
 # (policy, cache, compute dtype); None dtype: the checkpoint's (bf16 here)
 CASES = [("lru", "12.5%", None), ("lru", "25%", None), ("lru", "50%", None), ("smoe", "12.5%", None),
          ("smoe", "25%", None), ("smoe", "50%", None), ("resident", None, None), ("lru", "25%", "float32")]
-BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
 HEADING = "## Memory: the budget held in process memory"
 
 
@@ -197,20 +196,6 @@ def section(bases: dict[str, dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(text: str, out: str) -> None:
-    if out == "-":
-        print(f"{HEADING}\n\n{BEGIN}\n{text}\n{END}")
-        return
-    path = Path(out)
-    doc = path.read_text() if path.exists() else ""
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}"
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{HEADING}\n\n{BEGIN}\n{text}\n{END}\n"
-    path.write_text(doc)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=str(SHARED / "tiny-qwen2moe"), help="comma-separated checkpoint dirs")
@@ -231,7 +216,10 @@ def main() -> int:
             print(f"{Path(model).name} {policy} {cache or ''} {dtype or ''}: peak anon while decoding "
                   f"{mib(rows[-1]['peaks']['decode']['anon'])} MiB", file=sys.stderr, flush=True)
     text = section(bases, rows)
-    write(text, args.out)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sections import write_section
+
+    write_section(args.out, "memory", HEADING, text)
     if args.out != "-":
         print(text)
     return 0
