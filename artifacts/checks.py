@@ -83,6 +83,20 @@ class Checker:
             self.fail(field, "repeats an expert id")
         return out
 
+    def model_section(self, header: Any) -> tuple[dict, list[int], int]:
+        """The `model` section every artifact carries: (section, MoE layers, experts), with the fingerprint, layers
+        (unique, >= 0), expert count (>= 1) and top_k (1..E) checked."""
+        model = self.obj(self.get(self.obj(header, "the header"), "model", "model"), "model")
+        if not isinstance(self.get(model, "fingerprint", "model.fingerprint"), str):
+            self.fail("model.fingerprint", "is not a string")
+        layers = [self.int_(x, f"model.moe_layers[{i}]", 0) for i, x in
+                  enumerate(self.lst(self.get(model, "moe_layers", "model.moe_layers"), "model.moe_layers"))]
+        if not layers or len(set(layers)) != len(layers):
+            self.fail("model.moe_layers", "is empty or repeats a layer")
+        e = self.int_(self.get(model, "num_experts", "model.num_experts"), "model.num_experts", 1)
+        self.int_(self.get(model, "top_k", "model.top_k"), "model.top_k", 1, e)
+        return model, layers, e
+
     def key_int(self, k: str, field: str, allowed) -> int:
         try:
             v = int(k)

@@ -174,14 +174,7 @@ class Plan:
     def _from_json(cls, path: Path, header: dict, cache: dict, subs: dict) -> "Plan":
         remedy = "re-run moe-compile (plans are not meant to be edited by hand)"
         h = Checker(f"plan {path / HEADER_FILE}", remedy)
-        model = h.obj(h.get(header, "model", "model"), "model")
-        h.get(model, "fingerprint", "model.fingerprint")
-        layers = [h.int_(x, f"model.moe_layers[{i}]", 0)
-                  for i, x in enumerate(h.lst(h.get(model, "moe_layers", "model.moe_layers"), "model.moe_layers"))]
-        if not layers or len(set(layers)) != len(layers):
-            h.fail("model.moe_layers", "is empty or repeats a layer")
-        e = h.int_(h.get(model, "num_experts", "model.num_experts"), "model.num_experts", 1)
-        h.int_(h.get(model, "top_k", "model.top_k"), "model.top_k", 1, e)
+        model, layers, e = h.model_section(header)
         if "checkpoint_dtype" in model:
             h.choice(model["checkpoint_dtype"], "model.checkpoint_dtype", EXPERT_DTYPES)
         budget = h.obj(h.get(header, "budget", "budget"), "budget")

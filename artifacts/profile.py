@@ -120,16 +120,8 @@ class Profile:
     def validate(self, where: str = "profile") -> None:
         """Every header field the tools read, every tensor's shape, finite values, expert ids in range."""
         c = Checker(where, "re-run moe-profile (profiles are not meant to be edited by hand)")
-        h = c.obj(self.header, "the header")
-        model = c.obj(c.get(h, "model", "model"), "model")
-        if not isinstance(c.get(model, "fingerprint", "model.fingerprint"), str):
-            c.fail("model.fingerprint", "is not a string")
-        layers = [c.int_(x, f"model.moe_layers[{i}]", 0)
-                  for i, x in enumerate(c.lst(c.get(model, "moe_layers", "model.moe_layers"), "model.moe_layers"))]
-        if not layers or len(set(layers)) != len(layers):
-            c.fail("model.moe_layers", "is empty or repeats a layer")
-        e = c.int_(c.get(model, "num_experts", "model.num_experts"), "model.num_experts", 1)
-        c.int_(c.get(model, "top_k", "model.top_k"), "model.top_k", 1, e)
+        h = self.header
+        model, layers, e = c.model_section(h)
         for key in ("expert_bytes", "routed_expert_bytes"):
             c.int_(c.get(model, key, f"model.{key}"), f"model.{key}", 1)
         for key in ("dense_bytes", "kv_bytes_per_token"):

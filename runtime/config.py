@@ -31,7 +31,7 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class RunConfig:
     policy: str | None = None         # resident | lru | smoe | plan; None: plan with a plan, else smoe
-    plan: str | None = None           # plan directory (policy plan)
+    plan: object = None               # a plan directory, or an artifacts.Plan (policy plan)
     cache: int | str | None = None    # slots per layer or "P%" of routed-expert bytes (not with a plan)
     lossless: bool = False            # no understudies, no drops: logits equal HF's
     link: object = None               # emulated host-to-device link: "50MB/s,20us" or a runtime.link.Link
@@ -57,6 +57,8 @@ class RunConfig:
         if policy == "plan" and self.plan is None:
             raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
                             "or choose --policy smoe|lru|resident")
+        if policy == "plan" and self.cache is not None:
+            raise UserError("--cache conflicts with the plan's budget; compile a plan for that budget instead")
         if policy in ("lru", "smoe") and self.cache is None:
             raise UserError(f"policy {policy} needs a cache size: --cache N (slots per layer) or --cache P% (of "
                             "routed-expert bytes), or a plan (--plan)")

@@ -74,14 +74,15 @@ class Runtime:
         fields = RunConfig.__dataclass_fields__
         if config is None:
             config = RunConfig(**{k: v for k, v in options.items() if k in fields})
-        if plan is not None and not isinstance(plan, Plan):
-            config = replace(config, plan=str(plan))
+        if plan is not None:
+            config = replace(config, plan=plan)
         policy_overrides = {k: v for k, v in options.items() if k not in fields}
         policy_overrides.update(alpha=config.alpha, host_compute=config.host_compute)
         # everything a user passes is checked before the model is read
-        config = replace(config, plan=config.plan or ("(in memory)" if isinstance(plan, Plan) else None)).checked()
+        config = config.checked()
         policy, cache, lossless = config.resolved_policy, config.cache, config.lossless
-        the_plan = plan.validate() if isinstance(plan, Plan) else (None if config.plan is None else Plan.load(config.plan))
+        the_plan = (config.plan.validate() if isinstance(config.plan, Plan)
+                    else None if config.plan is None else Plan.load(config.plan))
         the_link = parse_link(config.link) if isinstance(config.link, str) else config.link
         lm = load_model(model_dir, config.device, config.dtype)
         if the_plan is not None:
@@ -109,8 +110,6 @@ class Runtime:
         # offloaded experts are held and moved in the checkpoint's dtype (what plans count), computed in lm.dtype
         experts = ExpertStore(lm.ckpt, lm.arch, None, mode=mode, pin=lm.device.type == "cuda")
         if use_plan:
-            if cache is not None:
-                raise UserError("--cache conflicts with the plan's budget; compile a plan for that budget instead")
             if the_plan.expert_bytes != experts.expert_bytes:
                 raise UserError(f"the plan counts experts of {the_plan.expert_bytes} B ({the_plan.expert_dtype}), "
                                 f"this checkpoint's are {experts.expert_bytes} B "
