@@ -33,13 +33,13 @@ import torch
 from tqdm.auto import tqdm
 
 from artifacts.errors import UserError
+from artifacts.texts import read_texts
 from evaluation.agreement import greedy_agreement, top1_agreement
 from evaluation.data import EvalText, prompts, read_eval_text, windows
 from evaluation.make_tasks import cloze_tasks
 from evaluation.passes import PerplexityPass, greedy_pass, perplexity_pass, task_pass
 from evaluation.stats import paired_bootstrap
 from evaluation.tasks import EncodedTask, Task, encode, load_tasks, score
-from artifacts.texts import read_texts
 from runtime.policy.config import POLICIES
 
 REFERENCE = "resident"
@@ -229,8 +229,8 @@ def _measure(rt, name: str, inputs: Inputs, reference: Reference | None, with_ta
         "greedy_tokens": config.gen_tokens,
         "task_accuracy": None if task is None else task["acc"],
         "task_accuracy_norm": None if task is None else task["acc_norm"],
-        "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
-        "drop_rate": stats["drop_rate"], "host_rate": stats["host_rate"],
+        "hit_rate": stats["hit_rate"],       # exact + understudy; the five shares below add up to 1
+        **{k: stats[k] for k in ("exact_hit_rate", "substitution_rate", "drop_rate", "host_rate", "miss_rate")},
         "understudies": stats["understudies"],
         "loads_per_token": stats["loads_per_token"], "bytes_per_token": stats["bytes_per_token"],
         "tpot_ms": 1e3 * ppl.seconds / max(ppl.steps, 1), "tpot_ms_modeled": modeled,
