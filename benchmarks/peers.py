@@ -53,10 +53,11 @@ def hf_generate_tpot(model: Path, offload_budget: float | None) -> dict:
 
 
 def understudy_tpot(model: Path, **kw) -> dict:
-    """The runtime's greedy TPOT on the same prompts (`Runtime.load(model, **kw)`, no emulated link)."""
+    """The runtime's greedy TPOT on the same prompts (`Runtime.load(model, **kw)`, no emulated link), in float32
+    as the HF peers run (the runtime's own default would be the checkpoint's bf16)."""
     from runtime import Runtime
 
-    with Runtime.load(model, **kw) as rt:
+    with Runtime.load(model, dtype="float32", **kw) as rt:
         times = []
         for p in PROMPTS:
             rt.stats.reset()

@@ -26,6 +26,8 @@ def header(run: Run) -> list[str]:
              f"core runs the loader), device `{c.get('device', 'cpu')}`; started {m.get('started')}."]
     if m.get("regenerated"):
         lines[-1] += f" Regenerated without rerunning by `{m['regenerated']}`."
+    if m.get("peers_note"):
+        lines[-1] += f" {m['peers_note']}"
     lines += ["", "Every time below is measured on this machine with an emulated link calibrated so that one expert "
               f"load costs {target_ratio():.2f} layers of compute, as on {TARGET['name']} "
               "(benchmarks/emulated_link.py); `modeled` is the plan's trace replay on the dev-emulated target. Each "
