@@ -142,6 +142,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 def atomic_write_text(target: str | Path, text: str) -> Path:
     """Write one file whole: a temporary sibling, fsync, rename. Errors are one-line UserErrors."""
     target = Path(target)
+    remove_leftovers(target)
     tmp = _tmp_name(target, "tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:

@@ -133,3 +133,10 @@ def test_compile_disk_full_during_report_keeps_previous_plan(tmp_path, monkeypat
     assert code == 2 and len(err) == 1 and "disk full" in err[0]
     assert {p.name: p.read_bytes() for p in (tmp_path / "plan").iterdir()} == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".plan.")]
+
+
+def test_write_text_removes_a_dead_writers_leftover(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".s.json.tmp-{int(dead.stdout)}-0123abcd").write_text("half")
+    atomic_write_text(tmp_path / "s.json", "whole")
+    assert os.listdir(tmp_path) == ["s.json"]
