@@ -138,7 +138,7 @@ def run_grid(args, run: Run, work: Path, t0: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="tiny-qwen2moe,tiny-qwen2moe-upcycled", help=f"of {', '.join(MODELS)}")
-    ap.add_argument("--budgets", default="12.5,25,50", help="cache budgets, % of routed-expert bytes")
+    ap.add_argument("--budgets", default="12.5,25,50", help="cache budgets, %% of routed-expert bytes")
     ap.add_argument("--batches", default="1", help="batch sizes; B@P1/P2 runs batch B at those budgets only")
     ap.add_argument("--max-tokens", type=int, default=4096, help="held-out tokens per policy and cell")
     ap.add_argument("--tokens-for", default="", help="per-model override, e.g. tiny-qwen2moe-upcycled=2048")
