@@ -179,6 +179,10 @@ class Plan:
             h.choice(model["checkpoint_dtype"], "model.checkpoint_dtype", EXPERT_DTYPES)
         budget = h.obj(h.get(header, "budget", "budget"), "budget")
         cache_budget = h.int_(h.get(budget, "cache_bytes", "budget.cache_bytes"), "budget.cache_bytes", 1)
+        if "auto" in budget:        # optional (added later): how `--budget auto` derived the budget
+            auto = h.obj(budget["auto"], "budget.auto")
+            for key in ("free_bytes", "headroom_bytes", "budget_bytes"):
+                h.int_(h.get(auto, key, f"budget.auto.{key}"), f"budget.auto.{key}", 0)
         c = h.obj(h.get(header, "choices", "choices"), "choices")
         for key in ("alpha", "tau", "pool_depth", "drop_misses", "prefetch", "prefetch_max", "window", "host_compute"):
             h.get(c, key, f"choices.{key}")

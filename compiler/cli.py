@@ -1,7 +1,7 @@
 """moe-compile: a profile + a memory budget + a hardware target -> a plan (substitution map + cache plan).
 
-  moe-compile PROFILE_DIR --budget SIZE|PCT -o PLAN_DIR [--target NAME|FILE] [--tpot-target MS | --max-error E]
-              [--batch B] [--context T]
+  moe-compile PROFILE_DIR --budget SIZE|PCT|auto -o PLAN_DIR [--target NAME|FILE] [--tpot-target MS | --max-error E]
+              [--batch B] [--context T] [--headroom SIZE|PCT]
 """
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     ap = cli_parser(PROG, "Compile a profile into a plan for a memory budget and target.")
     ap.add_argument("profile_dir")
     ap.add_argument("--budget", required=True,
-                    help="all device memory the runtime may use (12GiB, 900MiB) or the cache's share of routed-expert "
-                         "bytes (25%%)")
+                    help="all device memory the runtime may use (12GiB, 900MiB), the cache's share of routed-expert "
+                         "bytes (25%%), or auto: the target device's free memory on this machine (CUDA: free GPU "
+                         "memory; CPU: available RAM) minus --headroom, printed with how it was derived")
+    ap.add_argument("--headroom", default=None, metavar="SIZE|PCT",
+                    help="with --budget auto: free memory to leave unused (2GiB, or 15%% of free); "
+                         "default 10%% of free, at least 1 GiB")
     ap.add_argument("-o", "--output", required=True, help="plan directory to write")
     ap.add_argument("--target", default=d.target, help=f"preset ({', '.join(presets())}) or a YAML file")
     goal = ap.add_mutually_exclusive_group()
@@ -61,7 +65,7 @@ def _run(args) -> int:
         check_range(args.tpot_target, "--tpot-target", 0.0, lo_open=True)
     cfg = CompileConfig(budget=args.budget, target=args.target, tpot_target_ms=args.tpot_target,
                         max_error=args.max_error, batch=args.batch, context=args.context,
-                        search_tokens=args.search_tokens)
+                        search_tokens=args.search_tokens, headroom=args.headroom)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     plan = compile_plan(args.profile_dir, cfg, log=log)
     extras = None

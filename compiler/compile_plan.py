@@ -27,6 +27,7 @@ from artifacts.header import new_header, sha256_dir
 from artifacts.plan import FORMAT, FORMAT_VERSION, Plan, PlanChoices
 from artifacts.profile import Profile
 from compiler.allocate import allocate_slots, hit_curves
+from compiler.auto_budget import auto_budget, check_headroom, is_auto
 from compiler.loss_model import LossModel
 from compiler.memory import split_budget
 from compiler.objective import Objective
@@ -47,7 +48,7 @@ PREFETCH_TRIALS = 4                  # best rules on which prefetch is tried
 
 @dataclass(frozen=True)
 class CompileConfig:
-    budget: str = "25%"
+    budget: str = "25%"                # "25%", "12GiB", or "auto" (free memory - headroom; compiler.auto_budget)
     target: str = "dev-emulated"
     tpot_target_ms: float | None = None
     max_error: float | None = None
@@ -58,6 +59,7 @@ class CompileConfig:
     top_n: int = 8                     # ranked understudies kept per expert
     protect_frac: float = 0.1          # share of experts (by importance) never substituted
     window: int = 16                   # eviction window n (decode steps)
+    headroom: str | None = None        # budget "auto" only: SIZE or P% of free left unused (default 10%, >= 1 GiB)
 
 
 def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
@@ -75,12 +77,18 @@ def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
 def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(), log=print) -> Plan:
     if config.tpot_target_ms is not None and config.max_error is not None:
         raise UserError("give --tpot-target or --max-error, not both")
+    check_headroom(config.budget, config.headroom)
     target = load_target(config.target)
     profile = Profile.load(profile_dir)
     if not profile.trace or profile.trace["ids"].shape[0] == 0:
         raise UserError(f"profile {profile_dir} has no routing trace; re-run moe-profile")
     model = profile.header["model"]
-    split = split_budget(config.budget, model, target, config.batch, config.context)
+    budget, auto = config.budget, None
+    if is_auto(budget):                 # measured on this machine, then split like any absolute budget
+        auto = auto_budget(model, target, config.batch, config.context, config.headroom)
+        log(auto.describe())
+        budget = f"{auto.budget_bytes}B"
+    split = split_budget(budget, model, target, config.batch, config.context)
     layers, e, k = profile.moe_layers, profile.num_experts, profile.top_k
     costs = Costs.of(target, model)
     subs_map = build_substitution_map(profile, config.top_n, config.protect_frac)
@@ -150,7 +158,7 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                                          "expert_bytes", "dense_bytes", "checkpoint_dtype")},
         profile={"path": str(Path(profile_dir).resolve()), "sha256": sha256_dir(profile_dir),
                  "calibration": [c.get("tokens_sha256") for c in profile.header["calibration"]]},
-        budget=split.to_dict() | {"text": config.budget},
+        budget=split.to_dict() | {"text": config.budget} | ({"auto": auto.to_dict()} if auto else {}),
         target=target.to_dict(),
         choices=chosen.to_dict(),
         predicted=predicted,

@@ -2,6 +2,7 @@
 
   absolute budget B:  cache = B - dense - kv - workspace,   kv = kv_bytes_per_token * context * batch
   percentage P%:      cache = P% of all routed-expert bytes (the dense part is not counted)
+  auto:               an absolute budget from the device's free memory (compiler.auto_budget)
 slots_total = floor(cache / expert_bytes); at least one slot per MoE layer is required.
 """
 from __future__ import annotations
@@ -38,6 +39,13 @@ class MemorySplit:
                 f"{human_bytes(self.expert_bytes)})")
 
 
+def outside_cache(model: dict, target: Target, batch: int, context: int) -> tuple[int, int, int]:
+    """What an absolute budget holds besides the expert cache: (dense weights, KV cache, workspace) bytes."""
+    dense = int(model["dense_bytes"])
+    kv = int(model.get("kv_bytes_per_token", 0)) * context * batch
+    return dense, kv, int(target.workspace)
+
+
 def split_budget(budget: str, model: dict, target: Target, batch: int, context: int) -> MemorySplit:
     layers = len(model["moe_layers"])
     expert = int(model["expert_bytes"])
@@ -53,9 +61,8 @@ def split_budget(budget: str, model: dict, target: Target, batch: int, context: 
                             f"use --budget {need:g}% or more")
         return MemorySplit("percent", pct, 0, 0, 0, cache, expert, slots)
     total = parse_bytes(text, "budget", unit_required=True)
-    dense = int(model["dense_bytes"])
-    kv = int(model.get("kv_bytes_per_token", 0)) * context * batch
-    fixed = dense + kv + target.workspace
+    dense, kv, workspace = outside_cache(model, target, batch, context)
+    fixed = dense + kv + workspace
     minimum = fixed + layers * expert
     if total < minimum:
         raise UserError(f"budget {human_bytes(total)} is below the {human_bytes(minimum)} needed for dense weights "
