@@ -4,12 +4,14 @@ perplexity_pass  windows teacher-forced one step at a time with the KV cache (Ru
                  as the rows of one batch; keeps each window's NLL sum and the argmax at every predicted position.
 greedy_pass      every prompt continued greedily, all prompts as the rows of one batch.
 task_pass        per task: the context stepped once (batch 1), its KV cache repeated to one row per choice, then the
-                 choices' tokens stepped as one batch.
+                 choices' tokens stepped as one batch (choice_scores; also the lm-evaluation-harness adapter's
+                 loglikelihood, with pair_scores for its rolling windows).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -69,24 +71,67 @@ def greedy_pass(rt, prompt_ids: np.ndarray, n: int, bar: tqdm) -> list[list[int]
 
 
 @torch.no_grad()
-def choice_logliks(rt, task: EncodedTask) -> list[float]:
-    """log p(continuation j | context) for every choice j. The context is stepped once and its KV cache repeated to
-    one row per choice; rows shorter than the longest continuation are right-padded with their last token, which,
-    coming after every scored position, cannot change a row's scores (causal attention)."""
+def choice_scores(rt, task: EncodedTask) -> list[tuple[float, bool]]:
+    """(log p(continuation j | context), is_greedy j) for every choice j; is_greedy: the argmax at every position of
+    the continuation is its token (greedy decoding would write it). The context is stepped once and its KV cache
+    repeated to one row per choice; rows shorter than the longest continuation are right-padded with their last token,
+    which, coming after every scored position, cannot change a row's scores (causal attention)."""
     device = rt.lm.device
     cache = DynamicCache(config=rt.lm.config)
-    last = rt.teacher_force(torch.tensor([task.context], device=device), cache=cache)[0, -1]   # [V]
-    first = torch.log_softmax(last.float(), dim=-1)                                             # [V]
+    last = rt.teacher_force(torch.tensor([task.context], device=device), cache=cache)[0, -1].float()    # [V]
+    first = torch.log_softmax(last, dim=-1)                                                             # [V]
+    top = int(last.argmax())
     ll = [float(first[c[0]]) for c in task.continuations]
+    greedy = [top == c[0] for c in task.continuations]
     width = max(len(c) for c in task.continuations) - 1        # tokens to feed after each continuation's first
     if width > 0:
         rows = [list(c[:-1]) + [c[-1]] * (width - len(c) + 1) for c in task.continuations]
         cache.batch_repeat_interleave(len(rows))
-        logp = torch.log_softmax(rt.teacher_force(torch.tensor(rows, device=device), cache=cache).float(), -1)
-        for j, c in enumerate(task.continuations):              # logp: [choices, width, V]
+        logits = rt.teacher_force(torch.tensor(rows, device=device), cache=cache).float()   # [choices, width, V]
+        logp = torch.log_softmax(logits, -1)
+        for j, c in enumerate(task.continuations):
+            pos = torch.arange(len(c) - 1, device=device)
             target = torch.tensor(c[1:], dtype=torch.long, device=device)
-            ll[j] += float(logp[j, torch.arange(len(c) - 1, device=device), target].sum())
-    return ll
+            ll[j] += float(logp[j, pos, target].sum())
+            greedy[j] = greedy[j] and bool((logits[j, pos].argmax(-1) == target).all())
+    return list(zip(ll, greedy))
+
+
+@torch.no_grad()
+def choice_logliks(rt, task: EncodedTask) -> list[float]:
+    """log p(continuation j | context) for every choice j (choice_scores without is_greedy)."""
+    return [ll for ll, _ in choice_scores(rt, task)]
+
+
+@torch.no_grad()
+def pair_scores(rt, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), is_greedy) of (context, continuation) token pairs, stepped side by side as the
+    rows of one batch (one decode step per position, Runtime.teacher_force). Row i is context_i + continuation_i[:-1]
+    (continuation_i[-1] is only predicted), right-padded with its last token to the longest row: padding comes after
+    every scored position, so causal attention keeps it out of the row's scores."""
+    device = rt.lm.device
+    seqs = [list(ctx) + list(cont[:-1]) for ctx, cont in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], device=device)              # [B, width]
+    logits = rt.teacher_force(ids)                                                                  # [B, width, V]
+    out = []
+    for i, (ctx, cont) in enumerate(pairs):
+        # the logits at position p predict token p + 1: continuation token k is predicted at len(ctx) - 1 + k
+        start = len(ctx) - 1
+        out.append(_target_scores(logits[i, start:start + len(cont)],
+                                  torch.tensor(list(cont), dtype=torch.long, device=device)))
+    return out
+
+
+def _target_scores(logits: torch.Tensor, target: torch.Tensor, chunk: int = 512) -> tuple[float, bool]:
+    """(sum_k log softmax(logits[k])[target[k]], all_k argmax logits[k] == target[k]) of logits [n, V] (any dtype)
+    and target [n]; in float32, `chunk` positions at a time (a long window's [n, V] float32 copy would be GBs)."""
+    ll, greedy = 0.0, True
+    for s in range(0, logits.shape[0], chunk):
+        part, t = logits[s:s + chunk].float(), target[s:s + chunk]                     # [c, V], [c]
+        ll += float((part.gather(-1, t[:, None])[:, 0] - torch.logsumexp(part, dim=-1)).sum())
+        greedy = greedy and bool((part.argmax(-1) == t).all())
+    return ll, greedy
 
 
 def task_pass(rt, tasks: list[EncodedTask], bar: tqdm) -> list[list[float]]:

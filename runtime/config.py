@@ -16,15 +16,37 @@ DEFAULT_MAX_NEW_TOKENS = 32
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How the next token is chosen (applied per row, in this order, to the logits [V]):
+    repetition penalty (CTRL, HF):  l_j <- l_j / r if l_j > 0 else l_j * r, for j in prompt + generated
+    frequency / presence (OpenAI): l_j <- l_j - c_j * f - [c_j > 0] * p, c_j = times j was generated
+    temperature 0 -> argmax; else softmax(l / T), restricted to the top_k tokens, then to the smallest set whose
+    mass reaches top_p, renormalised and sampled with the row's generator (seeded)."""
+
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0                # nucleus: the smallest set of tokens whose probability reaches top_p
+    top_k: int = 0                    # 0 = no top-k cut
     seed: int = 0
+    repetition_penalty: float = 1.0   # 1 = off
+    frequency_penalty: float = 0.0    # OpenAI's, in [-2, 2]
+    presence_penalty: float = 0.0     # OpenAI's, in [-2, 2]
+    stop: tuple[str, ...] = ()        # stop strings: the text ends before the first one found
+    ignore_eos: bool = False          # decode max_new_tokens whatever (benchmarks; vLLM's option of that name)
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def checked(self) -> "SamplingConfig":
         check_range(self.max_new_tokens, "--max-new-tokens", 1)
         check_range(self.temperature, "--temperature", 0.0)
         check_range(self.top_p, "--top-p", 0.0, 1.0, lo_open=True)
+        check_range(self.top_k, "--top-k", 0)
+        check_range(self.repetition_penalty, "--repetition-penalty", 0.0, lo_open=True)
+        check_range(self.frequency_penalty, "--frequency-penalty", -2.0, 2.0)
+        check_range(self.presence_penalty, "--presence-penalty", -2.0, 2.0)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise UserError("stop strings must be non-empty strings")
         return self
 
 

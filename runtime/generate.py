@@ -1,4 +1,5 @@
-"""Batched decoding with a KV cache: greedy or sampled (temperature, top-p, seeded), stopping on EOS.
+"""Batched decoding with a KV cache (a static batch: every row starts together), greedy or sampled
+(runtime.sampling), stopping on EOS. The server batches continuously instead (runtime.engine).
 
 Prompts are left-padded; positions follow the attention mask, as HF `generate` does, so greedy tokens match it.
 `on_step(tokens [B])` is called after every decode step (for streaming and timing).
@@ -13,29 +14,19 @@ from torch import nn
 from transformers import DynamicCache
 
 from runtime.config import SamplingConfig
-
-
-def _select(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from logits [B, V]."""
-    if cfg.temperature <= 0.0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
-    if cfg.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True, dim=-1)
-        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p      # smallest set whose mass reaches top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+from runtime.sampling import RowSampler, select
 
 
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cfg: SamplingConfig,
-           eos_id: int | None, pad_id: int, on_step: Callable[[torch.Tensor], None] | None = None,
+           eos_ids: set[int], pad_id: int, on_step: Callable[[torch.Tensor], None] | None = None,
            on_phase: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Generate up to cfg.max_new_tokens for left-padded input_ids [B, S]; returns new tokens [B, n] and timings
     (ttft_s: prompt to first token; step_s: each later decode step). `on_phase` hears "prefill" and "decode"."""
     device = input_ids.device
-    gen = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
+    vocab = model.config.get_text_config().vocab_size
+    samplers = [RowSampler(cfg, row[m.bool()].tolist(), vocab, device) for row, m in zip(input_ids, attention_mask)]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     t0 = time.perf_counter()
@@ -46,7 +37,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     out, step_s, ttft = [], [], 0.0
     for n in range(cfg.max_new_tokens):
-        nxt = _select(logits, cfg, gen)
+        nxt = select(logits, samplers)
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         out.append(nxt)
         now = time.perf_counter()
@@ -59,8 +50,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             on_phase("decode")
         if on_step is not None:
             on_step(nxt)
-        if eos_id is not None:
-            finished |= nxt == eos_id
+        finished |= torch.isin(nxt, eos)
         if bool(finished.all()) or n == cfg.max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)

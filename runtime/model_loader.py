@@ -29,6 +29,7 @@ class LoadedModel:
     blocks: dict[int, MoEBlock]   # model layer index -> our block
     dtype: torch.dtype
     device: torch.device
+    generation_eos: int | list[int] | None = None   # generation_config.json's eos_token_id (chat models' end of turn)
 
 
 def load_config(model_dir: str | Path):
@@ -118,7 +119,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         if getattr(module, "_non_persistent_buffers_set", None) and not list(module.parameters(recurse=False)):
             model._init_weights(module)
     model.eval()
-    return LoadedModel(model=model, arch=arch, config=config, ckpt=ckpt, blocks=blocks, dtype=dtype, device=device)
+    return LoadedModel(model=model, arch=arch, config=config, ckpt=ckpt, blocks=blocks, dtype=dtype, device=device,
+                       generation_eos=_generation_eos(Path(model_dir)))
+
+
+def _generation_eos(model_dir: Path) -> int | list[int] | None:
+    """eos_token_id of the directory's generation_config.json (read as data), if it has a valid one."""
+    try:
+        eos = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(eos, int) or (isinstance(eos, list) and all(isinstance(e, int) for e in eos))
+    return eos if ok else None
 
 
 def _disk_name(name: str, arch: MoEArch) -> str:

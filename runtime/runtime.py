@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -20,7 +20,7 @@ from runtime.budget import CacheBudget
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore
 from runtime.fingerprint import model_fingerprint
-from runtime.config import RunConfig
+from runtime.config import RunConfig, SamplingConfig
 from runtime.generate import decode
 from runtime.link import parse_link
 from runtime.loader import Loader
@@ -62,6 +62,7 @@ class Runtime:
         self.budget = budget          # the expert-cache budget honoured (None for resident: nothing offloaded)
         self.executor, self.cache, self.loader, self.plan = executor, cache, loader, plan
         self.stats = stats or RunStats(policy=policy.name)
+        self.last_finish_reason: str | None = None   # why the last `stream` ended
 
     # ---- construction ----------------------------------------------------------------------------------------
     @classmethod
@@ -213,6 +214,16 @@ class Runtime:
         return eos
 
     @property
+    def eos_ids(self) -> set[int]:
+        """Every token that ends a sequence: the config's, the generation config's (chat models list their
+        end-of-turn token there) and the tokenizer's."""
+        out: set[int] = set()
+        for v in (getattr(self.lm.config, "eos_token_id", None), self.lm.generation_eos,
+                  None if self.tokenizer is None else self.tokenizer.eos_token_id):
+            out.update(v if isinstance(v, list) else [] if v is None else [v])
+        return out
+
+    @property
     def pad_id(self) -> int:
         """The padding token prompts are left-padded with (the config's, the tokenizer's, else EOS, else 0)."""
         pad = getattr(self.lm.config, "pad_token_id", None)
@@ -223,27 +234,72 @@ class Runtime:
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                  on_step: Callable[[torch.Tensor], None] | None = None,
-                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> list[str]:
-        """Decode continuations of `prompts` (a batch; or of `input_ids`, already encoded) and return their texts
-        (up to EOS); statistics accumulate in `self.stats`. `generate_ids` returns the token ids. Sampling
-        arguments left as None take the run's `config.sampling`."""
+                 input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **sampling) -> list[str]:
+        """Decode continuations of `prompts` (a static batch; or of `input_ids`, already encoded) and return their
+        texts (up to EOS, and up to the first stop string); statistics accumulate in `self.stats`. `generate_ids`
+        returns the token ids; `stream` yields text as it is produced. Sampling arguments (those above and any
+        SamplingConfig field: top_k, repetition_penalty, frequency_penalty, presence_penalty, stop) left as None
+        take the run's `config.sampling`."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if input_ids is None:
             input_ids, attention_mask = self.encode(prompts)
-        tokens = self.generate_ids(input_ids, attention_mask, max_new_tokens, temperature, top_p, seed, on_step)
+        sampling.update(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        cfg = self._sampling(**sampling)
+        tokens = self.generate_ids(input_ids, attention_mask, on_step=on_step, **sampling)
         if self.tokenizer is None:
             return [" ".join(map(str, row)) for row in tokens.tolist()]
-        eos, texts = self.eos_id, []
+        eos, texts = self.eos_ids, []
         for row in tokens.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+            end = next((n for n, t in enumerate(row) if t in eos), len(row))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+            cut = [at for s in cfg.stop if (at := text.find(s)) != -1]
+            texts.append(text[:min(cut)] if cut else text)
         return texts
+
+    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[str]:
+        """Yield the continuation of one prompt (text, or token ids) as its text becomes final, through the
+        same continuous-batching engine the server uses; stops at EOS, a stop string or max_new_tokens. Sampling
+        keywords as in `generate`. `self.last_finish_reason` says why it stopped ("stop" or "length")."""
+        from runtime.engine import Delta, Engine
+
+        ids = self.encode_one(prompt) if isinstance(prompt, str) else list(prompt)
+        engine = Engine(self, max_batch=1)
+        out: list[Delta] = []
+        engine.submit(ids, self._sampling(**sampling), out.append)
+        busy = True
+        while busy or out:
+            while out:
+                d = out.pop(0)
+                if d.text:
+                    yield d.text
+                if d.finish_reason is not None:
+                    if d.error is not None:
+                        raise RuntimeError(d.error)
+                    self.last_finish_reason = d.finish_reason
+            if busy:
+                busy = engine.step()
+
+    def encode_one(self, text: str) -> list[int]:
+        """Token ids of one prompt (no special tokens added: the prompt is the text as given)."""
+        if self.tokenizer is None:
+            raise UserError(f"{self.lm.ckpt.dir} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] or [self.eos_id]
+
+    def _sampling(self, **given) -> SamplingConfig:
+        """The run's sampling defaults with the given (non-None) fields replaced, checked."""
+        unknown = set(given) - set(SamplingConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling argument(s): {', '.join(sorted(unknown))}")
+        given = {k: (tuple(v) if k == "stop" and not isinstance(v, str) else (v,) if k == "stop" else v)
+                 for k, v in given.items() if v is not None}
+        return replace(self.config.sampling, **given).checked()
 
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-                     seed: int | None = None, on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                     seed: int | None = None, on_step: Callable[[torch.Tensor], None] | None = None,
+                     **sampling) -> torch.Tensor:
         """New token ids [batch, n <= max_new_tokens] continuing left-padded `input_ids` [batch, seq]; a row that
         reached EOS holds EOS then padding. Statistics accumulate in `self.stats`."""
         input_ids = torch.as_tensor(input_ids, device=self.lm.device)
@@ -251,8 +307,8 @@ class Runtime:
             input_ids = input_ids[None]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-        cfg = replace(self.config.sampling, **{k: v for k, v in given.items() if v is not None}).checked()
+        sampling.update(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        cfg = self._sampling(**sampling)
         max_new_tokens = cfg.max_new_tokens
         self._check_length(input_ids.shape[1] + max_new_tokens,
                            f"a prompt of {input_ids.shape[1]} tokens + {max_new_tokens} new tokens")
@@ -262,15 +318,15 @@ class Runtime:
             s.phase = name
 
         try:
-            tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self.eos_id, self.pad_id, on_step,
-                                    on_phase)
+            tokens, timing = decode(self.lm.model, input_ids, attention_mask, cfg, self.eos_ids, self.pad_id,
+                                    on_step, on_phase)
         finally:
             s.phase = "decode"
         s.decode_positions += tokens.shape[0] * (tokens.shape[1] - 1)
         s.prompt_tokens += int(attention_mask.sum())
-        eos = self.eos_id
+        eos = self.eos_ids
         for row in tokens.tolist():   # real tokens: up to and including EOS (later positions are padding)
-            s.tokens += row.index(eos) + 1 if eos is not None and eos in row else len(row)
+            s.tokens += next((n + 1 for n, t in enumerate(row) if t in eos), len(row))
         s.ttft_s = timing["ttft_s"] if s.ttft_s == 0.0 else s.ttft_s
         s.step_s.extend(timing["step_s"])
         if self.cache is not None:

@@ -40,3 +40,40 @@ def test_batch_of_prompts_sampled(fixture_model, capsys):
 def test_bad_input(fixture_model, capsys, args, message):
     code, _, err = _run(capsys, fixture_model, "--prompt", "x", *args)
     assert code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_chat_streams_replies_with_the_template_and_stats(fixture_model, tmp_path, monkeypatch, capsys):
+    import io
+
+    from runtime import Runtime
+    from runtime.chat import CHATML, render
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Name a river.\n/stats\nAnd another?\n/exit\n"))
+    code, out, err = _run(capsys, fixture_model, "--policy", "lru", "--cache", "50%", "--chat", "--chat-template",
+                          "chatml", "--max-new-tokens", 10, "--lossless")
+    assert code == 0
+    lines = out.splitlines()
+    with Runtime.load(fixture_model, policy="lru", cache="50%", lossless=True) as rt:   # the first turn, by hand
+        ids = rt.tokenizer(render(rt.tokenizer, [{"role": "user", "content": "Name a river."}], CHATML),
+                           add_special_tokens=False)["input_ids"]
+        first = "".join(rt.stream(ids, max_new_tokens=10))
+    assert lines[0] == first
+    assert lines[1].startswith("[lru (lossless)]") and "hit rate" in lines[1]        # /stats
+    assert len(lines) == 3 and "hit rate" in err[-1]
+
+
+def test_chat_without_a_template_is_one_line(fixture_model, capsys):
+    code, _, err = _run(capsys, fixture_model, "--policy", "lru", "--cache", 4, "--chat")
+    assert code == 2 and len(err) == 1 and "chat template" in err[0] and "--chat-template" in err[0]
+
+
+def test_prompts_file_and_escapes(fixture_model, tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("In the beginning\n\nimport os\n")
+    code, out, _ = _run(capsys, fixture_model, "--policy", "lru", "--cache", 4, "--prompts-file", f,
+                        "--max-new-tokens", 4, "--quiet")
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 2 and lines[0].startswith("In the beginning") and lines[1].startswith("import")
+    code, out, _ = _run(capsys, fixture_model, "--policy", "lru", "--cache", 4, "--prompt", r"def f():\n    return",
+                        "--max-new-tokens", 2, "--quiet")
+    assert code == 0 and out.startswith("def f():\n    return")
