@@ -9,7 +9,7 @@ For each policy (lru at `--cache 50%`, plan with the 50% plan) the server runs a
 port, `--max-batch 8`, the same emulated link, one compute thread: OMP_NUM_THREADS=1). After /health answers, two
 warm-up requests run, then one phase per concurrency C (1, 2, 3, 8): C client threads each send their requests one
 after the other (streaming /v1/completions, temperature 0, max_tokens fixed, a distinct held-out prompt per
-request, the same prompts for both policies), until each has sent its share or the phase's wall-clock bound has
+request, the same prompts for both policies, `ignore_eos` so every request decodes max_tokens), until each has sent its share or the phase's wall-clock bound has
 passed. Per request the arrival time of every streamed chunk is recorded:
     TTFT = first chunk - request sent;  TPOT = (last chunk - first chunk) / (completion_tokens - 1)
     tokens/s of a phase = sum of usage.completion_tokens / (last response end - phase start)
@@ -210,7 +210,8 @@ class Server:
 # ---- clients ---------------------------------------------------------------------------------------------------
 def stream_one(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: send time, each chunk's arrival (perf_counter s), usage and finish reason."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}   # every request decodes max_tokens: phases compare equal work
     rec = {"t_send": time.perf_counter(), "chunks": [], "finish": None, "usage": None, "error": None}
     try:
         with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -410,7 +411,8 @@ def section(result: dict) -> str:
         f"runs `moe-serve --max-batch {cfg['max_batch']} --link ...` as a subprocess with one compute thread "
         f"(OMP_NUM_THREADS=1), emulated link {link_text}. After two warm-up requests, one phase per concurrency: C "
         f"client threads each send {cfg['per_client']} (at least {cfg['min_requests']} per phase in all) streamed "
-        f"`/v1/completions` requests one after another, temperature 0, max_tokens {cfg['max_tokens']}, each a "
+        f"`/v1/completions` requests one after another, temperature 0, max_tokens {cfg['max_tokens']} with `ignore_eos` "
+        f"(every request decodes them all), each a "
         f"distinct held-out prompt ({cfg['prompt_source']} texts of dev.jsonl cut to {cfg['prompt_chars']} "
         f"characters; the same prompts for both policies), within a {cfg['phase_limit_s']:.0f} s bound per phase. "
         f"tokens/s = completion tokens (usage) / phase wall time; TPOT per request = (last chunk - first chunk) / "
@@ -487,8 +489,8 @@ def main() -> int:
                     help=f"requests per phase at least (default {FULL['min_requests']})")
     ap.add_argument("--phase-limit", type=float, default=None,
                     help=f"wall-clock bound per phase, s (default {FULL['phase_limit_s']:g})")
-    ap.add_argument("--source", default="kjv", help="dev.jsonl source of the prompts (all: any); kjv passages are "
-                    "long, so greedy continuations mostly run to max_tokens, where the short pydocs texts end at EOS")
+    ap.add_argument("--source", default="all", help="dev.jsonl source of the prompts (all: any); requests ignore "
+                    "EOS, so every one decodes max_tokens")
     ap.add_argument("--prompt-chars", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="a ~1 minute smoke run (not for the document)")
     ap.add_argument("--json", default=None, help="raw results (default out/benchmarks/serve.json; --quick: "
