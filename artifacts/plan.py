@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ FORMAT = "understudy.plan"
 FORMAT_VERSION = 1
 HEADER_FILE, CACHE_FILE, SUBS_FILE = "plan.json", "cache_plan.json", "substitution_map.json"
 EXPERT_DTYPES = ("float32", "bfloat16", "float16")
+# what model.checkpoint_dtype may name: a dtype, or a quantized checkpoint's packed expert format (runtime/formats.py)
+EXPERT_FORMAT = re.compile("|".join(EXPERT_DTYPES) + r"|mxfp4|fp8_e4m3_b[1-9][0-9]*x[1-9][0-9]*")
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,8 @@ class Plan:
 
     @property
     def expert_dtype(self) -> str:
-        """dtype the plan's expert bytes are counted in (the checkpoint's): what the cache holds at run time."""
+        """dtype (or packed format) the plan's expert bytes are counted in (the checkpoint's): what the cache holds
+        at run time."""
         return str(self.header["model"].get("checkpoint_dtype", "bfloat16"))
 
     @classmethod
@@ -175,8 +179,10 @@ class Plan:
         remedy = "re-run moe-compile (plans are not meant to be edited by hand)"
         h = Checker(f"plan {path / HEADER_FILE}", remedy)
         model, layers, e = h.model_section(header)
-        if "checkpoint_dtype" in model:
-            h.choice(model["checkpoint_dtype"], "model.checkpoint_dtype", EXPERT_DTYPES)
+        if "checkpoint_dtype" in model and not (isinstance(model["checkpoint_dtype"], str)
+                                                and EXPERT_FORMAT.fullmatch(model["checkpoint_dtype"])):
+            h.fail("model.checkpoint_dtype", f"is {model['checkpoint_dtype']!r}; expected one of "
+                   f"{', '.join(EXPERT_DTYPES)}, mxfp4, fp8_e4m3_bRxC")
         budget = h.obj(h.get(header, "budget", "budget"), "budget")
         cache_budget = h.int_(h.get(budget, "cache_bytes", "budget.cache_bytes"), "budget.cache_bytes", 1)
         if "auto" in budget:        # optional (added later): how `--budget auto` derived the budget

@@ -65,17 +65,20 @@ def _kv_bytes_per_token(lm: LoadedModel, elsize: int) -> int:
 
 
 def model_section(lm: LoadedModel, store: ExpertStore, model_dir: str | Path) -> dict:
-    """Identity and sizes of the model, in the checkpoint's dtype (what the compiler budgets with)."""
-    arch, disk_dtype = lm.arch, store.disk_dtype
-    elsize = torch.empty((), dtype=disk_dtype).element_size()
+    """Identity and sizes of the model as the checkpoint stores it (what the compiler budgets with): routed experts
+    in their disk format (`checkpoint_dtype`: a dtype, or a quantized checkpoint's packed format with its real
+    bytes per expert), dense weights and the KV cache in the checkpoint's float dtype (what a run holds them in)."""
+    arch = lm.arch
+    elsize = lm.ckpt.float_dtype().itemsize
+    expert_bytes = store.disk_expert_bytes
     dense_params = sum(t.numel() for t in {p.data_ptr(): p for p in lm.model.parameters()}.values())
     return {"path": str(Path(model_dir).resolve()), "fingerprint": model_fingerprint(arch, lm.config, lm.ckpt),
             "model_type": arch.model_type, "family": arch.family, "num_layers": arch.num_layers,
             "moe_layers": list(arch.moe_layers), "num_experts": arch.num_experts, "top_k": arch.top_k,
             "hidden_size": arch.experts.hidden, "expert_intermediate": arch.experts.intermediate,
-            "checkpoint_dtype": str(disk_dtype).replace("torch.", ""),
-            "expert_params": arch.experts.numel(), "expert_bytes": arch.experts.numel() * elsize,
-            "routed_expert_bytes": arch.experts.numel() * elsize * arch.num_experts * len(arch.moe_layers),
+            "checkpoint_dtype": store.disk_format,
+            "expert_params": arch.experts.numel(), "expert_bytes": expert_bytes,
+            "routed_expert_bytes": expert_bytes * arch.num_experts * len(arch.moe_layers),
             "dense_params": dense_params, "dense_bytes": dense_params * elsize,
             "kv_bytes_per_token": _kv_bytes_per_token(lm, elsize),
             "max_positions": arch.max_positions}
@@ -106,7 +109,7 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
 
     width = min(arch.num_experts, arch.top_k + (arch.top_k if config.trace_extra is None else config.trace_extra))
     trace = TraceRecorder(list(arch.moe_layers), width)
-    store = ExpertStore(lm.ckpt, arch, lm.dtype, mode="mmap")
+    store = ExpertStore(lm.ckpt, arch, lm.dtype, mode="mmap")    # float experts in lm.dtype (quantized: dequantized)
     model_info = model_section(lm, store, model_dir)
     executor = ProbeExecutor(store, lm.device, trace, next_router=next_layer_router(lm))
     for block in lm.blocks.values():

@@ -1,9 +1,11 @@
 """The expert-cache budget a run honours, and the one line that states it.
 
-The cache holds experts in the dtype the plan counted them in (the checkpoint's), whatever the compute dtype:
-  capacity = sum over MoE layers of slots_l x expert_bytes(checkpoint dtype)  <=  the plan's cache bytes.
+The cache holds experts as the plan counted them (as the checkpoint stores them: its dtype, or packed for a quantized
+checkpoint), whatever the compute dtype:
+  capacity = sum over MoE layers of slots_l x expert_bytes(checkpoint's format)  <=  the plan's cache bytes.
 A float32 run of a bf16 plan keeps its slots in bf16 and widens each expert into a workspace when it computes
-(exact), so the bytes held and the bytes moved are the plan's; nothing is re-sized behind the plan's back.
+(exact); an MXFP4 or fp8 checkpoint's slots hold packed bytes, dequantized into a workspace the same way. The bytes
+held and the bytes moved are the plan's; nothing is re-sized behind the plan's back.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from artifacts.units import human_bytes
 class CacheBudget:
     slots: int                  # cache slots, all MoE layers
     expert_bytes: int           # bytes of one expert as the cache holds it
-    expert_dtype: str           # dtype the cache holds and the link moves
+    expert_dtype: str           # what the cache holds and the link moves: a dtype, or a packed format
     compute_dtype: str          # dtype experts compute in
     limit_bytes: int | None     # the most the cache may hold: the plan's cache budget (None: --cache given)
     source: str                 # where the size came from

@@ -4,6 +4,7 @@ Each file is mmap'd once; a tensor (or one row of a stacked tensor) is a zero-co
 (`view`), so the only copy is the one into its destination (a cache slot, a host buffer): bytes counted are bytes
 moved. The safetensors layout is: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}}, then the data (offsets relative to the end of the header).
+A quantized checkpoint says how its tensors are encoded in config.json's `quantization_config` (`quantization`).
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Checkpoint:
         self._info: dict[str, TensorInfo] = {}
         for f in files:
             self._open(f)
+        self.quantization = _quantization_config(self.dir)
 
     def _open(self, name: str) -> None:
         path = self.dir / name
@@ -97,10 +99,11 @@ class Checkpoint:
             self._info[key] = TensorInfo(name, dtype, shape, 8 + n + begin, end - begin)
 
     def float_dtype(self) -> torch.dtype:
-        """The floating dtype holding most of the checkpoint's bytes (its weights' dtype)."""
+        """The floating dtype holding most of the checkpoint's bytes (its weights' dtype). fp8 weights and their
+        `weight_scale_inv` are an encoding, not a dtype to compute in: a DeepSeek-FP8 checkpoint's is its bf16."""
         by: dict[torch.dtype, int] = {}
-        for t in self._info.values():
-            if t.dtype.is_floating_point:
+        for key, t in self._info.items():
+            if t.dtype.is_floating_point and t.dtype.itemsize > 1 and not key.endswith("_scale_inv"):
                 by[t.dtype] = by.get(t.dtype, 0) + t.nbytes
         return max(by, key=by.get) if by else torch.float32
 
@@ -138,3 +141,17 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """A private copy of a whole tensor."""
         return self.view(name).clone()
+
+
+def _quantization_config(model_dir: Path) -> dict:
+    """config.json's `quantization_config` (read as data), {} when the checkpoint is not quantized."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        q = json.loads(path.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{path} is not valid JSON; re-download or re-save the checkpoint") from None
+    if not isinstance(q, dict):
+        raise UserError(f"{path}: quantization_config is not an object; re-download the checkpoint")
+    return q

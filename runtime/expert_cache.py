@@ -1,23 +1,26 @@
 """The device expert cache: preallocated slots per layer, and which expert sits in which slot.
 
 Mechanism only: the executor decides what to load and what to evict. Every slot is allocated once, at start, as
-its own tensors (64-byte aligned), so bytes on the device never exceed `capacity_bytes` = slots x expert bytes.
+its own tensors (64-byte aligned) with the shapes and dtypes of one expert as the store holds it (`ExpertStore.specs`:
+float tensors, or a quantized checkpoint's packed ones), so bytes on the device never exceed `capacity_bytes` =
+slots x expert bytes.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
-from runtime.families.arch import ExpertFormat
+from runtime.formats import TensorSpec
 
 
 class ExpertCache:
-    def __init__(self, fmt: ExpertFormat, slots: dict[int, int], device: torch.device, dtype: torch.dtype):
-        shapes = fmt.shapes()
+    def __init__(self, specs: Mapping[str, TensorSpec], slots: dict[int, int], device: torch.device):
         self.slots = dict(slots)
-        self._buf = {l: [{k: torch.empty(s, dtype=dtype, device=device) for k, s in shapes.items()}
+        self._buf = {l: [{k: torch.empty(s.shape, dtype=s.dtype, device=device) for k, s in specs.items()}
                          for _ in range(n)] for l, n in slots.items()}
-        self.expert_bytes = fmt.numel() * torch.empty((), dtype=dtype).element_size()
-        self.capacity_bytes = self.expert_bytes * sum(slots.values())
+        self.expert_bytes = sum(s.nbytes for s in specs.values())                 # bytes
+        self.capacity_bytes = self.expert_bytes * sum(slots.values())              # bytes
         self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot
         self._free: dict[int, list[int]] = {l: list(range(n))[::-1] for l, n in slots.items()}
         self.peak_bytes = 0

@@ -1,8 +1,14 @@
 """Where routed experts live when they are not on the device: the mmap'd checkpoint itself, or host memory.
 
-`read(layer, e)` returns one expert in the in-memory layout of `ExpertFormat.shapes()`, converted to the run's dtype;
-it never touches the other experts. A store knows both on-disk layouts: one tensor per expert
-(`experts.{e}.gate_proj.weight`, Mixtral's `w1/w3/w2`) and fused stacks read one row at a time (`get_slice(name)[e]`).
+`read(layer, e)` returns one expert as the store holds it (`specs`); it never touches the other experts. A store knows
+the on-disk layouts: one tensor per expert (`experts.{e}.gate_proj.weight`, Mixtral's `w1/w3/w2`), fused stacks read
+one row at a time (`get_slice(name)[e]`), and the quantized formats real checkpoints ship (runtime/formats.py): gpt-oss
+MXFP4 (fused `*_blocks` / `*_scales`, one row per expert) and block-scaled fp8 per expert (`weight_scale_inv`).
+
+What it holds: with `dtype` None, experts as the checkpoint stores them: float experts in their dtype, quantized ones
+packed (`held` names the format; `formats.materialize` dequantizes right before compute), so bytes counted are bytes
+moved; with a `dtype`, every expert in the in-memory layout of `ExpertFormat.shapes()` in that dtype (a quantized
+expert is dequantized as it is read: "dequantize on load").
 """
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ import torch
 from artifacts.errors import UserError
 from runtime.checkpoint import Checkpoint
 from runtime.families.arch import MoEArch
-
+from runtime.formats import (FP8_DTYPES, PackedFormat, TensorSpec, fp8_block, fp8_format, materialize,
+                             mxfp4_format, scale_inv_name)
 
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+PACKED_LAYOUTS = ("mxfp4", "fp8")
 
 
 class ExpertStore:
@@ -22,14 +30,20 @@ class ExpertStore:
 
     def __init__(self, ckpt: Checkpoint, arch: MoEArch, dtype: torch.dtype | None = None, mode: str = "mmap",
                  pin: bool = False):
-        """`dtype`: the dtype experts are held (and moved) in; None: the checkpoint's own (what plans count)."""
+        """`dtype`: the dtype experts are held (and moved) in; None: as the checkpoint stores them (its dtype, or
+        packed for a quantized checkpoint: what plans count)."""
         if mode not in ("mmap", "host"):
             raise ValueError(f"unknown expert store mode {mode!r}")
         self.ckpt, self.arch, self.mode = ckpt, arch, mode
-        self._layout = {l: self._detect_layout(l) for l in arch.moe_layers}
+        self._layout = {l: expert_layout(ckpt, arch, l) for l in arch.moe_layers}
+        self.packed: PackedFormat | None = packed_format(ckpt, arch, self._layout)   # the checkpoint's quantization
         for l in arch.moe_layers:
             self._check_tensors(l)
-        self.dtype = self.disk_dtype if dtype is None else dtype
+        self.held: PackedFormat | None = self.packed if dtype is None else None      # experts held packed
+        self.dtype: torch.dtype | None = None if self.held else (self._disk_dtype() if dtype is None else dtype)
+        self._unpack = self.packed is not None and self.held is None
+        self.specs: dict[str, TensorSpec] = (self.held.specs() if self.held else
+                                             {k: TensorSpec(s, self.dtype) for k, s in arch.experts.shapes().items()})
         self._host: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         if mode == "host":
             for l in arch.moe_layers:
@@ -39,17 +53,23 @@ class ExpertStore:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one routed expert as the store holds and moves it (`dtype`)."""
-        return self.arch.experts.numel() * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of one routed expert as the store holds and moves it (packed bytes for a packed checkpoint)."""
+        return sum(s.nbytes for s in self.specs.values())
 
     @property
-    def disk_dtype(self) -> torch.dtype:
-        """dtype of the routed experts in the checkpoint file."""
-        fmt, layer = self.arch.experts, self.arch.moe_layers[0]
-        prefix = self.arch.expert_key_prefix(layer)
-        name = (prefix + fmt.per_expert[0].format(e=0) if self._layout[layer] == "per_expert"
-                else prefix + fmt.fused["gate_up"])
-        return self.ckpt.info(name).dtype
+    def format_name(self) -> str:
+        """What one held expert is: a dtype name, or a packed format's name ("mxfp4", "fp8_e4m3_b128x128")."""
+        return self.held.name if self.held else _name(self.dtype)
+
+    @property
+    def disk_format(self) -> str:
+        """The routed experts' format in the checkpoint file (what profiles and plans record)."""
+        return self.packed.name if self.packed else _name(self._disk_dtype())
+
+    @property
+    def disk_expert_bytes(self) -> int:
+        """Bytes of one routed expert in the checkpoint file: what a plan budgets with."""
+        return self.packed.nbytes if self.packed else self.arch.experts.numel() * self._disk_dtype().itemsize
 
     def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """Expert e of MoE layer `layer` as a dict of tensors (the host copy in host mode, a fresh copy in mmap)."""
@@ -59,39 +79,52 @@ class ExpertStore:
 
     def copy_into(self, layer: int, e: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Copy expert e into preallocated tensors `dst` (a cache slot); returns the bytes moved."""
-        if self.mode == "host":
-            src = self._host[(layer, e)]
+        if self.mode == "host" or self._unpack:
+            src = self.read(layer, e)
             for k, t in dst.items():
                 t.copy_(src[k], non_blocking=non_blocking)
         else:
             self._copy_from_disk(layer, e, dst)
         return sum(t.numel() * t.element_size() for t in dst.values())
 
-    def _detect_layout(self, layer: int) -> str:
+    def _disk_dtype(self) -> torch.dtype:
+        """dtype of the (unquantized) routed experts in the checkpoint file."""
+        fmt, layer = self.arch.experts, self.arch.moe_layers[0]
+        prefix = self.arch.expert_key_prefix(layer)
+        name = (prefix + fmt.per_expert[0].format(e=0) if self._layout[layer] == "per_expert"
+                else prefix + fmt.fused["gate_up"])
+        return self.ckpt.info(name).dtype
+
+    def _sources(self, layer: int, e: int) -> list[tuple[str, str, int | None]]:
+        """A packed expert's (held key, checkpoint tensor, row of a stacked tensor or None) in `PackedFormat` order."""
         fmt, prefix = self.arch.experts, self.arch.expert_key_prefix(layer)
-        if fmt.per_expert is not None and prefix + fmt.per_expert[0].format(e=0) in self.ckpt:
-            return "per_expert"
-        if prefix + fmt.fused["gate_up"] in self.ckpt:
-            shape = self.ckpt.shape(prefix + fmt.fused["gate_up"])
-            want = (self.arch.num_experts,) + fmt.shapes()["gate_up"]
-            if shape == want:
-                return "fused"
-            if shape == (want[0], want[2], want[1]):
-                return "fused_transposed"
-            raise UserError(f"{prefix + fmt.fused['gate_up']} has shape {shape}, expected {want}; "
-                            "the checkpoint does not match its config")
-        raise UserError(f"no routed-expert tensors found under '{prefix}experts.' in {self.ckpt.dir}; "
-                        "is this checkpoint complete?")
+        if self._layout[layer] == "mxfp4":
+            f = {k: prefix + n for k, n in fmt.fused.items()}
+            return [("gate_up_blocks", f["gate_up"] + "_blocks", e), ("gate_up_scales", f["gate_up"] + "_scales", e),
+                    ("gate_up_bias", f["gate_up_bias"], e), ("down_blocks", f["down"] + "_blocks", e),
+                    ("down_scales", f["down"] + "_scales", e), ("down_bias", f["down_bias"], e)]
+        out = []
+        for key, n in zip(("gate", "up", "down"), fmt.per_expert):
+            name = prefix + n.format(e=e)
+            out += [(key, name, None), (key + "_scale_inv", scale_inv_name(name), None)]
+        return out
 
     def _check_tensors(self, layer: int) -> None:
         """Every expert's tensors exist with the shapes the config implies and a dtype the store reads, so a bad
         checkpoint fails when opened, not in the loader thread in the middle of decoding."""
         fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
         shapes = fmt.shapes()
-        if layout == "per_expert":
+        if layout in PACKED_LAYOUTS:
+            specs, want = self.packed.specs(), {}
+            for e in range(self.arch.num_experts):
+                for key, name, row in self._sources(layer, e):
+                    s = specs[key]
+                    want[name] = ((self.arch.num_experts,) + s.shape if row is not None else s.shape, (s.dtype,))
+            names = list(want.items())
+        elif layout == "per_expert":
             i, h = fmt.intermediate, fmt.hidden
-            want = [(n, s) for n, s in zip(fmt.per_expert, ((i, h), (i, h), (h, i)))]
-            names = [(prefix + n.format(e=e), s) for e in range(self.arch.num_experts) for n, s in want]
+            per = [(n, s) for n, s in zip(fmt.per_expert, ((i, h), (i, h), (h, i)))]
+            names = [(prefix + n.format(e=e), (s, STORED_DTYPES)) for e in range(self.arch.num_experts) for n, s in per]
         else:
             names = []
             for k, n in fmt.fused.items():
@@ -99,29 +132,34 @@ class ExpertStore:
                 got = self.ckpt.shape(prefix + n) if prefix + n in self.ckpt else None
                 if layout == "fused_transposed" and len(s) == 3 and got == (s[0], s[2], s[1]):
                     s = got
-                names.append((prefix + n, s))
-        for name, shape in names:
+                names.append((prefix + n, (s, STORED_DTYPES)))
+        for name, (shape, dtypes) in names:
             if name not in self.ckpt:
                 raise UserError(f"checkpoint {self.ckpt.dir} lacks routed-expert tensor {name}; is it complete?")
             info = self.ckpt.info(name)
             if tuple(info.shape) != tuple(shape):
                 raise UserError(f"checkpoint tensor {name} has shape {tuple(info.shape)}, the config implies "
                                 f"{tuple(shape)}; the checkpoint does not match its config.json")
-            if info.dtype not in STORED_DTYPES:
-                raise UserError(f"checkpoint tensor {name} is {str(info.dtype).replace('torch.', '')}; Understudy "
-                                "reads float32, bfloat16 and float16 experts (re-save the checkpoint in bf16)")
+            if info.dtype not in dtypes:
+                raise UserError(f"checkpoint tensor {name} is {_name(info.dtype)}; Understudy reads float32, bfloat16 "
+                                "and float16 experts, gpt-oss MXFP4 (*_blocks, *_scales) and block-scaled "
+                                "float8_e4m3fn experts (weight_scale_inv)")
 
     def _read_disk(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         """One expert copied out of the mapping into fresh buffers (fresh buffers are 64-byte aligned, which exact
-        mode needs: BLAS kernels round differently on misaligned operands)."""
-        out = {k: torch.empty(s, dtype=self.dtype) for k, s in self.arch.experts.shapes().items()}
+        mode needs: BLAS kernels round differently on misaligned operands); dequantized when the store unpacks."""
+        specs = self.packed.specs() if self._unpack else self.specs
+        out = {k: torch.empty(s.shape, dtype=s.dtype) for k, s in specs.items()}
         self._copy_from_disk(layer, e, out)
-        return out
+        return materialize(out, self.packed, self.dtype) if self._unpack else out
 
     def _copy_from_disk(self, layer: int, e: int, out: dict[str, torch.Tensor]) -> None:
         """One copy per tensor, straight from the mmap'd file into `out` (converting dtype on the way)."""
         fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
-        if layout == "per_expert":
+        if layout in PACKED_LAYOUTS:
+            for key, name, row in self._sources(layer, e):
+                out[key].copy_(self.ckpt.view(name, row=row))
+        elif layout == "per_expert":
             gate, up, down = (self.ckpt.view(prefix + n.format(e=e)) for n in fmt.per_expert)
             i = fmt.intermediate
             out["gate_up"][:i].copy_(gate)   # [I, H]
@@ -131,3 +169,56 @@ class ExpertStore:
             for k, name in fmt.fused.items():
                 src = self.ckpt.view(prefix + name, row=e)
                 out[k].copy_(src.t() if layout == "fused_transposed" and src.dim() == 2 else src)
+
+
+def expert_layout(ckpt: Checkpoint, arch: MoEArch, layer: int) -> str:
+    """How `layer`'s routed experts are stored: "per_expert" | "fused" | "fused_transposed" (float tensors),
+    "mxfp4" (fused *_blocks / *_scales) | "fp8" (per expert, float8 with weight_scale_inv)."""
+    fmt, prefix = arch.experts, arch.expert_key_prefix(layer)
+    if fmt.per_expert is not None and prefix + fmt.per_expert[0].format(e=0) in ckpt:
+        return "fp8" if ckpt.info(prefix + fmt.per_expert[0].format(e=0)).dtype in FP8_DTYPES else "per_expert"
+    if prefix + fmt.fused["gate_up"] + "_blocks" in ckpt:
+        return "mxfp4"
+    if prefix + fmt.fused["gate_up"] in ckpt:
+        shape = ckpt.shape(prefix + fmt.fused["gate_up"])
+        want = (arch.num_experts,) + fmt.shapes()["gate_up"]
+        if shape == want:
+            return "fused"
+        if shape == (want[0], want[2], want[1]):
+            return "fused_transposed"
+        raise UserError(f"{prefix + fmt.fused['gate_up']} has shape {shape}, expected {want}; "
+                        "the checkpoint does not match its config")
+    raise UserError(f"no routed-expert tensors found under '{prefix}experts.' in {ckpt.dir}; "
+                    "is this checkpoint complete?")
+
+
+def packed_format(ckpt: Checkpoint, arch: MoEArch, layouts: dict[int, str] | None = None) -> PackedFormat | None:
+    """The quantized format of the checkpoint's routed experts (one for every MoE layer), or None (float experts)."""
+    layouts = layouts or {l: expert_layout(ckpt, arch, l) for l in arch.moe_layers}
+    kinds = {v for v in layouts.values() if v in PACKED_LAYOUTS}
+    if not kinds:
+        return None
+    if len(kinds) > 1 or len(set(layouts.values())) > 1:
+        raise UserError(f"checkpoint {ckpt.dir} stores routed experts as {', '.join(sorted(set(layouts.values())))} "
+                        "in different MoE layers; Understudy reads one expert format per checkpoint")
+    fmt, prefix = arch.experts, arch.expert_key_prefix(arch.moe_layers[0])
+    if kinds == {"mxfp4"}:
+        if fmt.kind != "gptoss":
+            raise UserError(f"{ckpt.dir} has MXFP4 experts ({prefix}{fmt.fused['gate_up']}_blocks) in a "
+                            f"{arch.model_type} model; Understudy reads MXFP4 experts in the gpt-oss layout")
+        side, what = prefix + fmt.fused["gate_up_bias"], "bias"
+    else:
+        weight = prefix + fmt.per_expert[0].format(e=0)
+        side, what = scale_inv_name(weight), "scale"
+    if side not in ckpt:
+        raise UserError(f"checkpoint {ckpt.dir} lacks routed-expert tensor {side}; is it complete?")
+    if ckpt.info(side).dtype not in STORED_DTYPES:
+        raise UserError(f"checkpoint tensor {side} is {_name(ckpt.info(side).dtype)}; Understudy reads float32, "
+                        f"bfloat16 and float16 expert {what}s")
+    if kinds == {"mxfp4"}:
+        return mxfp4_format(fmt, ckpt.info(side).dtype)
+    return fp8_format(fmt, fp8_block(ckpt.quantization, f"checkpoint tensor {weight}"), ckpt.info(side).dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

@@ -2,7 +2,9 @@
 
 The model is instantiated on the meta device (nothing allocated), each MoE block is replaced by `MoEBlock`
 (explicitly, by module path), then only the dense tensors are materialised and read from the checkpoint.
-Routed experts are never materialised here: they stay in the `ExpertStore`.
+Routed experts are never materialised here: they stay in the `ExpertStore`. A quantized checkpoint's
+`quantization_config` does not change the skeleton (transformers builds plain modules from a config); its dense fp8
+weights are dequantized into the compute dtype as they load.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from artifacts.errors import UserError
 from runtime.checkpoint import Checkpoint
 from runtime.families import MoEArch, resolve_arch
+from runtime.formats import FP8_DTYPES, dequant_fp8_blocks, fp8_block, scale_inv_name
 from runtime.moe_block import MoEBlock
 
 
@@ -153,7 +156,11 @@ def _load_dense(model: nn.Module, ckpt: Checkpoint, arch: MoEArch) -> None:
             if tuple(src.shape) != tuple(tensor.shape):
                 raise UserError(f"checkpoint tensor {disk} has shape {tuple(src.shape)}, the config expects "
                                 f"{tuple(tensor.shape)}; the checkpoint does not match its config.json")
-            tensor.data.copy_(src.to(tensor.dtype))
+            if tensor.dtype.is_floating_point and not src.dtype.is_floating_point:
+                raise UserError(f"checkpoint tensor {disk} is {str(src.dtype).replace('torch.', '')}, a quantized "
+                                "dense weight Understudy does not read (it reads fp8 with weight_scale_inv)")
+            tensor.data.copy_(_dequantized(ckpt, disk, src, tensor.dtype) if src.dtype in FP8_DTYPES
+                              else src.to(tensor.dtype))
         else:
             missing.append(name)
     if missing:
@@ -163,6 +170,19 @@ def _load_dense(model: nn.Module, ckpt: Checkpoint, arch: MoEArch) -> None:
         else:
             raise UserError(f"checkpoint {ckpt.dir} lacks {len(missing)} dense tensors (first: {missing[0]}); "
                             "is the checkpoint complete?")
+
+
+def _dequantized(ckpt: Checkpoint, name: str, src: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A dense fp8 weight (DeepSeek-V3 / Qwen3-FP8 checkpoints) dequantized at load into the compute dtype:
+    w = fp8 x weight_scale_inv per block (runtime.formats.dequant_fp8_blocks), as transformers dequantizes it."""
+    scale, block = scale_inv_name(name), fp8_block(ckpt.quantization, f"checkpoint tensor {name}")
+    grid = tuple(-(-n // b) for n, b in zip(src.shape, block))       # [ceil(R/br), ceil(C/bc)]
+    ok = src.dim() == 2 and scale in ckpt and ckpt.shape(scale) == grid
+    if not ok or not ckpt.info(scale).dtype.is_floating_point or ckpt.info(scale).dtype.itemsize < 2:
+        raise UserError(f"checkpoint tensor {name} is {str(src.dtype).replace('torch.', '')} without a float "
+                        f"{scale} of shape {list(grid)}; Understudy reads block-scaled fp8 weights (DeepSeek-V3 / "
+                        "Qwen3-FP8 layout)")
+    return dequant_fp8_blocks(src, ckpt.view(scale), block, dtype)
 
 
 def next_layer_router(lm: LoadedModel):

@@ -4,7 +4,9 @@ Per MoE layer call (x [T, H], routing):
  1. the cache model (pure, runtime.policy.schedule) decides: per token the experts run exactly, the understudies and
     the drops, the host/transfer split, and the ordered ops: loads (with their victims), next-layer prefetches,
     computes of cached experts while loads are in flight, host computes, computes of what arrives;
- 2. this class carries the ops out on tensors: slot copies through the loader, waits, expert compute;
+ 2. this class carries the ops out on tensors: slot copies through the loader, waits, expert compute (slots hold
+    experts as the store does, packed for a quantized checkpoint; `materialize` turns one into compute-dtype
+    weights in a workspace right before its compute);
  3. contributions are mixed in ascending expert id, as HF does, so the lossless path is bit-exact.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from runtime.expert_cache import ExpertCache
 from runtime.expert_compute import expert_rows, make_expert_fn, mix
 from runtime.expert_store import ExpertStore
+from runtime.formats import materialize
 from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
@@ -149,18 +152,10 @@ class OffloadExecutor:
         xin = x[r_all]
         if host and x.device.type != "cpu":
             xin = xin.cpu()
-        y = self.expert_fn(xin, _in_dtype(w, xin.dtype)).to(x.device)
+        y = self.expert_fn(xin, materialize(w, self.store.held, xin.dtype)).to(x.device)   # dequantized here
         if self.events is not None:
             self.events.append(("compute_end", time.perf_counter(), layer, e))
         return r_all, y * w_all[:, None]
-
-
-def _in_dtype(w: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The expert's weights in the compute dtype: as they are when the cache holds that dtype, else converted into
-    fresh (aligned) workspace tensors. Widening bf16 -> float32 is exact, so lossless stays bit-exact."""
-    if next(iter(w.values())).dtype == dtype:
-        return w
-    return {k: v.to(dtype) for k, v in w.items()}
 
 
 def _without(rows, skip):

@@ -1,10 +1,12 @@
-"""Executor with every routed expert on the device: the exact reference (`resident` policy)."""
+"""Executor with every routed expert on the device: the exact reference (`resident` policy). Experts are made
+compute-ready once, at start (a packed store's are dequantized then)."""
 from __future__ import annotations
 
 import torch
 
 from runtime.expert_compute import make_expert_fn, routed_output
 from runtime.expert_store import ExpertStore
+from runtime.formats import materialize
 from runtime.router import Routing
 
 
@@ -13,7 +15,7 @@ class ResidentExecutor:
         arch = store.arch
         self.num_experts, self.stats = arch.num_experts, stats
         self.expert_fn = make_expert_fn(arch.experts)
-        self.experts = {(l, e): {k: v.to(device=device, dtype=dtype) for k, v in store.read(l, e).items()}
+        self.experts = {(l, e): {k: v.to(device) for k, v in materialize(store.read(l, e), store.held, dtype).items()}
                         for l in arch.moe_layers for e in range(arch.num_experts)}
 
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:

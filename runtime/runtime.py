@@ -99,7 +99,7 @@ class Runtime:
             params = substitution_params(cfg, lm.arch.moe_layers)
         mode = ("host" if lm.device.type == "cuda" else "mmap") if config.store == "auto" else config.store
         tok = load_tokenizer(model_dir)
-        if not cfg.offloads:
+        if not cfg.offloads:   # every expert resident in the compute dtype (a quantized one dequantized at load)
             experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode="mmap")
             stats = RunStats(policy=cfg.name)
             rt = cls(lm, cfg, experts, tok, executor=ResidentExecutor(experts, lm.device, lm.dtype, stats),
@@ -108,23 +108,24 @@ class Runtime:
                 experts.expert_bytes * lm.arch.num_experts * len(lm.arch.moe_layers))
             rt._install(rt.executor)
             return rt
-        # offloaded experts are held and moved in the checkpoint's dtype (what plans count), computed in lm.dtype
+        # offloaded experts are held and moved as the checkpoint stores them (its dtype, or packed for a quantized
+        # checkpoint: what plans count), computed in lm.dtype
         experts = ExpertStore(lm.ckpt, lm.arch, None, mode=mode, pin=lm.device.type == "cuda")
         if use_plan:
             if the_plan.expert_bytes != experts.expert_bytes:
                 raise UserError(f"the plan counts experts of {the_plan.expert_bytes} B ({the_plan.expert_dtype}), "
-                                f"this checkpoint's are {experts.expert_bytes} B "
-                                f"({str(experts.dtype).replace('torch.', '')}); profile and compile this checkpoint")
+                                f"this checkpoint's are {experts.expert_bytes} B ({experts.format_name}); "
+                                "profile and compile this checkpoint")
             slots = {l: the_plan.slots[l] for l in lm.arch.moe_layers}
-            budget = CacheBudget(sum(slots.values()), experts.expert_bytes, _name(experts.dtype), _name(lm.dtype),
+            budget = CacheBudget(sum(slots.values()), experts.expert_bytes, experts.format_name, _name(lm.dtype),
                                  the_plan.cache_budget_bytes, "the plan")
         else:
             slots = resolve_slots(cache, lm.arch.moe_layers, lm.arch.num_experts)
-            budget = CacheBudget(sum(slots.values()), experts.expert_bytes, _name(experts.dtype), _name(lm.dtype),
+            budget = CacheBudget(sum(slots.values()), experts.expert_bytes, experts.format_name, _name(lm.dtype),
                                  None, f"--cache {cache}")
         if budget.limit_bytes is not None and budget.capacity_bytes > budget.limit_bytes:
             raise UserError(f"{budget.describe()} exceeds the plan's budget; re-run moe-compile")
-        kv = ExpertCache(lm.arch.experts, slots, lm.device, experts.dtype)
+        kv = ExpertCache(experts.specs, slots, lm.device)
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
         initial = the_plan.initial if use_plan else {}
