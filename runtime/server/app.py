@@ -165,9 +165,17 @@ def build_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 engine.cancel(seq)
                 return None
 
-    def failed(d: Delta, endpoint: str) -> JSONResponse:
-        metrics.requests.labels(endpoint, "500").inc()
-        return JSONResponse(P.error(f"decoding failed: {d.error}", "server_error"), status_code=500)
+    async def whole(request: Request, seq: Sequence, queue: asyncio.Queue, endpoint: str, build):
+        """The response of a request that is not streamed: build(text, finish_reason, usage), or its error."""
+        got = await collect(request, seq, queue)
+        if got is None:
+            return JSONResponse(P.error("client disconnected"), status_code=499)
+        text, d = got
+        if d.finish_reason == "error":
+            metrics.requests.labels(endpoint, "500").inc()
+            return JSONResponse(P.error(f"decoding failed: {d.error}", "server_error"), status_code=500)
+        metrics.requests.labels(endpoint, "200").inc()
+        return build(text, d.finish_reason, P.usage(d.prompt_tokens, d.completion_tokens))
 
     async def events(seq: Sequence, queue: asyncio.Queue, first: list[dict], chunk, final_usage: bool,
                      endpoint: str):
@@ -246,14 +254,8 @@ def build_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 return P.completion_chunk(rid, name, text, finish, use if finish is not None else None)
             first = [P.completion_chunk(rid, name, echo, None)] if echo else []
             return stream_response(events(seq, queue, first, chunk, body.include_usage, endpoint))
-        got = await collect(request, seq, queue)
-        if got is None:
-            return JSONResponse(P.error("client disconnected"), status_code=499)
-        text, d = got
-        if d.finish_reason == "error":
-            return failed(d, endpoint)
-        metrics.requests.labels(endpoint, "200").inc()
-        return P.completion(rid, name, echo + text, d.finish_reason, P.usage(d.prompt_tokens, d.completion_tokens))
+        return await whole(request, seq, queue, endpoint,
+                           lambda text, finish, use: P.completion(rid, name, echo + text, finish, use))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat_completions(body: P.ChatRequest, request: Request):
@@ -281,13 +283,7 @@ def build_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                                     use if finish is not None else None)
             first = [P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)]
             return stream_response(events(seq, queue, first, chunk, body.include_usage, endpoint))
-        got = await collect(request, seq, queue)
-        if got is None:
-            return JSONResponse(P.error("client disconnected"), status_code=499)
-        text, d = got
-        if d.finish_reason == "error":
-            return failed(d, endpoint)
-        metrics.requests.labels(endpoint, "200").inc()
-        return P.chat(rid, name, text, d.finish_reason, P.usage(d.prompt_tokens, d.completion_tokens))
+        return await whole(request, seq, queue, endpoint,
+                           lambda text, finish, use: P.chat(rid, name, text, finish, use))
 
     return app

@@ -39,24 +39,20 @@ class _RuntimeCollector:
                         ("host", d["host"]), ("miss", d["misses"])):
             pairs.add_metric([kind], n)
         yield pairs
-        yield GaugeMetricFamily("understudy_hit_rate", "Pairs served from the cache (exact + understudy)",
-                                value=d["hit_rate"])
-        yield GaugeMetricFamily("understudy_loads_per_token", "Expert loads per decode position",
-                                value=d["loads_per_token"])
-        yield GaugeMetricFamily("understudy_bytes_per_token", "Expert bytes loaded per decode position",
-                                value=d["bytes_per_token"])
-        yield CounterMetricFamily("understudy_expert_loads", "Expert copies into the cache (decode)",
-                                  value=d["loads"])
-        yield CounterMetricFamily("understudy_expert_bytes_loaded", "Expert bytes moved into the cache (decode)",
-                                  value=d["bytes_loaded"])
-        yield CounterMetricFamily("understudy_decode_positions", "Decode positions run (rows x steps)",
-                                  value=d["decode_positions"])
-        yield GaugeMetricFamily("understudy_cache_capacity_bytes", "Bytes of the expert cache's slots",
-                                value=d["cache_capacity_bytes"])
-        yield GaugeMetricFamily("understudy_cache_used_bytes", "Bytes of the experts the cache holds now",
-                                value=used_bytes)
-        yield GaugeMetricFamily("understudy_cache_peak_bytes", "Most bytes the cache has held",
-                                value=d["peak_cache_bytes"])
+        G, C = GaugeMetricFamily, CounterMetricFamily
+        for kind, name, text, value in (
+                (G, "understudy_hit_rate", "Pairs served from the cache (exact + understudy)", d["hit_rate"]),
+                (G, "understudy_loads_per_token", "Expert loads per decode position", d["loads_per_token"]),
+                (G, "understudy_bytes_per_token", "Expert bytes loaded per decode position", d["bytes_per_token"]),
+                (C, "understudy_expert_loads", "Expert copies into the cache (decode)", d["loads"]),
+                (C, "understudy_expert_bytes_loaded", "Expert bytes moved into the cache (decode)",
+                 d["bytes_loaded"]),
+                (C, "understudy_decode_positions", "Decode positions run (rows x steps)", d["decode_positions"]),
+                (G, "understudy_cache_capacity_bytes", "Bytes of the expert cache's slots",
+                 d["cache_capacity_bytes"]),
+                (G, "understudy_cache_used_bytes", "Bytes of the experts the cache holds now", used_bytes),
+                (G, "understudy_cache_peak_bytes", "Most bytes the cache has held", d["peak_cache_bytes"])):
+            yield kind(name, text, value=value)
         budget = self.engine.rt.budget
         if budget is not None:   # the plan's budget; with --cache, the cache's own capacity is the bound
             yield GaugeMetricFamily("understudy_cache_budget_bytes", "The most bytes the expert cache may hold",
