@@ -1,6 +1,6 @@
 """The profile artifact: how a model's experts behave on calibration text.
 
-Directory layout (format "understudy.profile", version 2):
+Directory layout (format "understudy.profile", version 3):
   profile.json        header: format, version, provenance (model fingerprint, calibration), settings
   stats.safetensors   per MoE layer l, tensors named "L{l}.{stat}" (sums and counts, so profiles merge by addition)
   trace.safetensors   the routing trace of the calibration tokens, for the compiler's simulator
@@ -14,6 +14,9 @@ Statistics stored (E = experts; all sums float64, counts int64), each read by th
   err_sum [E, E]          sum over probe tokens of ||f_i(x) - f_j(x)|| / ||f_i(x)||   (near-twin understudies)
   clusters [E]            functional groups (agglomerative, on the mean cosine; recomputed on merge)
   sensitivity.*           the measured loss cost of substitutions (profiler.sensitivity; header "sensitivity")
+  quant_class [E], quant_dnll_sum [C, S], quant_kl_sum [C, S], quant_pairs [C, S], quant_weight_error [E, S], quant.*
+                          the measured loss cost of quantizing experts by importance class C and scheme S
+                          (profiler.quant_sensitivity; header "quant_sensitivity"; version 3, optional)
 Trace tensors: ids [T, M, W] int32 (the k chosen experts by descending score, then the next W-k by score),
 scores [T, M, W] float32, coef [T, M] float32 (weight per unit of gate), pred_ids / pred_scores [T, M, W] (the same
 view of the next MoE layer's router applied to this layer's input: what the runtime prefetches by; -1 / 0 for the
@@ -23,7 +26,8 @@ M = number of MoE layers, in `moe_layers` order.
 Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones.
 Version 2 stopped computing statistics nothing read (version 1 also held score_sum, score_sqsum, active_score_sum,
 ratio_hist, coact, transition and out_norm_sum, and a "ratio_bins" header); a version-1 profile still loads, its
-extra tensors are ignored.
+extra tensors are ignored. Version 3 added the quantization sensitivity; a profile without it (any version, or
+--quant-tokens 0) has `quant_sensitivity` None.
 """
 from __future__ import annotations
 
@@ -38,15 +42,33 @@ from artifacts.errors import UserError
 from artifacts.header import read_header, write_json
 
 FORMAT = "understudy.profile"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 HEADER_FILE, STATS_FILE, TRACE_FILE = "profile.json", "stats.safetensors", "trace.safetensors"
 
 LAYER_STATS = ("tokens", "act_count", "importance_sum", "probe_count", "cos_sum", "err_sum", "clusters")
+QUANT_LAYER_STATS = ("quant_class", "quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error")
 TRACE_KEYS = ("ids", "scores", "coef", "pred_ids", "pred_scores", "token", "sample")
 
 
 def _safe(x: np.ndarray, d: np.ndarray) -> np.ndarray:
     return x / np.maximum(d, 1)
+
+
+@dataclass(frozen=True)
+class QuantSensitivity:
+    """What quantizing experts costs (profiler.quant_sensitivity): S schemes, C importance classes, per MoE layer."""
+
+    schemes: tuple[str, ...]
+    expert_bytes: tuple[int, ...]           # one expert quantized by each scheme, bytes
+    classes: tuple[str, ...]
+    tokens: int                             # calibration tokens of the passes
+    predicted: int                          # predicted tokens (dnll's denominator)
+    positions: int                          # token positions (pairs' denominator)
+    expert_class: dict[int, np.ndarray]     # layer -> [E] class index
+    dnll_sum: dict[int, np.ndarray]         # layer -> [C, S] NLL increase, nats summed over predicted tokens
+    kl_sum: dict[int, np.ndarray]           # layer -> [C, S] KL(exact || quantized), nats summed over them
+    pairs: dict[int, np.ndarray]            # layer -> [C, S] routed pairs the quantized experts served
+    weight_error: dict[int, np.ndarray]     # layer -> [E, S] ||W - W'||_F / ||W||_F
 
 
 @dataclass
@@ -116,6 +138,23 @@ class Profile:
             return None
         return {k.removeprefix("sensitivity."): v for k, v in self.stats.items() if k.startswith("sensitivity.")}
 
+    @property
+    def quant_sensitivity(self) -> QuantSensitivity | None:
+        """The loss cost of quantizing experts, or None when not measured (older profiles, --quant-tokens 0)."""
+        h = self.header.get("quant_sensitivity")
+        if not h:
+            return None
+
+        def per(name: str) -> dict[int, np.ndarray]:
+            return self._per_layer(lambda l: self.stat(l, name))
+
+        return QuantSensitivity(
+            schemes=tuple(s["name"] for s in h["schemes"]), expert_bytes=tuple(s["expert_bytes"] for s in h["schemes"]),
+            classes=tuple(h["classes"]), tokens=int(h["tokens"]), predicted=int(self.stats["quant.predicted"][0]),
+            positions=int(self.stats["quant.positions"][0]), expert_class=per("quant_class"),
+            dnll_sum=per("quant_dnll_sum"), kl_sum=per("quant_kl_sum"), pairs=per("quant_pairs"),
+            weight_error=per("quant_weight_error"))
+
     # ---- I/O ------------------------------------------------------------------------------------------------
     def validate(self, where: str = "profile") -> None:
         """Every header field the tools read, every tensor's shape, finite values, expert ids in range."""
@@ -150,6 +189,8 @@ class Profile:
             for name, want in (("dnll_sum", shape), ("pair_count", shape), ("nll_sum", (1,)), ("predicted", (1,)),
                                ("positions", (1,))):
                 self._check_tensor(c, self.stats, f"sensitivity.{name}", want)
+        if h.get("quant_sensitivity"):
+            self._check_quant(c, h["quant_sensitivity"], layers, e)
         if self.trace:
             missing = [k for k in TRACE_KEYS if k not in self.trace]
             if missing:
@@ -164,6 +205,32 @@ class Profile:
                 a = self.trace[key]
                 if a.size and (int(a.min()) < lo or int(a.max()) >= e):
                     c.fail(f"trace tensor {key}", f"holds expert ids outside {lo}..{e - 1}")
+
+    def _check_quant(self, c: Checker, q, layers: list[int], e: int) -> None:
+        """The header's quant_sensitivity section and its tensors (format version 3)."""
+        q = c.obj(q, "quant_sensitivity")
+        schemes = c.lst(c.get(q, "schemes", "quant_sensitivity.schemes"), "quant_sensitivity.schemes")
+        for n, s in enumerate(schemes):
+            where = f"quant_sensitivity.schemes[{n}]"
+            c.obj(s, where)
+            if not isinstance(c.get(s, "name", f"{where}.name"), str):
+                c.fail(f"{where}.name", "is not a string")
+            c.choice(c.get(s, "bits", f"{where}.bits"), f"{where}.bits", (4, 8))
+            c.int_(c.get(s, "expert_bytes", f"{where}.expert_bytes"), f"{where}.expert_bytes", 1)
+        classes = c.lst(c.get(q, "classes", "quant_sensitivity.classes"), "quant_sensitivity.classes")
+        if not schemes or not classes:
+            c.fail("quant_sensitivity", "has no schemes or no classes")
+        c.int_(c.get(q, "tokens", "quant_sensitivity.tokens"), "quant_sensitivity.tokens", 1)
+        n_c, n_s = len(classes), len(schemes)
+        for l in layers:
+            for name, shape in (("quant_class", (e,)), ("quant_dnll_sum", (n_c, n_s)), ("quant_kl_sum", (n_c, n_s)),
+                                ("quant_pairs", (n_c, n_s)), ("quant_weight_error", (e, n_s))):
+                self._check_tensor(c, self.stats, f"L{l}.{name}", shape)
+            cls = self.stats[f"L{l}.quant_class"]
+            if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= n_c):
+                c.fail(f"tensor L{l}.quant_class", f"holds classes outside 0..{n_c - 1}")
+        for name in ("predicted", "positions"):
+            self._check_tensor(c, self.stats, f"quant.{name}", (1,))
 
     @staticmethod
     def _check_tensor(c: Checker, tensors: dict, key: str, shape: tuple, what: str = "tensor") -> None:

@@ -1,7 +1,7 @@
 """moe-profile: measure a MoE model's experts on calibration text; write a versioned profile directory.
 
   moe-profile MODEL_DIR --calib DATA -o PROFILE_DIR [--samples N] [--seq-len L] [--seed S] [--text-field F]
-              [--device cpu|cuda]
+              [--device cpu|cuda] [--probe-tokens P] [--sensitivity-tokens S] [--quant-tokens Q]
   moe-profile merge A B [C ...] -o OUT
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ def _check_output(path: str) -> Path:
 
 def _profile_parser() -> argparse.ArgumentParser:
     from profiler.profile_model import ProfileConfig
+    from profiler.quant_sensitivity import CLASSES
+    from runtime.quantize import SCHEMES
 
     d = ProfileConfig()
     ap = cli_parser(PROG, "Profile a Mixture-of-Experts checkpoint on calibration text "
@@ -43,6 +45,11 @@ def _profile_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sensitivity-tokens", type=int, default=d.sensitivity_tokens,
                     help="calibration tokens on which the loss cost of substitutions is measured "
                          f"(0: skip; the compiler then judges understudies by output error; default {d.sensitivity_tokens})")
+    ap.add_argument("--quant-tokens", type=int, default=d.quant_tokens,
+                    help="calibration tokens on which the loss cost of quantizing experts is measured: 1 + MoE layers "
+                         f"x {len(CLASSES)} importance classes x {len(SCHEMES)} schemes "
+                         f"({', '.join(s.name for s in SCHEMES)}) forward passes over them "
+                         f"(0: skip; default {d.quant_tokens})")
     ap.add_argument("--trace-extra", type=int, default=None, help="experts traced beyond the top k (default k)")
     ap.add_argument("--cluster-threshold", type=float, default=d.cluster_threshold,
                     help="distance (1 - cosine) at which functional groups are cut")
@@ -63,13 +70,14 @@ def _run_profile(argv: list[str]) -> int:
     check_range(args.batch_size, "--batch-size", 1)
     check_range(args.probe_tokens, "--probe-tokens", 0)
     check_range(args.sensitivity_tokens, "--sensitivity-tokens", 0)
+    check_range(args.quant_tokens, "--quant-tokens", 0)
     check_range(args.cluster_threshold, "--cluster-threshold", 0.0, 2.0)
     if args.trace_extra is not None:
         check_range(args.trace_extra, "--trace-extra", 0)
     cfg = ProfileConfig(samples=args.samples, seq_len=args.seq_len, seed=args.seed, text_field=args.text_field,
                         device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                         probe_tokens=args.probe_tokens, trace_extra=args.trace_extra,
-                        sensitivity_tokens=args.sensitivity_tokens,
+                        sensitivity_tokens=args.sensitivity_tokens, quant_tokens=args.quant_tokens,
                         cluster_threshold=args.cluster_threshold, tokenizer=args.tokenizer)
     prof = profile(args.model_dir, args.calib, cfg, progress=not args.quiet)
     prof.save(out)

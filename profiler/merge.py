@@ -1,5 +1,8 @@
 """Merging profiles of shards of a calibration set: every statistic is a sum or a count, so A + B is the profile of
-A's tokens plus B's; traces are concatenated and clusters recomputed from the merged similarity."""
+A's tokens plus B's; traces are concatenated and clusters recomputed from the merged similarity. Two quantization
+fields are not data sums: the weight error (a property of the weights, the same in every shard: the first's is
+kept) and the importance classes (recomputed from the merged importance; each shard measured its sums with its own
+classes, which differ at most for experts of near-equal importance at a class boundary)."""
 from __future__ import annotations
 
 import copy
@@ -7,8 +10,9 @@ import copy
 import numpy as np
 
 from artifacts.errors import UserError
-from artifacts.profile import FORMAT_VERSION, LAYER_STATS, Profile
+from artifacts.profile import FORMAT_VERSION, LAYER_STATS, QUANT_LAYER_STATS, Profile
 from profiler.profile_model import finalize_clusters
+from profiler.quant_sensitivity import finalize_classes
 
 
 def merge_profiles(profiles: list[Profile]) -> Profile:
@@ -37,8 +41,13 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     header.pop("ratio_bins", None)
     # statistics every shard has (sensitivity only if every shard measured it; a version-1 shard's retired
     # statistics are left out); the merged profile is written in the current format version
-    keys = [k for k in first.stats if all(k in p.stats for p in profiles) and _current(k)]
-    stats = {k: np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in keys}
+    header["quant_sensitivity"] = _merge_quant_header(profiles)
+    keys = [k for k in first.stats if all(k in p.stats for p in profiles) and _current(k)
+            and (header["quant_sensitivity"] or not _quant(k))]
+    stats = {k: first.stats[k] if k.endswith(".quant_weight_error") else
+             np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in keys}
+    if header["quant_sensitivity"]:
+        finalize_classes(stats, first.moe_layers)
     if any(p.sensitivity is None for p in profiles):
         header["sensitivity"] = None
     else:
@@ -57,6 +66,26 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     return Profile(header=header, stats=stats, trace=trace)
 
 
+def _merge_quant_header(profiles: list[Profile]) -> dict | None:
+    """The merged `quant_sensitivity` section: None unless every shard measured it, with the same schemes and
+    classes."""
+    heads = [p.header.get("quant_sensitivity") for p in profiles]
+    if not all(heads):
+        return None
+    first = heads[0]
+    for n, h in enumerate(heads[1:], start=2):
+        if h["schemes"] != first["schemes"] or h["classes"] != first["classes"]:
+            raise UserError(f"profiles 1 and {n} measured quantization with different schemes or classes; "
+                            "re-run the shards with the same Understudy version")
+    return {**copy.deepcopy(first), "tokens": sum(int(h["tokens"]) for h in heads),
+            "seconds": round(sum(float(h.get("seconds", 0.0)) for h in heads), 2)}
+
+
+def _quant(key: str) -> bool:
+    return key.startswith("quant.") or key.partition(".")[2] in QUANT_LAYER_STATS
+
+
 def _current(key: str) -> bool:
-    """A statistic this format version keeps (per-layer "L{l}.name" of LAYER_STATS, or a sensitivity sum)."""
-    return key.startswith("sensitivity.") or key.partition(".")[2] in LAYER_STATS
+    """A statistic this format version keeps (per-layer "L{l}.name" of LAYER_STATS, or a sensitivity or quantization
+    statistic)."""
+    return key.startswith("sensitivity.") or key.partition(".")[2] in LAYER_STATS or _quant(key)

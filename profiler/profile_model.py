@@ -16,6 +16,7 @@ from artifacts.profile import FORMAT, FORMAT_VERSION, Profile
 from profiler.calibration import build_calibration, load_tokenizer
 from profiler.clustering import cluster_experts
 from profiler.probe_executor import ProbeExecutor
+from profiler.quant_sensitivity import measure_quant_sensitivity
 from profiler.sensitivity import CUTS, OPTIONS, measure_sensitivity
 from profiler.trace import TraceRecorder
 from runtime.expert_store import ExpertStore
@@ -40,6 +41,7 @@ class ProfileConfig:
     cluster_threshold: float = 0.5    # cut of the average-linkage tree on 1 - cosine
     tokenizer: str | None = None      # default: the model directory
     sensitivity_tokens: int = 4096    # calibration tokens for the loss cost of substitutions (0: skip)
+    quant_tokens: int = 1024          # calibration tokens for the loss cost of quantizing experts (0: skip)
 
 
 @torch.no_grad()
@@ -95,8 +97,8 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
             progress: bool = True) -> Profile:
     """Profile `model_dir` on calibration `data`. Raises UserError for bad input."""
     t0 = time.perf_counter()
-    if config.probe_tokens < 0 or config.batch_size < 1 or config.sensitivity_tokens < 0:
-        raise UserError("--probe-tokens and --sensitivity-tokens must be >= 0 and --batch-size >= 1")
+    if min(config.probe_tokens, config.sensitivity_tokens, config.quant_tokens) < 0 or config.batch_size < 1:
+        raise UserError("--probe-tokens, --sensitivity-tokens and --quant-tokens must be >= 0 and --batch-size >= 1")
     # the cheap checks first (config, sequence length, tokenizer, calibration text), then the model's weights
     arch = resolve_arch(load_config(model_dir))
     seq_len = config.seq_len or min(256, arch.max_positions or 256)
@@ -145,6 +147,10 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
                                          config.batch_size, progress))
         sensitivity = {"options": list(OPTIONS), "cuts": list(CUTS), "tokens": int(windows * s),
                        "method": "every low pair of every MoE layer replaced at once; mean next-token NLL"}
+    quant = None
+    if config.quant_tokens > 0:
+        windows = max(1, min(n, config.quant_tokens // s))
+        quant = measure_quant_sensitivity(lm, store, calib.tokens[:windows], stats, config.batch_size, progress)
 
     header = new_header(
         FORMAT, FORMAT_VERSION,
@@ -157,6 +163,7 @@ def profile(model_dir: str | Path, data: str, config: ProfileConfig = ProfileCon
                     "threshold": config.cluster_threshold},
         trace={"width": width, "tokens": total},
         sensitivity=sensitivity,
+        quant_sensitivity=quant,
         run={"device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
              "seconds": round(time.perf_counter() - t0, 2)},
     )

@@ -17,6 +17,8 @@ The compiler turns these into a cost per replaced pair and ratio bin (compiler.l
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -76,41 +78,49 @@ class ReplacingExecutor:
         return routed_output(x, idx, weights, self.store.arch.num_experts, weights_of, self.expert_fn)
 
 
+@contextmanager
+def executor_swapped(blocks, executor):
+    """Every MoE block runs `executor` inside the block; their own executors are put back after it."""
+    saved = {l: b.executor for l, b in blocks.items()}
+    for b in blocks.values():
+        b.executor = executor
+    try:
+        yield executor
+    finally:
+        for l, b in blocks.items():
+            b.executor = saved[l]
+
+
+@torch.no_grad()
+def nll_sum(model, tokens: np.ndarray, device: torch.device, batch_size: int) -> float:
+    """sum over windows n and positions t = 1..L-1 of -log p(tokens[n, t] | tokens[n, :t]), nats; tokens [N, L]."""
+    total = 0.0
+    for start in range(0, tokens.shape[0], batch_size):
+        ids = torch.from_numpy(tokens[start:start + batch_size]).to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()                # [B, L, V]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                              reduction="none")                                   # [B * (L-1)]
+        total += float(nll.double().sum())
+    return total
+
+
 @torch.no_grad()
 def measure_sensitivity(model, blocks, store: ExpertStore, tokens: np.ndarray, device: torch.device,
                         batch_size: int = 4, progress: bool = True) -> dict[str, np.ndarray]:
     """The sums of the module docstring, measured on tokens [N, L]."""
-    executor = ReplacingExecutor(store, device)
-    saved = {l: b.executor for l, b in blocks.items()}
-    for b in blocks.values():
-        b.executor = executor
-
-    def nll_sum() -> float:
-        total = 0.0
-        for start in range(0, tokens.shape[0], batch_size):
-            ids = torch.from_numpy(tokens[start:start + batch_size]).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits.float()            # [B, L, V]
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction="none")                               # [B * (L-1)]
-            total += float(nll.double().sum())
-        return total
-
     dnll = np.zeros((len(OPTIONS), len(CUTS)), np.float64)
     pairs = np.zeros_like(dnll)
-    try:
+    with executor_swapped(blocks, ReplacingExecutor(store, device)) as executor:
         executor.cut = 0.0
-        base = nll_sum()
+        base = nll_sum(model, tokens, device, batch_size)
         bar = tqdm(total=dnll.size, desc="sensitivity", unit="pass", disable=not progress)
         for o, option in enumerate(OPTIONS):
             for c, cut in enumerate(CUTS):
                 executor.option, executor.cut, executor.replaced = option, cut, 0
-                dnll[o, c] = nll_sum() - base
+                dnll[o, c] = nll_sum(model, tokens, device, batch_size) - base
                 pairs[o, c] = executor.replaced
                 bar.update(1)
         bar.close()
-    finally:
-        for l, b in blocks.items():
-            b.executor = saved[l]
     return {"sensitivity.dnll_sum": dnll, "sensitivity.pair_count": pairs, "sensitivity.nll_sum": np.array([base]),
             "sensitivity.predicted": np.array([tokens.shape[0] * (tokens.shape[1] - 1)], np.int64),
             "sensitivity.positions": np.array([tokens.size], np.int64)}

@@ -1,0 +1,149 @@
+"""Weight-only quantization of routed experts: the one implementation the profiler measures and the runtime holds.
+
+A scheme quantizes each weight matrix W [out, in] (out: output channels; in: the dimension a matmul sums over)
+symmetrically, in groups of `group` consecutive input columns (group None: the whole row, per output channel):
+  scale[o, g] = max_{i in g} |W[o, i]| / qmax        qmax = 2^(bits-1) - 1 (int8: 127, int4: 7); float32, then
+                                                     rounded to `scale_dtype` (0, an all-zero group, is stored as 1)
+  q[o, i]     = clamp(round(W[o, i] / scale[o, g]), -qmax, qmax)      (round half to even)
+  W'[o, i]    = q[o, i] * scale[o, g]                computed in float32, rounded once to the compute dtype
+so |W - W'| <= scale / 2 elementwise (the stored scale is what q is computed against). A last group may be partial.
+Held as plain tensors, so a preallocated cache slot can hold them:
+  int8: q int8 [out, in];  int4: q + 8 in 1..15, two codes a byte, column 2j in the low nibble and 2j+1 in the high
+  one (as MXFP4 packs), uint8 [out, in/2];  scale [out, ceil(in / group)] in scale_dtype.
+  bytes(out, in) = out * in * bits / 8 + out * ceil(in / group) * scale_dtype bytes
+An expert's weight matrices are quantized along their input dimension in the layout `ExpertFormat.shapes()` holds
+them: GLU gate_up [2I, H] (fused gate and up rows) and down [H, I] are [out, in]; GPT-OSS's gate_up [H, 2I] and
+down [I, H] are [in, out] (computed as x @ W), so their transpose is quantized. Biases stay in float.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from runtime.families.arch import ExpertFormat
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A weight-only symmetric quantization scheme (see the module docstring)."""
+
+    name: str
+    bits: int                          # 8 or 4
+    group: int | None                  # input columns per scale; None: one scale per output channel
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self):
+        assert self.bits in (4, 8), f"{self.name}: {self.bits}-bit codes are not implemented (4 or 8)"
+        assert self.group is None or self.group >= 1, f"{self.name}: group {self.group}"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def groups(self, cols: int) -> int:
+        """Scales per output channel of a matrix with `cols` input columns."""
+        return 1 if self.group is None else -(-cols // self.group)
+
+    def describe(self) -> dict:
+        """As profiles record it."""
+        return {"name": self.name, "bits": self.bits, "group": self.group,
+                "scale_dtype": str(self.scale_dtype).removeprefix("torch.")}
+
+
+INT8 = Scheme("int8", 8, None)        # per output channel
+INT4 = Scheme("int4", 4, 32)          # group-wise: 32 inputs per scale, as MXFP4 and llama.cpp's Q4_0
+SCHEMES = (INT8, INT4)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    q: torch.Tensor                    # int8 [out, in] | uint8 [out, in/2] (int4, two codes a byte)
+    scale: torch.Tensor                # [out, groups] scale_dtype
+
+
+def packed_bytes(shape: tuple[int, int], scheme: Scheme) -> int:
+    """Bytes of one quantized [out, in] matrix: codes plus scales."""
+    rows, cols = shape
+    return rows * math.ceil(cols * scheme.bits / 8) + rows * scheme.groups(cols) * scheme.scale_dtype.itemsize
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, scheme: Scheme) -> QuantizedWeight:
+    """w [out, in] float -> codes and scales (module docstring)."""
+    rows, cols = w.shape
+    if scheme.bits == 4 and cols % 2:
+        raise ValueError(f"int4 packs two input columns a byte; {cols} columns is odd")
+    size = cols if scheme.group is None else scheme.group
+    n = scheme.groups(cols)
+    wg = F.pad(w.float(), (0, n * size - cols)).view(rows, n, size)                    # [out, G, group]
+    amax = wg.abs().amax(dim=-1)                                                       # [out, G]
+    fmax = torch.finfo(scheme.scale_dtype).max
+    scale = (amax / scheme.qmax).clamp(max=fmax).to(scheme.scale_dtype)                # [out, G]
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(wg / scale.float()[..., None]).clamp_(-scheme.qmax, scheme.qmax)   # [out, G, group]
+    q = q.view(rows, n * size)[:, :cols].to(torch.int8)                                # [out, in]
+    if scheme.bits == 4:
+        u = (q + 8).to(torch.uint8)
+        q = u[:, 0::2] | (u[:, 1::2] << 4)                                             # [out, in/2]
+    return QuantizedWeight(q.contiguous(), scale)
+
+
+@torch.no_grad()
+def dequantize(w: QuantizedWeight, scheme: Scheme, dtype: torch.dtype) -> torch.Tensor:
+    """codes and scales -> W' [out, in] in `dtype`."""
+    if scheme.bits == 4:
+        packed = w.q
+        q = torch.empty(packed.shape[0], 2 * packed.shape[1], dtype=torch.int8, device=packed.device)
+        q[:, 0::2] = (packed & 0x0F).to(torch.int8) - 8
+        q[:, 1::2] = (packed >> 4).to(torch.int8) - 8
+    else:
+        q = w.q
+    rows, cols = q.shape
+    scale = w.scale.float()                                                            # [out, G]
+    if scheme.group is None:
+        out = q.float() * scale
+    else:
+        per_col = scale.repeat_interleave(scheme.group, dim=1)[:, :cols]               # [out, in]
+        out = q.float() * per_col
+    return out.to(dtype)
+
+
+def expert_matrices(fmt: ExpertFormat) -> dict[str, bool]:
+    """The expert's weight matrices and whether they are held [in, out] (x @ W) rather than [out, in]."""
+    return {"gate_up": fmt.kind == "gptoss", "down": fmt.kind == "gptoss"}
+
+
+def quantize_expert(w: Mapping[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One expert (`ExpertFormat.shapes()` layout) -> `{name}_q` and `{name}_scale` per weight matrix; biases as
+    they are."""
+    out = {k: v for k, v in w.items() if k not in expert_matrices(fmt)}
+    for name, transposed in expert_matrices(fmt).items():
+        m = quantize(w[name].t() if transposed else w[name], scheme)
+        out[f"{name}_q"], out[f"{name}_scale"] = m.q, m.scale
+    return out
+
+
+def dequantize_expert(packed: Mapping[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The inverse of `quantize_expert`: the expert in `ExpertFormat.shapes()` layout, in `dtype`, ready to compute."""
+    matrices = expert_matrices(fmt)
+    out = {k: v.to(dtype) for k, v in packed.items() if not k.endswith(("_q", "_scale"))}
+    for name, transposed in matrices.items():
+        m = dequantize(QuantizedWeight(packed[f"{name}_q"], packed[f"{name}_scale"]), scheme, dtype)
+        out[name] = m.t().contiguous() if transposed else m
+    return out
+
+
+def expert_packed_bytes(fmt: ExpertFormat, scheme: Scheme, bias_dtype: torch.dtype) -> int:
+    """Bytes of one quantized expert: its matrices' codes and scales, plus its biases in `bias_dtype`."""
+    total = 0
+    for name, shape in fmt.shapes().items():
+        if name in expert_matrices(fmt):
+            total += packed_bytes(shape[::-1] if expert_matrices(fmt)[name] else shape, scheme)
+        else:
+            total += math.prod(shape) * bias_dtype.itemsize
+    return total
