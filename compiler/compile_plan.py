@@ -3,7 +3,8 @@
 Steps: memory split (compiler.memory) -> substitution map (compiler.substitution_map) -> slots per layer by
 simulated marginal gain (compiler.allocate) -> search over the substitution rule (alpha, pool depth, drops, tau)
 and then prefetch, replaying the trace through the runtime's own cache model (compiler.simulator) -> predictions for
-the plan and for lru and smoe at the same budget.
+the plan and for the baselines at the same budget (compiler.predict.BASELINES: lru, lfu, lfru, static, smoe and the
+oracle, Belady's bound on lossless caching).
 
 The accuracy cost of a candidate ("error") is its predicted perplexity increase from the profile's measured loss
 sensitivity (compiler.loss_model); a profile made with --sensitivity-tokens 0 falls back to the relative output
@@ -31,7 +32,7 @@ from compiler.auto_budget import auto_budget, check_headroom, is_auto
 from compiler.loss_model import LossModel
 from compiler.memory import split_budget
 from compiler.objective import Objective
-from compiler.predict import initial_residents, simulate_baseline, simulate_plan
+from compiler.predict import BASELINES, initial_residents, simulate_baseline, simulate_plan
 from compiler.simulator import Costs
 from compiler.substitution_map import TWIN_MAX_ERROR, build_substitution_map
 from compiler.targets import load_target
@@ -143,7 +144,7 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
     n_pred = min(config.predict_tokens, profile.trace["ids"].shape[0])
     predicted = {"tokens": n_pred, "target": target.name,
                  "plan": simulate_plan(profile, slots, chosen, subs_map, costs, n_pred, loss_model, initial).to_dict()}
-    for name in ("lru", "smoe"):
+    for name in BASELINES:
         predicted[name] = simulate_baseline(profile, name, split.total_slots, config.window, host, costs, n_pred,
                                             loss_model).to_dict()
     for name in ("lru", "smoe"):

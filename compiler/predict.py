@@ -6,19 +6,18 @@ from __future__ import annotations
 from artifacts.plan import PlanChoices
 from artifacts.profile import Profile
 from compiler.loss_model import LossModel
-from compiler.simulator import Costs, SimResult, simulate
+from compiler.simulator import Costs, SimResult, oracle_future, simulate
 from runtime.policy.config import preset
 from runtime.policy.plan_params import plan_policy, substitution_params
 from runtime.policy.slots import uniform_slots
+from runtime.policy.static import most_frequent, static_pins
+
+BASELINES = ("lru", "lfu", "lfru", "static", "smoe", "oracle")   # what a plan is compared with, in table order
 
 
 def initial_residents(profile: Profile, slots: dict[int, int]) -> dict[int, list[int]]:
     """The most frequently routed experts of each layer start resident (ties to the lower id)."""
-    out = {}
-    for l, n in slots.items():
-        f = profile.frequency[l]
-        out[l] = sorted(range(profile.num_experts), key=lambda e: (-f[e], e))[:n]
-    return out
+    return {l: most_frequent(profile.frequency[l], n) for l, n in slots.items()}
 
 
 def simulate_plan(profile: Profile, slots: dict[int, int], choices: PlanChoices, subs_map: dict[int, dict],
@@ -33,10 +32,20 @@ def simulate_plan(profile: Profile, slots: dict[int, int], choices: PlanChoices,
 
 def simulate_baseline(profile: Profile, name: str, total_slots: int, window: int, host_compute: bool, costs: Costs,
                       tokens: int, loss_model: LossModel | None) -> SimResult:
-    """Replay the trace under a named policy (lru, smoe) with `total_slots` spread evenly and an empty start."""
+    """Replay the trace under a named policy (one of BASELINES) with `total_slots` spread evenly over the layers.
+
+    lru, lfu, lfru and smoe start empty; static starts with the profile's most frequent experts pinned
+    (runtime.policy.static; the frequencies come from the same calibration text as the trace, so its prediction is
+    in-sample, as the plan's initial residents are); oracle is Belady's MIN over these very tokens, starting with each
+    layer's first requested experts (the best start, uncounted like the others' initial residents), so no lossless
+    policy that serves every pair from its cache makes fewer loads. `host_compute`: whether the target's host is
+    another processor; the policies that split misses between loads and the host (smoe, static) then do."""
     layers = profile.moe_layers
-    policy = preset(name, window=window, host_compute=host_compute if name == "smoe" else False)
-    return simulate(profile.trace, layers, profile.num_experts, profile.top_k,
-                    uniform_slots(total_slots, layers, profile.num_experts), policy,
+    slots = uniform_slots(total_slots, layers, profile.num_experts)
+    policy = preset(name, window=window, host_compute=host_compute and preset(name).host_compute)
+    pinned = static_pins(profile.frequency, slots) if policy.pins else None
+    future = oracle_future(profile.trace, layers, profile.top_k, tokens) if policy.eviction == "belady" else None
+    return simulate(profile.trace, layers, profile.num_experts, profile.top_k, slots, policy,
                     substitution_params(policy, layers), costs, error=profile.substitution_error, tokens=tokens,
-                    loss_model=loss_model)
+                    loss_model=loss_model, pinned=pinned, future=future,
+                    initial=future.first_requested(slots) if future is not None else None)

@@ -1,5 +1,6 @@
-"""report.md and its plots for a plan: hit rate and modeled TPOT against budget for lru, smoe and plan (the plan's
-choices, slots re-allocated per budget from the profiled gain curves), and similarity heatmaps with clusters."""
+"""report.md and its plots for a plan: hit rate and modeled TPOT against budget for lru, smoe, plan (the plan's
+choices, slots re-allocated per budget from the profiled gain curves) and the oracle (Belady's bound on lossless
+caching), and similarity heatmaps with clusters."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +17,7 @@ from compiler.summary import summarize
 from compiler.targets import Target
 
 BUDGETS = (0.125, 0.25, 0.5, 0.75)
+SWEPT = ("lru", "smoe", "plan", "oracle")     # oracle: the lossless bound (the others are in the summary's table)
 
 
 def _figure(w=6.4, h=4.0):
@@ -42,7 +44,7 @@ def budget_sweep(plan: Plan, profile: Profile) -> list[dict]:
     own = sum(plan.slots.values())
     rows = []
     for total in sorted({max(len(layers), int(frac * total_experts)) for frac in BUDGETS} | {own}):
-        for name in ("lru", "smoe", "plan"):
+        for name in SWEPT:
             if total == own:
                 r = plan.predicted[name]
             elif name == "plan":
@@ -79,7 +81,7 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
     fig = _figure(9, 3.6)
     for n, (key, label) in enumerate((("hit_rate", "hit rate"), ("tpot_ms", "modeled TPOT (ms)"))):
         ax = fig.add_subplot(1, 2, n + 1)
-        for name, style in (("lru", "o-"), ("smoe", "s-"), ("plan", "^-")):
+        for name, style in (("lru", "o-"), ("smoe", "s-"), ("plan", "^-"), ("oracle", "k:")):
             pts = [r for r in sweep if r["policy"] == name]
             ax.plot([100 * r["budget"] for r in pts], [r[key] for r in pts], style, label=name)
         ax.set_xlabel("cache budget (% of routed-expert bytes)")
@@ -123,8 +125,11 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
             f"`{plan.fingerprint}`), target `{plan.predicted.get('target')}`.\n\n```\n{summarize(plan)}\n```\n\n"
             f"## Budget sweep\n\nTrace replay ({plan.predicted['tokens']} calibration tokens) through the runtime's own "
             "cache model; at each budget the plan keeps its choices and re-allocates its slots; the row marked "
-            "(this plan) is plan.json's prediction. Each row's exact hit, understudy, drop, host and miss shares add "
-            "up to 1.\n\n![budget sweep](budget_sweep.png)\n\n" + "\n".join(rows) +
+            "(this plan) is plan.json's prediction; oracle is Belady's MIN with bypass on the same tokens, the "
+            "fewest loads of any lossless policy that computes every expert on the device (lfu, lfru and static are "
+            "in the table above, at the plan's budget). Each row's exact hit, understudy, drop, host and miss shares "
+            "add up to 1.\n\n"
+            "![budget sweep](budget_sweep.png)\n\n" + "\n".join(rows) +
             "\n\n## Functional clusters (experts ordered by cluster; row labels cCLUSTER:EXPERT)\n\n"
             "![similarity](similarity.png)\n\n" + _cluster_text(plan) + "\n")
     (out / "report.md").write_text(text)

@@ -24,6 +24,7 @@ from compiler.loss_model import LossModel
 from compiler.targets import Target
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
+from runtime.policy.eviction import NextUse
 from runtime.policy.schedule import CacheModel
 from runtime.policy.substitution import SubstitutionParams, kth_next
 
@@ -91,15 +92,30 @@ class Costs:
                    target.t_device(float(model["dense_bytes"]) / max(int(model["num_layers"]), 1)))
 
 
+def replayed_tokens(trace: dict, tokens: int | None) -> int:
+    """How many of the trace's tokens a replay of `tokens` covers."""
+    n = trace["ids"].shape[0]
+    return n if tokens is None else min(tokens, n)
+
+
+def oracle_future(trace: dict, moe_layers: list[int], top_k: int, tokens: int | None = None) -> NextUse:
+    """The requests of a replay of `tokens` trace tokens, per layer (call t + 1 requests token t's k experts):
+    what Belady's rule looks ahead into. Lossless, so every routed expert is requested."""
+    ids = trace["ids"][: replayed_tokens(trace, tokens), :, :top_k]          # [T, M, k]
+    return NextUse({layer: ids[:, m].tolist() for m, layer in enumerate(moe_layers)})
+
+
 def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, slots: dict[int, int], policy: PolicyConfig,
              params: dict[int, SubstitutionParams], costs: Costs, initial: dict[int, list[int]] | None = None,
              error: dict[int, np.ndarray] | None = None, tokens: int | None = None,
-             loss_model: LossModel | None = None) -> SimResult:
-    """Replay trace (profile.trace) token by token, batch 1, in sample order."""
+             loss_model: LossModel | None = None, pinned: dict[int, list[int]] | None = None,
+             future: NextUse | None = None) -> SimResult:
+    """Replay trace (profile.trace) token by token, batch 1, in sample order. pinned: static's pinned experts;
+    future: oracle_future of the same tokens, for Belady's rule."""
     ids, scores, coef = trace["ids"], trace["scores"], trace["coef"]
     pred_ids, pred_scores = trace.get("pred_ids"), trace.get("pred_scores")
-    t_total = ids.shape[0] if tokens is None else min(tokens, ids.shape[0])
-    model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial)
+    t_total = replayed_tokens(trace, tokens)
+    model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned, future=future)
     res = SimResult(loss=0.0 if loss_model is not None else None)
     clock, link_free = 0.0, 0.0
     ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands

@@ -1,9 +1,11 @@
-"""The short human summary moe-compile prints: memory split, slots per layer, predictions against lru and smoe
-(hit = exact + understudy; exact, understudy, drop, host and miss add up to 1)."""
+"""The short human summary moe-compile prints: memory split, slots per layer, predictions against the baselines at
+the same budget (compiler.predict.BASELINES; hit = exact + understudy; exact, understudy, drop, host and miss add up
+to 1)."""
 from __future__ import annotations
 
 from artifacts.plan import Plan
 from compiler.memory import MemorySplit
+from compiler.predict import BASELINES
 
 
 def summarize(plan: Plan) -> str:
@@ -20,12 +22,17 @@ def summarize(plan: Plan) -> str:
              f"predicted on {p['target']} ({p['tokens']} trace tokens, batch 1):",
              f"  {'policy':<6} {'hit':>6} {'exact':>6} {'underst.':>8} {'drop':>6} {'host':>6} {'miss':>6} "
              f"{'loads/tok':>10} {'TPOT ms':>9} {'ppl':>8}"]
-    for name in ("plan", "lru", "smoe"):
+    for name in ("plan",) + tuple(n for n in BASELINES if n in p):    # older plans predicted lru and smoe only
         d = p[name]
         ppl = "-" if d.get("ppl_increase") is None else f"{100 * d['ppl_increase']:+.2f}%"
         lines.append(f"  {name:<6} {d['hit_rate']:>6.3f} {d.get('exact_hit_rate', 0):>6.3f} "
                      f"{d['substitution_rate']:>8.3f} {d['drop_rate']:>6.3f} {d['host_rate']:>6.3f} "
                      f"{d.get('miss_rate', 0):>6.3f} {d['loads_per_token']:>10.2f} {d['tpot_ms']:>9.2f} {ppl:>8}")
+    if "oracle" in p:
+        lines += ["  lfu: evicts the fewest uses since the load; lfru: the fewest uses per call of age; static: the "
+                  "profile's most",
+                  "  frequent experts pinned, one streaming slot; oracle: Belady's MIN with bypass on these tokens, "
+                  "the lossless bound"]
     pl = p["plan"]
     if "loads_vs_lru" in pl:
         lines.append(f"  plan vs lru: loads x{pl['loads_vs_lru']:.2f}, TPOT x{pl.get('tpot_vs_lru', 0):.2f}; "

@@ -8,8 +8,9 @@ registry, filled by imports, and has no entry-point group for outside models; se
 
 model_args (each maps onto runtime.config.RunConfig unless said otherwise):
   model=DIR           the checkpoint (required)
-  plan=PLAN_DIR       a compiled plan (policy plan)          policy=resident|lru|smoe|plan
-  cache=N|P%          lru/smoe cache size                    lossless=True|False (no understudies, no drops)
+  plan=PLAN_DIR       a compiled plan (policy plan)          policy=resident|lru|lfu|lfru|static|smoe|plan
+  cache=N|P%          cache size without a plan              lossless=True|False (no understudies, no drops)
+  profile=DIR         policy static: the profile whose most frequent experts it pins
   link=BW[,LAT]       emulated host-to-device link (on lm-eval's CLI quote it, link='50MB/s,20us': its parser
                       splits model_args at unquoted commas)
   dtype, device, store, alpha, host_compute                 as moe-run's flags
@@ -76,7 +77,8 @@ Request = tuple[Any, Tokens, Tokens]        # ((context, continuation) | None, c
 class UnderstudyLM(TemplateLM):
     DEFAULT_MAX_LENGTH = 2048                # when the model states no position limit (lm-eval's HF default)
     DEFAULT_MAX_GEN_TOKS = 256               # lm-eval's HF default
-    RUN_ARGS = ("plan", "policy", "cache", "lossless", "link", "device", "dtype", "store", "alpha", "host_compute")
+    RUN_ARGS = ("plan", "policy", "cache", "profile", "lossless", "link", "device", "dtype", "store", "alpha",
+                "host_compute")
     LM_ARGS = ("model", "batch_size", "max_length", "max_batch_size", "trust_remote_code")
     GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")    # gen_kwargs honoured
 

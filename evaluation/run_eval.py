@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from artifacts.errors import UserError
+from artifacts.profile import Profile
 from artifacts.texts import read_texts
 from evaluation.agreement import greedy_agreement, top1_agreement
 from evaluation.data import EvalText, prompts, read_eval_text, windows
@@ -40,7 +41,7 @@ from evaluation.make_tasks import cloze_tasks
 from evaluation.passes import PerplexityPass, greedy_pass, perplexity_pass, task_pass
 from evaluation.stats import paired_bootstrap
 from evaluation.tasks import EncodedTask, Task, encode, load_tasks, score
-from runtime.policy.config import POLICIES
+from runtime.policy.config import POLICIES, SIZED_BY_CACHE, check_runnable
 
 REFERENCE = "resident"
 NO_TASKS = "none"                     # EvalConfig.tasks value that skips tasks
@@ -59,6 +60,7 @@ class EvalConfig:
     prompts: int = 8
     prompt_len: int = 16
     gen_tokens: int = 16
+    profile: str | None = None        # profile directory of the model: policy static pins its most frequent experts
     device: str = "cpu"
     dtype: str | None = None
     text_field: str = "text"
@@ -79,11 +81,20 @@ def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, s
     plan_dirs = {} if plan is None else ({"plan": plan} if isinstance(plan, (str, Path)) else dict(plan))
     unknown = [p for p in config.policies if p not in POLICIES and p not in plan_dirs]
     if unknown:
-        raise UserError(f"unknown policy {unknown[0]!r}; choose from {', '.join(POLICIES)}"
-                        + (f" or a plan given ({', '.join(plan_dirs)})" if plan_dirs else ""))
+        try:
+            check_runnable(unknown[0])
+        except UserError as exc:
+            raise UserError(str(exc) + (f" or a plan given ({', '.join(plan_dirs)})" if plan_dirs else "")) from None
     missing = [p for p in config.policies if p == "plan" and p not in plan_dirs]
     if missing:
         raise UserError("policy 'plan' needs --plan PLAN_DIR (run moe-compile), or leave it out of --policies")
+    static = "static" in config.policies
+    if static and config.profile is None:
+        raise UserError("policy static pins each layer's most frequently routed experts from a profile: pass "
+                        "--profile PROFILE_DIR (what moe-profile wrote for this model), or leave static out")
+    if config.profile is not None and not static:
+        raise UserError("--profile is read by policy static only (its pinned experts); add static to --policies, "
+                        "or drop --profile")
     if config.batch < 1 or (config.window is not None and config.window < 2) or config.max_tokens < 2:
         raise UserError("--batch must be >= 1, --window and --max-tokens >= 2")
     if config.max_tasks < 1:
@@ -94,6 +105,7 @@ def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, s
     from runtime.link import parse_link
 
     plans = {name: Plan.load(path) for name, path in plan_dirs.items()}     # fail before any model work
+    profile = None if config.profile is None else Profile.load(config.profile, with_trace=False)
     if config.link is not None:
         parse_link(config.link)
     file_tasks = None if config.tasks in (None, NO_TASKS) else load_tasks(config.tasks, config.max_tasks)
@@ -101,7 +113,7 @@ def evaluate(model_dir: str | Path, data: str, plan: str | Path | Mapping[str, s
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _evaluate(model_dir, data, texts, plan_dirs, plans, file_tasks, config, progress)
+        return _evaluate(model_dir, data, texts, plan_dirs, plans, profile, file_tasks, config, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -115,13 +127,13 @@ class Inputs:
     encoded: list[EncodedTask]        # the tasks' token ids
 
 
-def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: dict, file_tasks: list[Task] | None,
-              config: EvalConfig, progress: bool) -> dict:
+def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: dict, profile: Profile | None,
+              file_tasks: list[Task] | None, config: EvalConfig, progress: bool) -> dict:
     from runtime import Runtime
     from runtime.policy.slots import resolve_slots
-    from runtime.runtime import check_plan_matches
+    from runtime.runtime import check_plan_matches, check_profile_matches
 
-    with Runtime.load(model_dir, _run_config(REFERENCE, plans, config)) as ref_rt:
+    with Runtime.load(model_dir, _run_config(REFERENCE, plans, profile, config)) as ref_rt:
         if ref_rt.tokenizer is None:
             raise UserError(f"{model_dir} has no tokenizer; evaluation needs one")
         arch = ref_rt.lm.arch
@@ -129,10 +141,12 @@ def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: di
         if arch.max_positions is not None and window > arch.max_positions:
             raise UserError(f"--window {window} is over the model's limit of {arch.max_positions} positions; "
                             f"use --window {arch.max_positions} or less")
-        if any(p in ("lru", "smoe") for p in config.policies):
+        if any(p in SIZED_BY_CACHE for p in config.policies):
             resolve_slots(config.cache, arch.moe_layers, arch.num_experts)
         for name in plan_dirs:
             check_plan_matches(plans[name], ref_rt.lm, model_dir)
+        if profile is not None:
+            check_profile_matches(profile, ref_rt.lm, model_dir)
         text = read_eval_text(data, ref_rt.tokenizer, config.max_tokens, config.text_field, texts)
         tasks = file_tasks if file_tasks is not None else _data_tasks(data, text, config)
         encoded = [encode(t, ref_rt.tokenizer) for t in tasks or []]
@@ -146,13 +160,14 @@ def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: di
         if name == REFERENCE:
             results[name] = ref_entry
             continue
-        with Runtime.load(model_dir, _run_config(name, plans, config), plan=plans.get(name)) as rt:
+        with Runtime.load(model_dir, _run_config(name, plans, profile, config), plan=plans.get(name)) as rt:
             results[name], _ = _measure(rt, name, inputs, reference, True, _modeled_tpot(name, plans), config,
                                         progress)
     return {"model": str(model_dir), "data": str(data), "tokens": int(len(text.stream)),
             "windows": len(inputs.windows), "window": window, "batch": config.batch, "link": config.link,
             "cache": config.cache, "plan": str(plan_dirs["plan"]) if "plan" in plan_dirs else None,
             "plans": {k: str(v) for k, v in plan_dirs.items()},
+            "profile": None if config.profile is None else str(config.profile),
             "reference": REFERENCE, "prompts": int(inputs.prompts.shape[0]), "greedy_tokens": config.gen_tokens,
             "tasks": None if tasks is None else {
                 "source": "held-out data" if file_tasks is None else str(config.tasks), "count": len(tasks),
@@ -160,8 +175,9 @@ def _evaluate(model_dir, data: str, texts: list[str], plan_dirs: dict, plans: di
             "policies": results}
 
 
-def _run_config(name: str, plans: dict, config: EvalConfig):
-    """The run configuration of one evaluated policy (a named plan runs as policy plan, with its plan)."""
+def _run_config(name: str, plans: dict, profile: Profile | None, config: EvalConfig):
+    """The run configuration of one evaluated policy (a named plan runs as policy plan, with its plan; static with
+    the profile)."""
     from runtime.config import RunConfig
 
     base = RunConfig(device=config.device, dtype=config.dtype)
@@ -169,7 +185,8 @@ def _run_config(name: str, plans: dict, config: EvalConfig):
         return replace(base, policy=REFERENCE)
     if name in plans:
         return replace(base, policy="plan", link=config.link)
-    return replace(base, policy=name, cache=config.cache, link=config.link)
+    return replace(base, policy=name, cache=config.cache, link=config.link,
+                   profile=profile if name == "static" else None)
 
 
 def _data_tasks(data: str, text: EvalText, config: EvalConfig) -> list[Task] | None:

@@ -1,6 +1,6 @@
 """moe-run: decode with routed experts offloaded, a bounded expert cache and understudies.
 
-  moe-run MODEL_DIR [--plan PLAN_DIR] [--policy P] [--cache N|PCT] [--link BW[,LAT]]
+  moe-run MODEL_DIR [--plan PLAN_DIR] [--policy P] [--cache N|PCT] [--profile PROFILE_DIR] [--link BW[,LAT]]
           (--prompt TEXT [--prompt ...] | --prompts-file F | --chat [--chat-template FILE|chatml])
           [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R] [--stop S]
           [--seed S] [--lossless] [--stats-json F]
@@ -25,9 +25,12 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
 
     ap.add_argument("model_dir")
     ap.add_argument("--plan", default=None, help="plan directory from moe-compile (policy 'plan')")
-    ap.add_argument("--policy", choices=POLICIES, default=None,
-                    help="resident | lru | smoe | plan (default: plan with --plan, else smoe)")
+    ap.add_argument("--policy", default=None,
+                    help=f"{' | '.join(POLICIES)} (default: plan with --plan, else smoe)")
     ap.add_argument("--cache", default=None, help="slots per MoE layer (8) or share of routed-expert bytes (25%%)")
+    ap.add_argument("--profile", default=None, metavar="PROFILE_DIR",
+                    help="policy static: the profile whose most frequently routed experts it pins (moe-profile's "
+                         "output for this model)")
     ap.add_argument("--link", default=None, help="emulated host-to-device link, e.g. 50MB/s,20us")
     ap.add_argument("--alpha", type=float, default=None, help="score band for understudies (smoe/plan)")
     ap.add_argument("--lossless", action="store_true", help="no understudies, no drops: exact outputs")
@@ -46,7 +49,8 @@ def run_config(args, sampling: SamplingConfig | None = None) -> RunConfig:
     from runtime.chat import load_template
 
     load_template(args.chat_template)   # a bad --chat-template fails here, before the model loads
-    return RunConfig(policy=args.policy, plan=args.plan, cache=args.cache, lossless=args.lossless, link=args.link,
+    return RunConfig(policy=args.policy, plan=args.plan, cache=args.cache, profile=args.profile,
+                     lossless=args.lossless, link=args.link,
                      device=args.device, dtype=args.dtype, store=args.store, alpha=args.alpha,
                      host_compute=None if args.host_compute is None else args.host_compute == "on",
                      sampling=sampling or SamplingConfig()).checked()

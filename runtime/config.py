@@ -52,9 +52,12 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    policy: str | None = None         # resident | lru | smoe | plan; None: plan with a plan, else smoe
+    policy: str | None = None         # resident | lru | lfu | lfru | static | smoe | plan; None: plan with a plan,
+                                      # else smoe
     plan: object = None               # a plan directory, or an artifacts.Plan (policy plan)
     cache: int | str | None = None    # slots per layer or "P%" of routed-expert bytes (not with a plan)
+    profile: object = None            # a profile directory, or an artifacts.Profile (policy static: its most
+                                      # frequently routed experts are pinned)
     lossless: bool = False            # no understudies, no drops: logits equal HF's
     link: object = None               # emulated host-to-device link: "50MB/s,20us" or a runtime.link.Link
     device: str = "cpu"
@@ -71,19 +74,23 @@ class RunConfig:
 
     def checked(self) -> "RunConfig":
         """Flag-level checks, before any model work (files and the model are checked when loaded)."""
-        from runtime.policy.config import POLICIES
+        from runtime.policy.config import SIZED_BY_CACHE, check_runnable
 
-        policy = self.resolved_policy
-        if policy not in POLICIES:
-            raise UserError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        policy = check_runnable(self.resolved_policy)
         if policy == "plan" and self.plan is None:
             raise UserError("policy 'plan' needs a plan: run moe-compile and pass --plan PLAN_DIR, "
                             "or choose --policy smoe|lru|resident")
         if policy == "plan" and self.cache is not None:
             raise UserError("--cache conflicts with the plan's budget; compile a plan for that budget instead")
-        if policy in ("lru", "smoe") and self.cache is None:
+        if policy in SIZED_BY_CACHE and self.cache is None:
             raise UserError(f"policy {policy} needs a cache size: --cache N (slots per layer) or --cache P% (of "
-                            "routed-expert bytes), or a plan (--plan)")
+                            "routed-expert bytes)" + (", or a plan (--plan)" if policy != "static" else ""))
+        if policy == "static" and self.profile is None:
+            raise UserError("policy static pins each layer's most frequently routed experts from a profile: pass "
+                            "--profile PROFILE_DIR (what moe-profile wrote for this model)")
+        if policy != "static" and self.profile is not None:
+            raise UserError(f"--profile is read by policy static only (its pinned experts); drop it, or choose "
+                            f"--policy static instead of {policy}")
         if self.alpha is not None:
             check_range(self.alpha, "--alpha", 0.0)
         self.sampling.checked()

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 from artifacts.errors import UserError
 from artifacts.plan import Plan
+from artifacts.profile import Profile
 from runtime.budget import CacheBudget
 from runtime.expert_cache import ExpertCache
 from runtime.expert_store import ExpertStore
@@ -29,6 +30,7 @@ from runtime.offload_executor import OffloadExecutor
 from runtime.policy.config import PolicyConfig, preset
 from runtime.policy.schedule import CacheModel
 from runtime.policy.slots import resolve_slots
+from runtime.policy.static import static_pins
 from runtime.policy.plan_params import plan_policy, substitution_params
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
@@ -40,16 +42,25 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def check_plan_matches(plan: Plan, lm: LoadedModel, model_dir) -> None:
-    """The plan was compiled for this model: same routers (fingerprint), MoE layers and expert count."""
+def _check_model(what: str, model: dict, lm: LoadedModel, model_dir, remedy: str) -> None:
+    """An artifact's model section names this model: same routers (fingerprint), MoE layers and expert count."""
     fp = model_fingerprint(lm.arch, lm.config, lm.ckpt)
-    if plan.fingerprint != fp:
-        raise UserError(f"plan was compiled for another model (fingerprint {plan.fingerprint}, this model "
-                        f"{fp}); re-run moe-profile and moe-compile for {model_dir}")
-    m = plan.header["model"]
-    if list(m["moe_layers"]) != list(lm.arch.moe_layers) or m["num_experts"] != lm.arch.num_experts:
-        raise UserError(f"plan's model section (MoE layers {m['moe_layers']}, {m['num_experts']} experts) does not "
-                        f"match {model_dir} ({list(lm.arch.moe_layers)}, {lm.arch.num_experts}); re-run moe-compile")
+    if model["fingerprint"] != fp:
+        raise UserError(f"{what} was made for another model (fingerprint {model['fingerprint']}, this model "
+                        f"{fp}); {remedy} for {model_dir}")
+    if list(model["moe_layers"]) != list(lm.arch.moe_layers) or model["num_experts"] != lm.arch.num_experts:
+        raise UserError(f"{what}'s model section (MoE layers {model['moe_layers']}, {model['num_experts']} experts) "
+                        f"does not match {model_dir} ({list(lm.arch.moe_layers)}, {lm.arch.num_experts}); {remedy}")
+
+
+def check_plan_matches(plan: Plan, lm: LoadedModel, model_dir) -> None:
+    """The plan was compiled for this model."""
+    _check_model("plan", plan.header["model"], lm, model_dir, "re-run moe-profile and moe-compile")
+
+
+def check_profile_matches(profile: Profile, lm: LoadedModel, model_dir) -> None:
+    """The profile was measured on this model."""
+    _check_model("profile", profile.header["model"], lm, model_dir, "re-run moe-profile")
 
 
 class Runtime:
@@ -68,10 +79,10 @@ class Runtime:
     @classmethod
     def load(cls, model_dir: str | Path, config: RunConfig | None = None, *, plan: str | Path | Plan | None = None,
              record_events: bool = False, **options) -> "Runtime":
-        """Load `model_dir` for a run: `config` (a RunConfig), or its fields as keywords (policy, cache, lossless,
-        link, device, dtype, store, alpha, host_compute, sampling). `plan`: a plan directory or a Plan. Further
-        keywords override the policy's parameters (window, prefetch, prefetch_max, understudy_weight, use_batch,
-        pool_depth)."""
+        """Load `model_dir` for a run: `config` (a RunConfig), or its fields as keywords (policy, cache, profile,
+        lossless, link, device, dtype, store, alpha, host_compute, sampling). `plan`: a plan directory or a Plan.
+        Further keywords override the policy's parameters (window, prefetch, prefetch_max, understudy_weight,
+        use_batch, pool_depth)."""
         fields = RunConfig.__dataclass_fields__
         if config is None:
             config = RunConfig(**{k: v for k, v in options.items() if k in fields})
@@ -84,13 +95,20 @@ class Runtime:
         policy, cache, lossless = config.resolved_policy, config.cache, config.lossless
         the_plan = (config.plan.validate() if isinstance(config.plan, Plan)
                     else None if config.plan is None else Plan.load(config.plan))
+        the_profile = config.profile
+        if isinstance(the_profile, Profile):
+            the_profile.validate("profile (in memory)")
+        elif the_profile is not None:
+            the_profile = Profile.load(the_profile, with_trace=False)
         the_link = parse_link(config.link) if isinstance(config.link, str) else config.link
         lm = load_model(model_dir, config.device, config.dtype)
         if the_plan is not None:
             check_plan_matches(the_plan, lm, model_dir)
+        if the_profile is not None:
+            check_profile_matches(the_profile, lm, model_dir)
         use_plan = the_plan is not None and policy == "plan"
         if policy_overrides.get("host_compute") is None and not use_plan:   # the host is the device on a CPU run
-            policy_overrides["host_compute"] = (lm.device.type == "cuda") if policy == "smoe" else False
+            policy_overrides["host_compute"] = lm.device.type == "cuda" and preset(policy).host_compute
         if use_plan:
             cfg, params = plan_policy(the_plan.choices, lm.arch.moe_layers, the_plan.substitution_map(), lossless,
                                       **policy_overrides)
@@ -129,7 +147,8 @@ class Runtime:
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
         initial = the_plan.initial if use_plan else {}
-        model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial)
+        pinned = static_pins(the_profile.frequency, slots) if cfg.pins else None
+        model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial, pinned=pinned)
         width = min((the_plan.choices.width if use_plan else None) or 2 * lm.arch.top_k, lm.arch.num_experts)
         executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)
@@ -145,7 +164,8 @@ class Runtime:
             block.executor = executor
 
     def _warm(self, resident: dict[int, set[int]]) -> None:
-        """Load the initial residents the cache model starts with (the plan's; not counted as run loads)."""
+        """Load the initial residents the cache model starts with (the plan's, or static's pinned experts; not
+        counted as run loads)."""
         for l, experts in resident.items():
             for e in sorted(experts):
                 self.store.copy_into(l, e, self.cache.assign(l, e))

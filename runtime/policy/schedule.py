@@ -5,18 +5,23 @@ Pure (ids and scores only), and the single source of truth for cache decisions: 
 very same object, so predicted and measured hits and loads agree.
 
 A layer call's ops, in order:
-  ("load", layer, e, victim)      evict `victim` (None: a free slot) and start loading e
+  ("load", layer, e, victim)      evict `victim` (None: a free slot; for the simulator's oracle also a bypass into a
+                                  one-expert workspace, when e is not kept) and start loading e
   ("prefetch", layer', e, victim) the same, into the next MoE layer, for a predicted top-score expert
   ("compute", layer, e, None)     compute e from its slot (waiting for its load if needed)
   ("host", layer, e, None)        compute e on the host, from the store
-Loads are issued first, as far as slots allow without evicting an expert this call still needs (pinned); then cached
-experts are computed while the loads are in flight; every computed expert unpins its slot, so more loads can go.
+Loads are issued first, as far as slots allow without evicting an expert this call still needs (busy); then cached
+experts are computed while the loads are in flight; every computed expert frees its slot, so more loads can go.
 
 A prefetch (SMoE section 4) loads the next layer's predicted top-score experts; with `prefetch_guard` (the plan
 policy's addition) it only displaces an expert whose mean score over the window is below the predicted score.
 
 Scores are sparse: per token a dict of its top-W experts' scores (W = k + m, the width of the profile's trace);
 every other expert counts as 0, in the runtime exactly as in the simulator.
+
+Only the victim rule and the pinning differ between the lossless baselines (runtime.policy.eviction): lru, lfu and
+lfru by their rule; static by `pinned` experts, resident from the start and never candidates (runtime.policy.static);
+the simulator's oracle by Belady's rule over `future` (a NextUse of the trace being replayed).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from typing import Mapping, Sequence
 
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
-from runtime.policy.eviction import ScoreWindow, lru_victim, score_victim
+from runtime.policy.eviction import (NextUse, ScoreWindow, belady_victim, lfru_victim, lfu_victim, lru_victim,
+                                     score_victim)
 from runtime.policy.host_split import split_misses
 from runtime.policy.substitution import SubstitutionParams, TokenDecision, decide_layer
 
@@ -50,40 +56,65 @@ class LayerSchedule:
 class CacheModel:
     def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
                  params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None,
-                 host_batch_max: int = 8):
+                 host_batch_max: int = 8, pinned: Mapping[int, Sequence[int]] | None = None,
+                 future: NextUse | None = None):
+        """initial: experts resident at start; pinned: experts resident at start and never evicted (static);
+        future: the requests to come (eviction "belady", the simulator's oracle)."""
+        assert (pinned is not None) == policy.pins, f"policy {policy.name}: pinned experts are static's alone"
+        assert (future is not None) == (policy.eviction == "belady"), "Belady's rule needs the future, and only it"
         self.slots = dict(slots)
         self.layers = list(self.slots)
         self.next_layer = dict(zip(self.layers, self.layers[1:]))
         self.e, self.k, self.policy, self.params = num_experts, top_k, policy, params
+        self.future = future
         self.resident: dict[int, set[int]] = {l: set() for l in self.layers}
-        self.last_used: dict[int, dict[int, int]] = {l: {} for l in self.layers}
+        self.pinned: dict[int, frozenset[int]] = {l: frozenset((pinned or {}).get(l, ())) for l in self.layers}
+        self.calls: dict[int, int] = {l: 0 for l in self.layers}             # layer calls so far (the clock c)
+        self.last_used: dict[int, dict[int, int]] = {l: {} for l in self.layers}   # e -> call that last used it
+        self.uses: dict[int, dict[int, int]] = {l: {} for l in self.layers}        # e -> calls using it since its load
         self.prefetched: dict[int, set[int]] = {l: set() for l in self.layers}
         self.windows = {l: ScoreWindow(num_experts, policy.window) for l in self.layers}
         self.host_batch_max = host_batch_max
-        self.step = 0
-        for l, experts in (initial or {}).items():
-            for e in list(experts)[: self.slots.get(l, 0)]:
-                self.resident[l].add(e)
+        for l in self.layers:
+            assert not self.pinned[l] or len(self.pinned[l]) < self.slots[l], (
+                f"layer {l}: {len(self.pinned[l])} pinned experts leave no slot of {self.slots[l]} for the others")
+            self.resident[l].update(self.pinned[l])
+            for e in list((initial or {}).get(l, ())):
+                if len(self.resident[l]) < self.slots[l]:
+                    self.resident[l].add(e)
 
     # ---- slot bookkeeping ------------------------------------------------------------------------------------
-    def _victim(self, layer: int, pinned: set[int]) -> int | None:
-        candidates = [e for e in self.resident[layer] if e not in pinned]
+    def _victim(self, layer: int, busy: set[int]) -> int | None:
+        """The rule's victim among the layer's resident experts that are neither busy (this call still needs them)
+        nor pinned (static); None when there is none."""
+        candidates = [e for e in self.resident[layer] if e not in busy and e not in self.pinned[layer]]
         if not candidates:
             return None
-        if self.policy.eviction == "score":
+        rule, last = self.policy.eviction, self.last_used[layer]
+        if rule == "belady":      # among those it does not keep (the caller counts them busy)
+            now = self.calls[layer]
+            return belady_victim(candidates, {e: self.future.next_use(layer, e, now) for e in candidates}, last)
+        if rule == "score":
             return score_victim(candidates, self.windows[layer].mean())
-        return lru_victim(candidates, self.last_used[layer])
+        if rule == "lfu":
+            return lfu_victim(candidates, self.uses[layer], last)
+        if rule == "lfru":
+            return lfru_victim(candidates, self.uses[layer], last, self.calls[layer])
+        assert rule == "lru", f"unknown eviction rule {rule!r}"
+        return lru_victim(candidates, last)
 
-    def _admit(self, layer: int, e: int, pinned: set[int]) -> tuple[bool, int | None]:
-        """Make room for e (evicting an unpinned victim when full); (admitted, victim)."""
+    def _admit(self, layer: int, e: int, busy: set[int]) -> tuple[bool, int | None]:
+        """Make room for e (evicting a victim that is not busy when full); (admitted, victim)."""
         victim = None
         if len(self.resident[layer]) >= self.slots[layer]:
-            victim = self._victim(layer, pinned)
+            victim = self._victim(layer, busy)
             if victim is None:
                 return False, None
             self.resident[layer].discard(victim)
             self.prefetched[layer].discard(victim)
+            self.uses[layer].pop(victim, None)
         self.resident[layer].add(e)
+        self.uses[layer][e] = 0
         return True, victim
 
     # ---- one layer call --------------------------------------------------------------------------------------
@@ -92,7 +123,7 @@ class CacheModel:
                  ) -> LayerSchedule:
         """rows: per token its top-W scores; chosen: per token the router's k experts; prediction: per token the
         approximate next-layer gate's top-W scores (for prefetch)."""
-        self.step += 1
+        self.calls[layer] += 1
         cfg, params = self.policy, self.params[layer]
         resident_at_start = set(self.resident[layer])
         decisions = decide_layer(rows, chosen, resident_at_start, params)
@@ -120,6 +151,12 @@ class CacheModel:
         if cfg.host_compute and misses and len(chosen) <= self.host_batch_max:
             to_load, to_host = split_misses(misses, c_load, c_host)
         host_set = set(to_host)
+        keep: set[int] = set()                           # Belady: what stays after the call; the other misses bypass
+        bypass: list[int] = []
+        if self.future is not None:
+            keep = set(self.future.keep(layer, resident_at_start | needed, self.calls[layer], self.slots[layer]))
+            bypass = [e for e in to_load if e not in keep]
+            to_load = [e for e in to_load if e in keep]
         for e, n in exact.items():
             if e in resident_at_start:
                 c.hits += n
@@ -139,7 +176,7 @@ class CacheModel:
         def issue() -> None:
             while queue:
                 e = queue[0]
-                ok, victim = self._admit(layer, e, pending)
+                ok, victim = self._admit(layer, e, pending | keep)
                 if not ok:
                     return
                 queue.pop(0)
@@ -147,12 +184,18 @@ class CacheModel:
                 c.loads += 1
 
         issue()
+        for e in bypass:                                 # into a one-expert workspace, never cached (oracle only)
+            ops.append(("load", layer, e, None))
+            c.loads += 1
         sched = LayerSchedule(decisions=decisions, ops=ops, counts=c)
         self._prefetch(layer, prediction, ops, sched)
         for e in sorted(needed & resident_at_start):
             ops.append(("compute", layer, e, None))
             pending.discard(e)
             issue()
+        for e in bypass:
+            ops.append(("compute", layer, e, None))
+            pending.discard(e)
         for e in to_host:
             ops.append(("host", layer, e, None))
         for e in to_load:
@@ -165,7 +208,8 @@ class CacheModel:
             issue()
         for e in needed:
             if e in self.resident[layer]:
-                self.last_used[layer][e] = self.step
+                self.last_used[layer][e] = self.calls[layer]
+                self.uses[layer][e] = self.uses[layer].get(e, 0) + 1
         return sched
 
     def _prefetch(self, layer: int, prediction, ops, sched: LayerSchedule) -> None:

@@ -11,6 +11,7 @@ from runtime import Runtime
 from runtime.policy.config import preset
 from runtime.policy.plan_params import substitution_params
 from runtime.policy.slots import resolve_slots
+from runtime.policy.static import static_pins
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,23 @@ def test_simulator_matches_runtime(policy, fixture_model, fixture_profile, tmp_p
     pairs_per_token = len(layers) * k
     assert abs(measured["loads_per_token"] - predicted["loads_per_token"]) / pairs_per_token <= 0.01, (
         measured["loads_per_token"], predicted["loads_per_token"])
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru", "static"])
+def test_lossless_baselines_agree_decision_for_decision(policy, fixture_model, fixture_profile):
+    """In float32, the profile's precision, the runtime routes exactly as the trace does, so a lossless policy's
+    cache makes the very same decisions in both: equal hits, misses and loads. At 50% (8 slots per layer, top-4)
+    the rules have choices to make."""
+    path, prof = fixture_profile
+    layers, e, k = prof.moe_layers, prof.num_experts, prof.top_k
+    slots = resolve_slots("50%", layers, e)
+    pol = preset(policy, host_compute=False)
+    pinned = static_pins(prof.frequency, slots) if pol.pins else None
+    predicted = simulate(prof.trace, layers, e, k, slots, pol, substitution_params(pol, layers), Costs.of(None, {}),
+                         pinned=pinned)
+    measured = _runtime_stats(fixture_model, prof, policy=policy, cache="50%", dtype="float32",
+                              profile=path if pol.pins else None)
+    assert measured["policy"] == policy and measured["decode_positions"] == predicted.tokens == 288
+    assert (measured["hits"], measured["misses"], measured["loads"]) == (predicted.hits, predicted.misses,
+                                                                        predicted.loads)
+    assert measured["host"] == measured["drops"] == 0 and measured["pairs"] == predicted.pairs
