@@ -23,7 +23,8 @@ def header(run: Run) -> list[str]:
     lines = ["# Benchmarks", "",
              f"Written by `{m.get('command')}` in {m.get('wall_s', 0):.0f} s ({m.get('wall_s', 0) / 60:.1f} min) on "
              f"{mach.get('summary')}, torch {mach.get('torch')}, {c.get('threads', 1)} compute thread (the other "
-             f"core runs the loader), device `{c.get('device', 'cpu')}`; started {m.get('started')}."]
+             f"core runs the loader), device `{c.get('device', 'cpu')}`; started {m.get('started')}"
+             + (f" at commit {m['commit']}." if m.get("commit") else ".")]
     if m.get("regenerated"):
         lines[-1] += f" Regenerated without rerunning by `{m['regenerated']}`."
     if m.get("peers_note"):

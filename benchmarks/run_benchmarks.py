@@ -57,6 +57,20 @@ def parse_tokens(spec: str) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=") for item in spec.split(",") if item)}
 
 
+def git_commit() -> str | None:
+    """The commit the benchmarked code is at (with "+changes" when the tree differs from it), if ROOT is a git tree."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def machine() -> dict:
     m = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
          "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -162,6 +176,7 @@ def main() -> int:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         run = Run({}, {}, {}, {}, {"command": command, "started": dt.datetime.now().isoformat(timespec="seconds"),
+                                   "commit": git_commit(),
                                    "machine": machine(), "config": {
                                        "max_tokens": args.max_tokens, "tokens_for": args.tokens_for,
                                        "window": args.window, "max_tasks": args.max_tasks, "prompts": args.prompts,
