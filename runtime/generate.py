@@ -26,7 +26,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     device = input_ids.device
     vocab = model.config.get_text_config().vocab_size
     samplers = [RowSampler(cfg, row[m.bool()].tolist(), vocab, device) for row, m in zip(input_ids, attention_mask)]
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    eos = torch.tensor([] if cfg.ignore_eos else sorted(eos_ids), dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     t0 = time.perf_counter()

@@ -99,3 +99,16 @@ def test_queue_bound_and_requests_that_can_never_run(fixture_model):
             Engine(rt).submit([5] * 1000, SamplingConfig(max_new_tokens=100), lambda d: None)
         with pytest.raises(UserError, match="empty"):
             Engine(rt).submit([], SamplingConfig(), lambda d: None)
+
+
+def test_ignore_eos_decodes_every_token(fixture_model):
+    with Runtime.load(fixture_model, policy="resident") as rt:
+        ids, mask = rt.encode(["The function returns"])
+        out = rt.generate_ids(ids, mask, max_new_tokens=40, ignore_eos=True)
+        assert out.shape[1] == 40
+        eng, got = Engine(rt), []
+        eng.submit(rt.encode_one("The function returns"), SamplingConfig(max_new_tokens=40, ignore_eos=True),
+                   got.append)
+        while eng.step():
+            pass
+        assert got[-1].completion_tokens == 40 and got[-1].finish_reason == "length"

@@ -1,0 +1,443 @@
+"""Benchmark: the runtime's own time per MoE layer call, on random-weight models with the shapes of real MoEs.
+
+    python benchmarks/overhead.py            # every model, policy and batch; markdown on stdout
+    python benchmarks/overhead.py --write    # and the section "overhead" of docs/BENCHMARKS.md
+    python benchmarks/overhead.py --quick    # smoke run, ~1 min (4 decoder layers, 16 tokens, 2 repeats; not with --write)
+    python benchmarks/overhead.py --models qwen3-30b-a3b   # a subset of SHAPES
+
+Models (built once into out/benchmarks/overhead-models, random weights saved in bf16 as the real checkpoints ship
+theirs): the real decoder-layer counts, expert counts, top-k, shared experts and routing rules of Mixtral-8x7B,
+Qwen3-30B-A3B and DeepSeek-V2-Lite (`SHAPES`), with hidden size 64, expert intermediate size 32, 4 attention heads
+and a 260-token vocabulary, so that an expert computes in microseconds and the runtime's own work per layer shows.
+
+Per (model, batch, policy): `Runtime.load(model, policy=..., cache="50%")` (no emulated link: a load is a copy from
+the mmap'd checkpoint on the loader thread), one untimed warm-up decode, then `repeats` greedy decodes of `tokens`
+tokens after a random `prompt`-token prompt per row, the policies interleaved within each repeat. A decode of n
+tokens has n - 1 timed steps (the first token, the prefill, is left out); over them, with L MoE layers and
+c = (n - 1) x L MoE layer calls:
+
+    T  = wall time of the steps (from the first token's `on_step` to the last one's)
+    E  = time inside the expert function f_e (the GLU), summed over every expert computed
+    S  = time the compute thread waited for a load to land (the executor's `stall_s`)
+    X  = time inside the MoE blocks' executor calls (the block routes before the call; shared experts after it)
+    own per MoE layer call            = (T - E - S) / c   everything but expert compute and waits: attention, norms,
+                                                          routers, sampling, and the executor's own work
+    executor own per MoE layer call   = (X - E - S) / c   decisions, bookkeeping, row gathers, mixing, load issue
+    overhead over resident            = own(policy) - own(resident)   (same model, batch and prompts)
+    load per MoE layer call           = loads x mean copy time / c    (the loader thread's "load" events,
+                                        t_end - t_start; it overlaps compute, so only its waits S are subtracted)
+    loads per token                   = loads / (rows x (n - 1))
+
+E and X come from wrapping the loaded Runtime's `executor.expert_fn` and each MoE block's `executor` (public
+attributes of our own objects; nothing in torch or transformers is touched), because `ResidentExecutor` records no
+events and `OffloadExecutor`'s compute events ("compute_start"/"compute_end", `record_events=True`) also span the
+gathers of rows and weights and `materialize`, work that resident does outside its expert calls; their excess over E
+is reported. S is the runtime's own `stall_s`. A cell's figures come from the repeat with the median step time.
+`plan` and `static` are not run: both need a profile of calibration text (`moe-profile`), which a random model lacks.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = ROOT / "out" / "benchmarks" / "overhead-models"
+HEADING = "## Runtime overhead per MoE layer (random-weight models with real shapes)"
+ISSUE_RANGE_MS = (0.15, 0.4)   # issue #13: lru and smoe over resident per MoE layer, Qwen3-30B-A3B shape, batch 1
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a benchmark model keeps of a real MoE: its layer, expert and routing structure."""
+
+    key: str                 # name in tables and on disk
+    real: str                # the model whose shape it is
+    model_type: str
+    layers: int              # decoder layers (the real count)
+    experts: int             # routed experts per MoE layer
+    top_k: int
+    first_dense: int = 0     # leading dense layers (DeepSeek's first_k_dense_replace)
+    shared: int = 0          # shared experts per MoE layer
+
+
+SHAPES = (Shape("mixtral-8x7b", "Mixtral-8x7B", "mixtral", 32, 8, 2),
+          Shape("qwen3-30b-a3b", "Qwen3-30B-A3B", "qwen3_moe", 48, 128, 8),
+          Shape("deepseek-v2-lite", "DeepSeek-V2-Lite", "deepseek_v2", 27, 64, 6, first_dense=1, shared=2))
+
+
+@dataclass(frozen=True)
+class OverheadConfig:
+    models: tuple[str, ...] = tuple(s.key for s in SHAPES)
+    policies: tuple[str, ...] = ("resident", "lru", "lfu", "lfru", "smoe")   # resident first: the reference
+    batches: tuple[int, ...] = (1, 3)
+    cache: str = "50%"
+    tokens: int = 32            # new tokens per timed decode (tokens - 1 timed steps)
+    prompt: int = 16            # prompt tokens per row
+    warmup: int = 8             # new tokens of the untimed warm-up decode
+    repeats: int = 3
+    layers: int | None = None   # decoder layers; None: the real model's
+    hidden: int = 64
+    expert_intermediate: int = 32
+    dense_intermediate: int = 128   # DeepSeek's dense first layer
+    heads: int = 4
+    vocab: int = 260
+    seed: int = 0
+
+
+QUICK = OverheadConfig(tokens=16, warmup=4, repeats=2, layers=4)
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+def hf_config(shape: Shape, cfg: OverheadConfig):
+    """The shrunk transformers config of `shape` (layers: cfg.layers, else the real count)."""
+    import transformers
+
+    layers = cfg.layers or shape.layers
+    common = dict(vocab_size=cfg.vocab, hidden_size=cfg.hidden, num_hidden_layers=layers,
+                  num_attention_heads=cfg.heads, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, tie_word_embeddings=False)
+    if shape.model_type == "mixtral":     # 32 heads : 8 KV heads
+        return transformers.MixtralConfig(**common, num_key_value_heads=max(1, cfg.heads // 4),
+                                          intermediate_size=cfg.expert_intermediate, num_local_experts=shape.experts,
+                                          num_experts_per_tok=shape.top_k)
+    if shape.model_type == "qwen3_moe":   # 32 heads : 4 KV heads, every layer MoE, top-k renormalised
+        return transformers.Qwen3MoeConfig(**common, num_key_value_heads=max(1, cfg.heads // 8),
+                                           head_dim=cfg.hidden // cfg.heads, intermediate_size=cfg.dense_intermediate,
+                                           moe_intermediate_size=cfg.expert_intermediate, num_experts=shape.experts,
+                                           num_experts_per_tok=shape.top_k, norm_topk_prob=True,
+                                           decoder_sparse_step=1, mlp_only_layers=[])
+    if shape.model_type == "deepseek_v2":  # MLA without q compression; greedy softmax routing, one group, unscaled
+        head = cfg.hidden // cfg.heads
+        return transformers.DeepseekV2Config(**common, num_key_value_heads=cfg.heads,
+                                             intermediate_size=cfg.dense_intermediate,
+                                             moe_intermediate_size=cfg.expert_intermediate,
+                                             n_routed_experts=shape.experts, num_experts_per_tok=shape.top_k,
+                                             n_shared_experts=shape.shared, first_k_dense_replace=shape.first_dense,
+                                             kv_lora_rank=2 * cfg.hidden, q_lora_rank=None, qk_nope_head_dim=head,
+                                             qk_rope_head_dim=head // 2, v_head_dim=head, n_group=1, topk_group=1,
+                                             topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False)
+    raise KeyError(shape.model_type)
+
+
+def build_model(shape: Shape, cfg: OverheadConfig, root: Path = MODELS_DIR) -> Path:
+    """The checkpoint of `shape` under `root`, built on first use (keyed by the config's hash) and reused after.
+
+    Weights as tests/tiny_models.py draws them (routed experts and routers N(0, 0.2), so routing varies between
+    tokens), saved in bf16; the EOS row of the LM head is zeroed so that greedy decoding never ends early (its logit
+    is 0 while the largest of the others is positive)."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(shape, cfg)
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = root / f"{shape.key}-{config.num_hidden_layers}l-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and ("experts" in name or "gate" in name or "router" in name):
+                p.normal_(0.0, 0.2)
+        model.get_output_embeddings().weight[config.eos_token_id].zero_()
+    model.to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+# ---- instrumentation -------------------------------------------------------------------------------------------
+class Timed:
+    """`fn`, timed: each call appends its (start, end) perf_counter stamps to `spans`."""
+
+    def __init__(self, fn, spans: list[tuple[float, float]]):
+        self.fn, self.spans = fn, spans
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        out = self.fn(*args)
+        self.spans.append((t0, time.perf_counter()))
+        return out
+
+
+class Probe:
+    """Spans of one Runtime's expert-function calls and executor calls, on the compute thread."""
+
+    def __init__(self, rt):
+        self.expert: list[tuple[float, float]] = []
+        self.executor: list[tuple[float, float]] = []
+        rt.executor.expert_fn = Timed(rt.executor.expert_fn, self.expert)
+        timed = Timed(rt.executor, self.executor)
+        for block in rt.lm.blocks.values():
+            block.executor = timed
+
+    def clear(self) -> None:
+        self.expert.clear()
+        self.executor.clear()
+
+
+def inside(spans, lo: float, hi: float) -> float:
+    """Seconds of the spans that lie within [lo, hi]."""
+    return sum(b - a for a, b in spans if a >= lo and b <= hi)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One timed decode: sums over its steps (seconds), and counts."""
+
+    steps: int          # timed decode steps (n - 1)
+    calls: int          # MoE layer calls in them (steps x L)
+    rows: int
+    wall_s: float       # T
+    expert_s: float     # E
+    executor_s: float   # X
+    stall_s: float      # S
+    window_s: float     # the OffloadExecutor's compute events (0 for resident)
+    copy_s: float       # mean loader copy time per load
+    loads: int
+    hit_rate: float
+
+    def per_call_ms(self, seconds: float) -> float:
+        return 1e3 * seconds / self.calls
+
+    @property
+    def step_ms(self) -> float:
+        return 1e3 * self.wall_s / self.steps
+
+    @property
+    def own_ms(self) -> float:
+        return self.per_call_ms(self.wall_s - self.expert_s - self.stall_s)
+
+    @property
+    def executor_own_ms(self) -> float:
+        return self.per_call_ms(self.executor_s - self.expert_s - self.stall_s)
+
+    @property
+    def load_ms(self) -> float:
+        return self.per_call_ms(self.loads * self.copy_s)
+
+    @property
+    def loads_per_token(self) -> float:
+        return self.loads / (self.rows * self.steps)
+
+
+def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int) -> Measure:
+    """Greedy decode of `tokens` new tokens for prompts ids [B, P], measured over its steps after the first."""
+    rt.stats.reset()
+    probe.clear()
+    events = getattr(rt.executor, "events", None)   # OffloadExecutor with record_events; resident: none
+    if events is not None:
+        events.clear()
+    stamps: list[float] = []
+    out = rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=tokens,
+                          on_step=lambda _: stamps.append(time.perf_counter()))
+    assert out.shape[1] == tokens and len(stamps) == tokens, f"decode stopped after {out.shape[1]} of {tokens} tokens"
+    lo, hi = stamps[0], stamps[-1]
+    window = copies = 0.0
+    n_copies = 0
+    if events is not None:
+        starts = {}
+        for ev in events:
+            if ev[0] == "compute_start" and lo <= ev[1] <= hi:
+                starts[(ev[2], ev[3])] = ev[1]
+            elif ev[0] == "compute_end" and (ev[2], ev[3]) in starts:
+                window += ev[1] - starts.pop((ev[2], ev[3]))
+            elif ev[0] == "load" and lo <= ev[1] <= hi:
+                copies += ev[2] - ev[1]
+                n_copies += 1
+    d = rt.stats.to_dict()
+    steps = tokens - 1
+    return Measure(steps=steps, calls=steps * len(rt.lm.arch.moe_layers), rows=ids.shape[0], wall_s=hi - lo,
+                   expert_s=inside(probe.expert, lo, hi), executor_s=inside(probe.executor, lo, hi),
+                   stall_s=rt.stats.total().stall_s, window_s=window, copy_s=copies / max(n_copies, 1),
+                   loads=d["loads"], hit_rate=d["hit_rate"])
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    batch: int
+    policy: str
+    m: Measure                  # the repeat with the median step time
+    step_ms_all: tuple[float, ...]
+
+
+def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[Cell]:
+    """Every (batch, policy) cell of one model; the policies' runtimes stay loaded and take turns."""
+    from runtime import Runtime
+
+    rts, probes = {}, {}
+    try:
+        for p in cfg.policies:
+            t0 = time.perf_counter()
+            rts[p] = Runtime.load(model_dir, policy=p, cache=None if p == "resident" else cfg.cache,
+                                  record_events=p != "resident")
+            probes[p] = Probe(rts[p])
+            log(f"{shape.key}: loaded {p} in {time.perf_counter() - t0:.1f} s")
+        cells = []
+        for batch in cfg.batches:
+            gen = torch.Generator().manual_seed(cfg.seed + batch)
+            prompts = [torch.randint(3, cfg.vocab, (batch, cfg.prompt), generator=gen) for _ in range(cfg.repeats + 1)]
+            for p, rt in rts.items():   # the warm-up prompt is not one of the timed ones
+                rt.generate_ids(prompts[0], torch.ones_like(prompts[0]), max_new_tokens=cfg.warmup)
+            runs: dict[str, list[Measure]] = {p: [] for p in rts}
+            for r in range(cfg.repeats):
+                for p, rt in rts.items():
+                    runs[p].append(timed_decode(rt, probes[p], prompts[r + 1], cfg.tokens))
+            for p, ms in runs.items():
+                ranked = sorted(ms, key=lambda m: m.wall_s)
+                cells.append(Cell(shape.key, batch, p, ranked[(len(ranked) - 1) // 2],
+                                  tuple(m.step_ms for m in ms)))
+                log(f"{shape.key} batch {batch} {p}: {cells[-1].m.step_ms:.2f} ms/step, own "
+                    f"{cells[-1].m.own_ms:.3f} ms/layer")
+        return cells
+    finally:
+        for rt in rts.values():
+            rt.close()
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def table(cells: list[Cell]) -> list[str]:
+    ref = {(c.model, c.batch): c.m for c in cells if c.policy == "resident"}
+    lines = ["| model | batch | policy | ms / step | own ms / MoE layer | over resident | x resident | "
+             "executor own ms / layer | expert ms / layer | stall ms / layer | load ms / layer | loads / token | "
+             "hit rate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        m, r = c.m, ref.get((c.model, c.batch))
+        over = "" if r is None or c.policy == "resident" else f"{m.own_ms - r.own_ms:+.3f}"
+        times = "" if r is None or c.policy == "resident" else f"{m.own_ms / r.own_ms:.2f}"
+        lines.append(f"| {c.model} | {c.batch} | {c.policy} | {m.step_ms:.2f} | {f3(m.own_ms)} | {over} | {times} | "
+                     f"{f3(m.executor_own_ms)} | {f3(m.per_call_ms(m.expert_s))} | {f3(m.per_call_ms(m.stall_s))} | "
+                     f"{f3(m.load_ms)} | {m.loads_per_token:.2f} | {m.hit_rate:.1%} |")
+    return lines
+
+
+def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]) -> list[str]:
+    """Sentences computed from the cells."""
+    out = []
+    ref = {(c.model, c.batch): c.m for c in cells if c.policy == "resident"}
+    for (model, batch), r in ref.items():
+        off = [c for c in cells if (c.model, c.batch) == (model, batch) and c.policy != "resident"]
+        if not off:
+            continue
+        over = sorted(((c.m.own_ms - r.own_ms, c.policy) for c in off))
+        ex_over = sorted(c.m.executor_own_ms - r.executor_own_ms for c in off)
+        step_over = [c.m.step_ms - r.step_ms for c in off]
+        n = layers[model]
+        out.append(f"- {shapes[model].real} shape ({n} MoE layers, {shapes[model].experts} experts, top-"
+                   f"{shapes[model].top_k}), batch {batch}: resident's own time is {f3(r.own_ms)} ms per MoE layer "
+                   f"call (its executor's {f3(r.executor_own_ms)} ms); the offloading policies add from "
+                   f"{f3(over[0][0])} ms ({over[0][1]}) to {f3(over[-1][0])} ms ({over[-1][1]}) per call, the "
+                   f"executor's own time rising by {f3(ex_over[0])} to {f3(ex_over[-1])} ms; per decode step that is "
+                   f"from {min(step_over):.2f} to {max(step_over):.2f} ms ({100 * min(step_over) / r.step_ms:.0f}% to "
+                   f"{100 * max(step_over) / r.step_ms:.0f}% of resident's {r.step_ms:.2f} ms).")
+    off = [c for c in cells if c.policy != "resident"]
+    if off:
+        excess = [(c.m.window_s - c.m.expert_s) * 1e3 / c.m.calls for c in off]
+        worst_load = max(off, key=lambda c: c.m.load_ms)
+        worst_stall = max(off, key=lambda c: c.m.stall_s / c.m.calls)
+        out.append(f"- The OffloadExecutor's compute events span {min(excess):.3f}-{max(excess):.3f} ms per MoE layer "
+                   "call more than the expert function itself (row and weight gathers, `materialize`): a split on "
+                   "the events alone would count that as expert compute.")
+        out.append(f"- Loads (copies on the loader thread, overlapping compute) take at most {f3(worst_load.m.load_ms)} "
+                   f"ms per MoE layer call ({worst_load.model}, {worst_load.policy}, batch {worst_load.batch}); the "
+                   f"compute thread waited for them at most {f3(worst_stall.m.per_call_ms(worst_stall.m.stall_s))} ms "
+                   f"per call ({worst_stall.model}, {worst_stall.policy}, batch {worst_stall.batch}).")
+    q = {c.policy: c.m for c in cells if c.model == "qwen3-30b-a3b" and c.batch == 1}
+    if "resident" in q and {"lru", "smoe"} <= set(q):
+        lo, hi = ISSUE_RANGE_MS
+        adds = {p: q[p].own_ms - q["resident"].own_ms for p in ("lru", "smoe")}
+        inside_range = [p for p, v in adds.items() if lo <= v <= hi]
+        out.append(f"- Issue #13 put lru and smoe at {lo}-{hi} ms per MoE layer over resident on this shape at batch "
+                   f"1; here lru adds {f3(adds['lru'])} ms and smoe {f3(adds['smoe'])} ms "
+                   f"({', '.join(inside_range) if inside_range else 'neither'} within that range).")
+    return out
+
+
+def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], layers: dict[str, int],
+            info: dict) -> str:
+    lines = [f"Made by `{info['command']}` at commit {info['commit'] or 'unknown'} on {info['machine']}, torch "
+             f"{torch.__version__}, one compute thread (`torch.set_num_threads(1)`), {info['date']}; the run took "
+             f"{info['run_s']:.0f} s, load average {info['load'][0]:.2f} at its start and {info['load'][1]:.2f} at "
+             "its end.", "",
+             f"Random-weight bf16 checkpoints with the real layer and expert structure (hidden size {cfg.hidden}, "
+             f"expert intermediate size {cfg.expert_intermediate}, {cfg.heads} heads, vocabulary {cfg.vocab}): "
+             + "; ".join(f"{s.real}: {layers[s.key]} MoE layers of {s.experts} experts, top-{s.top_k}"
+                         + (f", {s.shared} shared" if s.shared else "")
+                         + (f", {s.first_dense} dense first" if s.first_dense else "") for s in shapes.values())
+             + f". Cache {cfg.cache} of routed-expert bytes, no emulated link (a load is a copy from the mmap'd "
+             f"checkpoint on the loader thread); per cell a warm-up decode, then {cfg.repeats} greedy decode(s) of "
+             f"{cfg.tokens} tokens after a {cfg.prompt}-token random prompt per row, the policies taking turns; the "
+             "figures are the repeat with the median step time.", "",
+             "Per MoE layer call, over the timed steps: own = (step time - expert compute - load waits) / MoE "
+             "layers (the whole model but the experts and the waits); executor own = (time in the executor - expert "
+             "compute - waits) / MoE layers; over resident = own - resident's own (same model, batch and prompts); "
+             "load = loads x mean copy time on the loader thread / MoE layer calls (it overlaps compute: only the "
+             "waits, stall, are subtracted). Expert compute is the time inside the expert function (the GLU). "
+             "`plan` and `static` need a profile of calibration text and are not run.", ""]
+    lines += table(cells)
+    lines += [""] + findings(cells, shapes, layers)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
+    ap.add_argument("--quick", action="store_true", help="smoke run (~1 min): 4 decoder layers, 16 tokens, 2 repeats")
+    ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(s.key for s in SHAPES))
+    args = ap.parse_args()
+    if args.quick and args.write:
+        ap.error("--quick is a smoke run with fewer layers and tokens; its figures do not go into BENCHMARKS.md")
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from run_benchmarks import git_commit, machine
+    from sections import write_section
+
+    cfg = QUICK if args.quick else OverheadConfig()
+    if args.models:
+        cfg = replace(cfg, models=tuple(args.models.split(",")))
+    known = {s.key: s for s in SHAPES}
+    unknown = [m for m in cfg.models if m not in known]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    torch.set_num_threads(1)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    shapes = {k: known[k] for k in cfg.models}
+    cells, layers = [], {}
+    from runtime.families import resolve_arch
+
+    for key, shape in shapes.items():
+        model_dir = build_model(shape, cfg)
+        layers[key] = len(resolve_arch(hf_config(shape, cfg)).moe_layers)
+        cells += run_model(shape, cfg, model_dir, log)
+    info = {"command": shlex.join(["python", "benchmarks/overhead.py"] + sys.argv[1:]), "commit": git_commit(),
+            "machine": machine()["summary"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "run_s": time.perf_counter() - t0, "load": (load0, os.getloadavg()[0])}
+    text = section(cells, cfg, shapes, layers, info)
+    print(f"{HEADING}\n\n{text}")
+    if args.write:
+        write_section(str(ROOT / "docs" / "BENCHMARKS.md"), "overhead", HEADING, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
