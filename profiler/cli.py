@@ -3,6 +3,7 @@
   moe-profile MODEL_DIR --calib DATA -o PROFILE_DIR [--samples N] [--seq-len L] [--seed S] [--text-field F]
               [--device cpu|cuda] [--probe-tokens P] [--sensitivity-tokens S] [--quant-tokens Q]
   moe-profile merge A B [C ...] -o OUT
+  torchrun --nproc_per_node W -m profiler.cli MODEL_DIR --calib DATA -o PROFILE_DIR ...   (sharded: W processes)
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def _profile_parser() -> argparse.ArgumentParser:
 
 
 def _run_profile(argv: list[str]) -> int:
+    from profiler.distributed import ShardFailed, torchrun_shards
     from profiler.profile_model import ProfileConfig, profile
     from profiler.summary import summarize
 
@@ -79,11 +81,18 @@ def _run_profile(argv: list[str]) -> int:
                         probe_tokens=args.probe_tokens, trace_extra=args.trace_extra,
                         sensitivity_tokens=args.sensitivity_tokens, quant_tokens=args.quant_tokens,
                         cluster_threshold=args.cluster_threshold, tokenizer=args.tokenizer)
-    prof = profile(args.model_dir, args.calib, cfg, progress=not args.quiet)
-    prof.save(out)
-    if not args.quiet:
-        print(summarize(prof))
-    print(f"wrote {out}")
+    try:
+        with torchrun_shards(args.device) as shards:
+            prof = profile(args.model_dir, args.calib, cfg, progress=not args.quiet, shards=shards)
+            shards.agree(lambda: prof.save(out) if shards.main else None)      # rank 0 writes; all hear how it went
+    except ShardFailed as exc:
+        if exc.quiet:                                                         # rank 0 says what failed where
+            return 2
+        raise
+    if shards.main:
+        if not args.quiet:
+            print(summarize(prof))
+        print(f"wrote {out}")
     return 0
 
 

@@ -19,3 +19,10 @@ def cluster_experts(similarity: np.ndarray, threshold: float) -> np.ndarray:
                                      distance_threshold=threshold).fit_predict(dist)
     remap: dict[int, int] = {}
     return np.array([remap.setdefault(int(x), len(remap)) for x in labels], dtype=np.int64)
+
+
+def finalize_clusters(stats: dict[str, np.ndarray], layers: list[int], threshold: float) -> None:
+    """(Re)compute the cluster labels of every layer from its accumulated cosine sums."""
+    for l in layers:
+        sim = stats[f"L{l}.cos_sum"] / max(int(stats[f"L{l}.probe_count"][0]), 1)
+        stats[f"L{l}.clusters"] = cluster_experts(sim, threshold)

@@ -2,7 +2,8 @@
 A's tokens plus B's; traces are concatenated and clusters recomputed from the merged similarity. Two quantization
 fields are not data sums: the weight error (a property of the weights, the same in every shard: the first's is
 kept) and the importance classes (recomputed from the merged importance; each shard measured its sums with its own
-classes, which differ at most for experts of near-equal importance at a class boundary)."""
+classes, which differ at most for experts of near-equal importance at a class boundary). `combine` is also how a run
+sharded under torchrun reduces its ranks' observation shards (profiler.distributed)."""
 from __future__ import annotations
 
 import copy
@@ -11,11 +12,13 @@ import numpy as np
 
 from artifacts.errors import UserError
 from artifacts.profile import FORMAT_VERSION, LAYER_STATS, QUANT_LAYER_STATS, Profile
-from profiler.profile_model import finalize_clusters
+from profiler.clustering import finalize_clusters
 from profiler.quant_sensitivity import finalize_classes
 
 
 def merge_profiles(profiles: list[Profile]) -> Profile:
+    """The profile of shards A + B + ... of a calibration set (module docstring); refuses shards of different models
+    or settings, or the same tokens twice."""
     if len(profiles) < 2:
         raise UserError("merge needs at least two profiles")
     first = profiles[0]
@@ -36,6 +39,19 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
         if p.header["trace"]["width"] != first.header["trace"]["width"]:
             raise UserError("cannot merge profiles made with different --trace-extra (trace width); "
                             "re-run the shards with the same settings")
+    return combine(profiles)
+
+
+def add_stats(shards: list[dict[str, np.ndarray]], keys) -> dict[str, np.ndarray]:
+    """The shards' statistics `keys` added (float64 sums and int64 counts, in shard order), except the quantization
+    weight error, a property of the weights and not of the data: the first shard's."""
+    return {k: shards[0][k] if k.endswith(".quant_weight_error") else
+            np.sum([s[k] for s in shards], axis=0).astype(shards[0][k].dtype) for k in keys}
+
+
+def combine(profiles: list[Profile]) -> Profile:
+    """The rules of the module docstring, on shards known to belong together (one or more)."""
+    first = profiles[0]
     header = copy.deepcopy(first.header)
     header["format_version"] = FORMAT_VERSION
     header.pop("ratio_bins", None)
@@ -44,8 +60,7 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     header["quant_sensitivity"] = _merge_quant_header(profiles)
     keys = [k for k in first.stats if all(k in p.stats for p in profiles) and _current(k)
             and (header["quant_sensitivity"] or not _quant(k))]
-    stats = {k: first.stats[k] if k.endswith(".quant_weight_error") else
-             np.sum([p.stats[k] for p in profiles], axis=0).astype(first.stats[k].dtype) for k in keys}
+    stats = add_stats([p.stats for p in profiles], keys)
     if header["quant_sensitivity"]:
         finalize_classes(stats, first.moe_layers)
     if any(p.sensitivity is None for p in profiles):

@@ -26,6 +26,9 @@ Why the KL too: NLL(l, c, s) - NLL(exact) on N tokens is a first-order term, the
 error (either sign, as large as the effect itself until N is large), plus the second-order cost; the KL is >= 0, is
 zero only when nothing changed, and its mean is the expected NLL increase on text the model predicts well (the
 quantization-quality measure llama.cpp reports, `--kl-divergence`); docs/profile-format.md shows both on the fixture.
+The layers' passes are independent, so processes may share them out by layer (profiler.distributed: each runs the
+exact pass and its layers' passes over all the tokens, with the classes of the importance of all the tokens;
+`join_layers` takes each layer's tensors from the process that measured it).
 Memory: the exact pass's log-probabilities are kept in host memory, tokens x vocabulary x 4 bytes.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,6 +50,7 @@ from runtime.quantize import SCHEMES, Scheme, dequantize_expert, expert_matrices
 from runtime.router import Routing
 
 CLASSES = ("high", "mid", "low")
+LAYER_MEASURES = ("quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error")     # a layer's passes
 
 
 def importance_classes(importance: np.ndarray) -> np.ndarray:
@@ -150,12 +155,13 @@ def exact_log_probs(model, tokens: np.ndarray, device: torch.device, batch_size:
 
 @torch.no_grad()
 def measure_quant_sensitivity(lm, store: ExpertStore, tokens: np.ndarray, stats: dict[str, np.ndarray],
-                              batch_size: int = 4, progress: bool = True) -> dict:
-    """Measure the sums of the module docstring on tokens [N, L] and add them (and the classes, from the importance
-    already in `stats`) to `stats`; return the profile header's `quant_sensitivity` section."""
+                              batch_size: int = 4, progress: bool = True, layers: list[int] | None = None) -> dict:
+    """Measure the sums of the module docstring on tokens [N, L] and add them (and the classes of every layer, from
+    the importance already in `stats`) to `stats`; return the profile header's `quant_sensitivity` section.
+    `layers`: the MoE layers whose passes to run (a rank's share, see `join_layers`; default all)."""
     t0 = time.perf_counter()
-    layers = list(lm.arch.moe_layers)
-    finalize_classes(stats, layers)
+    finalize_classes(stats, list(lm.arch.moe_layers))
+    layers = list(lm.arch.moe_layers) if layers is None else layers
     model, device, schemes = lm.model, lm.device, SCHEMES
     passes = 1 + sum(len(schemes) for l in layers for c in range(len(CLASSES))
                      if (stats[f"L{l}.quant_class"] == c).any())
@@ -186,3 +192,18 @@ def measure_quant_sensitivity(lm, store: ExpertStore, tokens: np.ndarray, stats:
             "method": "one layer's experts of one class quantized (weight-only, symmetric), all others exact; "
                       "next-token NLL",
             "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def join_layers(parts: list[tuple[dict[str, np.ndarray], dict] | None], moe_layers: list[int],
+                owner: Callable[[int], int]) -> tuple[dict[str, np.ndarray], dict]:
+    """One measurement from ranks' shares of the layers (all with the same classes, over the same tokens): parts[r]
+    = (the stats, the header section) of rank r, None where it had no layer; layer moe_layers[m]'s tensors from
+    parts[owner(m)], the counts from parts[0]; the header's passes: the exact one plus every layer's, seconds: the
+    slowest rank's."""
+    stats = {k: parts[0][0][k] for k in ("quant.predicted", "quant.positions")}
+    for m, l in enumerate(moe_layers):
+        src = parts[owner(m)][0]
+        stats.update({f"L{l}.{name}": src[f"L{l}.{name}"] for name in LAYER_MEASURES})
+    heads = [part[1] for part in parts if part is not None]
+    return stats, {**heads[0], "passes": 1 + sum(h["passes"] - 1 for h in heads),
+                   "seconds": max(h["seconds"] for h in heads)}

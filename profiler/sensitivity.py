@@ -13,11 +13,14 @@ replaced at once and the next-token NLL over the sensitivity tokens is measured.
   dnll_sum[o, r]   = sum over predicted tokens of NLL(o, r) - NLL(exact)     nats
   pair_count[o, r] = replaced (token, expert) pairs, all MoE layers, all positions
   nll_sum, predicted, positions: the exact NLL sum, predicted tokens, token positions
+Passes are independent, so processes may share them out (profiler.distributed: each runs the exact pass and its
+passes over all the tokens; `join_passes` takes each entry from the process that ran it).
 The compiler turns these into a cost per replaced pair and ratio bin (compiler.loss_model).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import numpy as np
 import torch
@@ -106,21 +109,36 @@ def nll_sum(model, tokens: np.ndarray, device: torch.device, batch_size: int) ->
 
 @torch.no_grad()
 def measure_sensitivity(model, blocks, store: ExpertStore, tokens: np.ndarray, device: torch.device,
-                        batch_size: int = 4, progress: bool = True) -> dict[str, np.ndarray]:
-    """The sums of the module docstring, measured on tokens [N, L]."""
+                        batch_size: int = 4, progress: bool = True,
+                        runs: Callable[[int], bool] = lambda unit: True) -> dict[str, np.ndarray]:
+    """The sums of the module docstring, measured on tokens [N, L]: the exact pass, then the pass of every (option o,
+    cut c) whose unit o * len(CUTS) + c `runs` (a rank's share; the others' entries stay 0, see `join_passes`)."""
     dnll = np.zeros((len(OPTIONS), len(CUTS)), np.float64)
     pairs = np.zeros_like(dnll)
+    mine = [(o, c) for o in range(len(OPTIONS)) for c in range(len(CUTS)) if runs(o * len(CUTS) + c)]
     with executor_swapped(blocks, ReplacingExecutor(store, device)) as executor:
         executor.cut = 0.0
         base = nll_sum(model, tokens, device, batch_size)
-        bar = tqdm(total=dnll.size, desc="sensitivity", unit="pass", disable=not progress)
-        for o, option in enumerate(OPTIONS):
-            for c, cut in enumerate(CUTS):
-                executor.option, executor.cut, executor.replaced = option, cut, 0
-                dnll[o, c] = nll_sum(model, tokens, device, batch_size) - base
-                pairs[o, c] = executor.replaced
-                bar.update(1)
+        bar = tqdm(total=len(mine), desc="sensitivity", unit="pass", disable=not progress)
+        for o, c in mine:
+            executor.option, executor.cut, executor.replaced = OPTIONS[o], CUTS[c], 0
+            dnll[o, c] = nll_sum(model, tokens, device, batch_size) - base
+            pairs[o, c] = executor.replaced
+            bar.update(1)
         bar.close()
     return {"sensitivity.dnll_sum": dnll, "sensitivity.pair_count": pairs, "sensitivity.nll_sum": np.array([base]),
             "sensitivity.predicted": np.array([tokens.shape[0] * (tokens.shape[1] - 1)], np.int64),
             "sensitivity.positions": np.array([tokens.size], np.int64)}
+
+
+def join_passes(parts: list[dict[str, np.ndarray] | None], owner: Callable[[int], int]) -> dict[str, np.ndarray]:
+    """One measurement from ranks' shares of the passes (all over the same tokens; None: a rank without a pass):
+    the entry of (o, c) from parts[owner(o * len(CUTS) + c)], the exact NLL and the counts from parts[0] (every
+    part measured them)."""
+    out = {k: v.copy() for k, v in parts[0].items()}
+    for o in range(len(OPTIONS)):
+        for c in range(len(CUTS)):
+            src = parts[owner(o * len(CUTS) + c)]
+            for key in ("sensitivity.dnll_sum", "sensitivity.pair_count"):
+                out[key][o, c] = src[key][o, c]
+    return out
