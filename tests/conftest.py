@@ -7,7 +7,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from helpers import FIXTURE  # noqa: E402
+from helpers import DATA, FIXTURE  # noqa: E402
 from tiny_models import build_tiny  # noqa: E402
 
 
@@ -38,3 +38,14 @@ def fixture_model():
     if not (FIXTURE / "config.json").is_file():
         pytest.skip(f"shared fixture {FIXTURE} not present")
     return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def small_profile(fixture_model, tmp_path_factory):
+    """A quick profile of the shared fixture (no sensitivity or quantization passes), for policies that need one."""
+    from profiler.profile_model import ProfileConfig, profile
+
+    d = tmp_path_factory.mktemp("small-profile") / "profile"
+    profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(samples=2, seq_len=32, probe_tokens=64,
+            sensitivity_tokens=0, quant_tokens=0), progress=False).save(d)
+    return d

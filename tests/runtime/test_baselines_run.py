@@ -12,16 +12,6 @@ from runtime.cli import main
 from runtime.policy.static import static_pins
 
 
-@pytest.fixture(scope="module")
-def small_profile(fixture_model, tmp_path_factory):
-    from profiler.profile_model import ProfileConfig, profile
-
-    d = tmp_path_factory.mktemp("blrun") / "profile"
-    profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(samples=2, seq_len=32, probe_tokens=64,
-                                                                     sensitivity_tokens=0), progress=False).save(d)
-    return d
-
-
 def _run(capsys, *argv):
     capsys.readouterr()
     code = main([str(a) for a in argv])
