@@ -1,0 +1,170 @@
+"""The lean decision path of lossless lru/lfu/lfru (runtime.policy.fast) decides exactly as the reference CacheModel,
+and the executor's lean branch computes what resident computes, bit for bit."""
+import numpy as np
+import pytest
+import torch
+
+from runtime import Runtime
+from runtime.policy.config import preset
+from runtime.policy.fast import FastCacheModel, make_cache_model
+from runtime.policy.plan_params import substitution_params
+from runtime.policy.schedule import CacheModel
+from runtime.policy.static import static_pins
+
+RULES = ("lru", "lfu", "lfru")
+
+
+def _models(rule, slots, e, k, layers=(0, 1), initial=None):
+    pol = preset(rule, host_compute=False)
+    params = substitution_params(pol, list(layers))
+    args = ({l: slots for l in layers}, e, k, pol, params)
+    return CacheModel(*args, initial=initial), FastCacheModel(*args, initial=initial)
+
+
+def _trace(rng, calls, batch, e, k, hot):
+    """Per call: chosen [T, k] and per-token top-2k score dicts; a few hot experts so that hits, ties and reuse
+    happen."""
+    weights = np.ones(e)
+    weights[rng.choice(e, size=hot, replace=False)] = 8.0
+    p = weights / weights.sum()
+    out = []
+    for _ in range(calls):
+        chosen, rows = [], []
+        for _ in range(batch):
+            ids = rng.choice(e, size=min(2 * k, e), replace=False, p=p)
+            s = np.sort(rng.random(len(ids)))[::-1]
+            s[rng.random(len(s)) < 0.2] = s[0]                       # equal scores: the id breaks the tie
+            rows.append({int(i): float(v) for i, v in zip(ids, s)})
+            chosen.append([int(i) for i in ids[:k]])
+        out.append((rows, chosen))
+    return out
+
+
+def _same(ref, fast, layer, rows, chosen):
+    a = ref.schedule(layer, rows, chosen)
+    b = fast.schedule(layer, rows, chosen)
+    assert b.ops == a.ops
+    assert b.counts == a.counts
+    assert [d.exact for d in b.decisions] == [d.exact for d in a.decisions]
+    assert fast.resident == ref.resident
+    for e in range(ref.e):   # the rules' state: last use and uses since the load, of every resident expert
+        if e in ref.resident[layer]:
+            st = fast.state[layer]
+            assert (st.last_used[e], st.uses[e]) == (ref.last_used[layer].get(e, -1), ref.uses[layer].get(e, 0))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("e,k", [(16, 4), (128, 8)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_model_decides_as_the_cache_model(rule, e, k, batch):
+    rng = np.random.default_rng(hash((rule, e, k, batch)) % 2**32)
+    slot_choices = sorted({1, 2, k - 1, k, k + 1, e // 4, e // 2, e - 1, e})
+    for seed in range(3):
+        for slots in slot_choices:
+            initial = {0: rng.choice(e, size=min(slots + 2, e), replace=False).tolist()} if seed == 1 else None
+            ref, fast = _models(rule, slots, e, k, initial=initial)
+            assert fast.resident == ref.resident
+            for n, (rows, chosen) in enumerate(_trace(rng, 12 if e == 128 else 20, batch, e, k, hot=k + 2)):
+                _same(ref, fast, n % 2, rows, chosen)
+
+
+def test_fast_model_on_a_recorded_trace(small_profile):
+    """The routing the profiler recorded on the shared fixture, replayed through both models."""
+    from artifacts import Profile
+
+    prof = Profile.load(small_profile)
+    layers, e, k = prof.moe_layers, prof.num_experts, prof.top_k
+    ids, scores = prof.trace["ids"][:48], prof.trace["scores"][:48]          # [T, M, W] top-W ids and scores
+    for rule in RULES:
+        for slots in (1, k, e // 2):
+            ref, fast = _models(rule, slots, e, k, layers=layers)
+            for start in range(0, len(ids), 3):                                # calls of 3 tokens, layer by layer
+                for m, l in enumerate(layers):
+                    i, s = ids[start:start + 3, m].tolist(), scores[start:start + 3, m].tolist()
+                    _same(ref, fast, l, [dict(zip(a, b)) for a, b in zip(i, s)], [a[:k] for a in i])
+
+
+def test_the_factory_picks_the_model():
+    e, k, slots = 16, 4, {0: 4, 1: 4}
+    for rule in RULES:
+        pol = preset(rule, host_compute=False)
+        assert isinstance(make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1])), FastCacheModel)
+        # a precision plan's pools go to the reference model
+        with pytest.raises(Exception):
+            make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]), pools=object())
+    for name, kw in [("smoe", {}), ("plan", {}), ("lru", {"host_compute": True}), ("lru", {"prefetch": True}),
+                     ("lru", {"alpha": 0.3})]:
+        pol = preset(name, **kw)
+        m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]))
+        assert type(m) is CacheModel, (name, kw)
+    pol = preset("static", host_compute=False)
+    m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]),
+                         pinned=static_pins({0: list(range(e)), 1: list(range(e))}, slots))
+    assert type(m) is CacheModel
+    pol = preset("oracle")
+    from runtime.policy.eviction import NextUse
+    m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]), future=NextUse({0: [[1]], 1: [[1]]}))
+    assert type(m) is CacheModel
+
+
+def _lossless_runtime(path, rule, cache):
+    """A Runtime of `rule` whose executor runs the fast model (the factory's choice), fresh from its start."""
+    rt = Runtime.load(path, policy=rule, cache=cache)
+    ex = rt.executor
+    if not isinstance(ex.model, FastCacheModel):   # Runtime.load not wired to the factory yet: swap it in
+        ex.model = make_cache_model(dict(rt.cache.slots), rt.lm.arch.num_experts, rt.lm.arch.top_k, ex.policy,
+                                    substitution_params(ex.policy, rt.lm.arch.moe_layers))
+    assert isinstance(ex.model, FastCacheModel)
+    return rt
+
+
+@pytest.mark.parametrize("rule,cache", [("lru", 8), ("lfru", "25%")])
+def test_fast_path_logits_equal_resident(fixture_model, rule, cache):
+    """Through the lean branch (loads, evictions and all), the logits are resident's, bit for bit."""
+    ids = torch.randint(1, 4096, (3, 24), generator=torch.Generator().manual_seed(0))
+    with Runtime.load(fixture_model, policy="resident") as rt:
+        ref = rt.forward(ids)
+    with _lossless_runtime(fixture_model, rule, cache) as rt:
+        ours = rt.forward(ids)
+        d = rt.stats.to_dict()
+    assert torch.equal(ours, ref)
+    assert d["loads"] > 0 and d["hit_rate"] < 1
+
+
+def test_fast_path_generate_matches_resident(fixture_model):
+    """Greedy decode at batch 1 (one token per layer call) through the lean branch: the same tokens as resident."""
+    with Runtime.load(fixture_model, policy="resident") as rt:
+        ref = rt.generate(["The function returns"], max_new_tokens=12)
+    with _lossless_runtime(fixture_model, "lfu", 4) as rt:
+        assert rt.generate(["The function returns"], max_new_tokens=12) == ref
+
+
+def test_mix_pairs_adds_as_mix_does():
+    """The lean branch's mixing of pairs grouped by ascending expert id equals `mix` per expert, bit for bit: float32
+    (one index_add_) and bfloat16 (one add per rank; per expert when tokens have unequal pair counts) outputs,
+    float32 weights, repeated tokens."""
+    from runtime.expert_compute import mix
+    from runtime.offload_executor import mix_pairs
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for t_n, e, k in [(1, 8, 2), (3, 128, 8), (37, 16, 4)]:
+            idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t_n)])     # [T, k]
+            w = torch.rand(t_n, k, generator=g)                                            # [T, k] float32
+            x = torch.randn(t_n, 64, generator=g).to(dtype)
+            order = np.argsort(idx.t().reshape(-1).numpy(), kind="stable")                 # pairs by expert
+            tok, pos = torch.from_numpy(order % t_n), torch.from_numpy(order // t_n)
+            y = torch.randn(len(order), 64, generator=g).to(dtype)                         # [N, H] unweighted
+            experts, counts = np.unique(idx.numpy(), return_counts=True)
+            ends = np.cumsum(counts)
+            span = {int(ex): (int(b - n), int(b)) for ex, n, b in zip(experts, counts, ends)}
+            ref = mix(x, [(ex, tok[a:b], y[a:b] * w[tok[a:b], pos[a:b], None]) for ex, (a, b) in span.items()])
+            assert torch.equal(mix_pairs(x, tok.numpy(), y * w[tok, pos][:, None], span), ref), (dtype, t_n)
+            if t_n > 1:   # drop the first pair: token pair counts differ
+                e0, (a0, b0) = next(iter(span.items()))
+                part = {ex: (a - 1, b - 1) for ex, (a, b) in span.items() if ex != e0 or b0 - a0 > 1}
+                part[e0] = (a0, b0 - 1)
+                y1, t1, p1 = y[1:], tok[1:], pos[1:]
+                ref = mix(x, [(ex, t1[a:b], y1[a:b] * w[t1[a:b], p1[a:b], None]) for ex, (a, b) in sorted(part.items())
+                              if b > a])
+                assert torch.equal(mix_pairs(x, t1.numpy(), y1 * w[t1, p1][:, None], part), ref), (dtype, t_n)
