@@ -1,16 +1,24 @@
 """The plan artifact: what `moe-compile` decided for one model, budget and target; what the runtime executes.
 
-Directory layout (format "understudy.plan", version 1):
+Directory layout (format "understudy.plan", version 2):
   plan.json               header: format, version, provenance (profile hash, model fingerprint, budget, target),
                           the choices (alpha, tau, eviction window, prefetch, host split) and predicted metrics
-  cache_plan.json         {"expert_bytes": int, "slots": {layer: n}, "initial": {layer: [expert ids]}}
+  cache_plan.json         {"expert_bytes": int, "slots": {layer: n}, "initial": {layer: [expert ids]},
+                           "precision": optional (version 2), a precision plan: {"native": the checkpoint's format,
+                             "schemes": {name: {"bits", "group", "scale_dtype", "expert_bytes"}},
+                             "layers": {layer: {"experts": [precision name of every expert],
+                                                "slots": {precision name: slots}}}}}
+                          (without "precision" every slot holds one expert at the checkpoint's format; with it,
+                          slots[layer] = the sum of the layer's precision slots, a slot of precision p holds
+                          expert_bytes(p), and the runtime makes the quantized copies at load, runtime.quantize)
   substitution_map.json   {"tau": float, "layers": {layer: {"protected": [ids], "drop_ok": [ids],
                            "clusters": [labels], "substitutes": {expert: [[j, similarity, error], ...]},
                            "cluster_table": [{"id", "members", "mean_error", "max_error"}, ...],
                            "not_taken": {expert: [[j, error, reason], ...]}}}}
                           (substitutes: the near-twin candidates, same cluster only; not_taken: why the nearest
                           others are not; drop_ok is used only where choices.drop_misses)
-Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones.
+Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add fields, never reinterpret old ones
+(version 2 added "precision"; a version-1 reader refuses a version-2 plan rather than misread its slots).
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from artifacts.errors import UserError
 from artifacts.header import read_header, write_json
 
 FORMAT = "understudy.plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_FILE, CACHE_FILE, SUBS_FILE = "plan.json", "cache_plan.json", "substitution_map.json"
 EXPERT_DTYPES = ("float32", "bfloat16", "float16")
 # what model.checkpoint_dtype may name: a dtype, or a quantized checkpoint's packed expert format (runtime/formats.py)
@@ -62,6 +70,9 @@ class PlanChoices:
     protect_frac: float = 0.1
     batch: int = 1
     context: int = 2048
+    precision: str | None = None       # the precision option: the native format's name, or one precision per
+                                       # importance class "high/mid/low" (compiler.precision); cache_plan.json
+                                       # "precision" holds what it means per expert
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlanChoices":
@@ -85,6 +96,22 @@ class Plan:
     clusters: dict[int, list[int]] = field(default_factory=dict)
     cluster_table: dict[int, list[dict]] = field(default_factory=dict)              # per cluster: members, errors
     not_taken: dict[int, dict[int, list[tuple[int, float, str]]]] = field(default_factory=dict)  # why not a twin
+    precision: dict | None = None            # cache_plan.json "precision" (module docstring); None: native only
+
+    def precision_bytes(self) -> dict[str, int]:
+        """Bytes of one expert per precision name (the native format's is expert_bytes)."""
+        if self.precision is None:
+            return {self.expert_dtype: self.expert_bytes}
+        return {self.precision["native"]: self.expert_bytes,
+                **{n: int(d["expert_bytes"]) for n, d in self.precision["schemes"].items()}}
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of every cache slot of the plan: sum over layers and precisions of slots x bytes per expert."""
+        if self.precision is None:
+            return sum(self.slots.values()) * self.expert_bytes
+        b = self.precision_bytes()
+        return sum(n * b[p] for d in self.precision["layers"].values() for p, n in d["slots"].items())
 
     @property
     def choices(self) -> PlanChoices:
@@ -118,6 +145,8 @@ class Plan:
     def _files(self) -> tuple[dict, dict]:
         cache = {"expert_bytes": self.expert_bytes, "slots": {str(l): n for l, n in self.slots.items()},
                  "initial": {str(l): v for l, v in self.initial.items()}}
+        if self.precision is not None:
+            cache["precision"] = self.precision
         subs = {"tau": self.tau, "layers": {str(l): {
             "protected": self.protected.get(l, []), "drop_ok": self.drop_ok.get(l, []),
             "clusters": self.clusters.get(l, []),
@@ -216,7 +245,14 @@ class Plan:
         slots = {k.key_int(l, "slots", layers): k.int_(n, f"slots[{l}]", 1, e) for l, n in slot_map.items()}
         if set(slots) != set(layers):
             k.fail("slots", f"covers layers {sorted(slots)}, the model's MoE layers are {layers}")
-        if sum(slots.values()) * expert_bytes > cache_budget:
+        precision = None
+        if "precision" in cache:
+            precision = _check_precision(k, cache["precision"], model, expert_bytes, slots, e)
+            held = sum(n * (expert_bytes if p == precision["native"] else precision["schemes"][p]["expert_bytes"])
+                       for d in precision["layers"].values() for p, n in d["slots"].items())
+            if held > cache_budget:
+                k.fail("precision", f"slots hold {held} B, more than the budget's {cache_budget} B of cache")
+        elif sum(slots.values()) * expert_bytes > cache_budget:
             k.fail("slots", f"hold {sum(slots.values())} x {expert_bytes} B, more than the budget's "
                             f"{cache_budget} B of cache")
         initial = {}
@@ -264,7 +300,52 @@ class Plan:
                              for i, v in s.obj(d.get("not_taken", {}), f"layers[{l}].not_taken").items()}
         return cls(header=header, slots=slots, expert_bytes=expert_bytes, substitutes=substitutes,
                    protected=protected, drop_ok=drop_ok, initial=initial, clusters=clusters, cluster_table=table,
-                   not_taken=not_taken)
+                   not_taken=not_taken, precision=precision)
+
+
+def _check_precision(k: Checker, p, model: dict, expert_bytes: int, slots: dict[int, int], e: int) -> dict:
+    """cache_plan.json "precision" (format version 2) against the plan's model and slots; returned with int layer
+    keys."""
+    p = k.obj(p, "precision")
+    native = k.get(p, "native", "precision.native")
+    if native != model.get("checkpoint_dtype", "bfloat16") or native not in EXPERT_DTYPES:
+        k.fail("precision.native", f"is {native!r}; a precision plan quantizes a float checkpoint's experts "
+               f"({model.get('checkpoint_dtype', 'bfloat16')} here)")
+    schemes = {}
+    for name, d in k.obj(k.get(p, "schemes", "precision.schemes"), "precision.schemes").items():
+        f = f"precision.schemes[{name}]"
+        d = k.obj(d, f)
+        if name == native:
+            k.fail(f, "names the native format")
+        k.choice(k.get(d, "bits", f + ".bits"), f + ".bits", (4, 8))
+        if d.get("group") is not None:
+            k.int_(d["group"], f + ".group", 1)
+        k.choice(k.get(d, "scale_dtype", f + ".scale_dtype"), f + ".scale_dtype", ("float16", "bfloat16", "float32"))
+        k.int_(k.get(d, "expert_bytes", f + ".expert_bytes"), f + ".expert_bytes", 1, expert_bytes)
+        schemes[name] = d
+    names = (native, *schemes)
+    layers = {}
+    for l, d in k.obj(k.get(p, "layers", "precision.layers"), "precision.layers").items():
+        li = k.key_int(l, "precision.layers", list(slots))
+        f = f"precision.layers[{l}]"
+        d = k.obj(d, f)
+        experts = k.lst(k.get(d, "experts", f + ".experts"), f + ".experts")
+        if len(experts) != e or any(x not in names for x in experts):
+            k.fail(f + ".experts", f"must name one of {', '.join(names)} for each of the {e} experts")
+        pool = {}
+        for name, n in k.obj(k.get(d, "slots", f + ".slots"), f + ".slots").items():
+            if name not in names:
+                k.fail(f + ".slots", f"names {name!r}, not one of {', '.join(names)}")
+            pool[name] = k.int_(n, f"{f}.slots[{name}]", 0, experts.count(name))
+        for name in set(experts):
+            if pool.get(name, 0) < 1:
+                k.fail(f + ".slots", f"gives {name} no slot, but experts are held at {name}")
+        if sum(pool.values()) != slots[li]:
+            k.fail(f + ".slots", f"add up to {sum(pool.values())}, slots[{l}] is {slots[li]}")
+        layers[li] = {"experts": list(experts), "slots": pool}
+    if set(layers) != set(slots):
+        k.fail("precision.layers", f"covers layers {sorted(layers)}, the model's MoE layers are {sorted(slots)}")
+    return {"native": native, "schemes": schemes, "layers": layers}
 
 
 def _finite_tree(check: Checker, v, field: str) -> None:

@@ -1,7 +1,7 @@
 """moe-compile: a profile + a memory budget + a hardware target -> a plan (substitution map + cache plan).
 
   moe-compile PROFILE_DIR --budget SIZE|PCT|auto -o PLAN_DIR [--target NAME|FILE] [--tpot-target MS | --max-error E]
-              [--batch B] [--context T] [--headroom SIZE|PCT]
+              [--batch B] [--context T] [--headroom SIZE|PCT] [--precision auto|off|int8|int4]
 """
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="largest predicted perplexity increase (0.01 = +1%%; without a measured loss sensitivity "
                            "in the profile: share of routed output mass replaced by error), with the most hits; "
                            "default: the least TPOT within +0.5%%")
+    ap.add_argument("--precision", choices=("auto", "off", "int8", "int4"), default=d.precision,
+                    help="precision the cache holds experts at: auto (default) lets the plan hold less important "
+                         "experts as int8 or int4 copies where the profile's measured cost allows (needs moe-profile "
+                         "--quant-tokens > 0; else the checkpoint's format); off: the checkpoint's format only; "
+                         "int8: int8 at the lowest")
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--context", type=int, default=d.context, help="tokens of KV cache to reserve per sequence")
     ap.add_argument("--search-tokens", type=int, default=d.search_tokens, help="trace tokens per search candidate")
@@ -65,7 +70,7 @@ def _run(args) -> int:
         check_range(args.tpot_target, "--tpot-target", 0.0, lo_open=True)
     cfg = CompileConfig(budget=args.budget, target=args.target, tpot_target_ms=args.tpot_target,
                         max_error=args.max_error, batch=args.batch, context=args.context,
-                        search_tokens=args.search_tokens, headroom=args.headroom)
+                        search_tokens=args.search_tokens, headroom=args.headroom, precision=args.precision)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     plan = compile_plan(args.profile_dir, cfg, log=log)
     extras = None

@@ -16,6 +16,10 @@ error (share of routed gate mass replaced by profiled error), a cruder proxy.
                     cost about the same measured loss, and an understudy keeps the token's expert count).
 (compiler.objective holds these rules.)
 Prefetch only moves loads earlier (and may displace cached experts), so it is tried on the best rules, judged by TPOT.
+Precision (compiler.precision; when the profile measured quantization sensitivity and --precision is not off): every
+option of per-class precisions is allocated its pools' slots under the same bytes and replayed with the lossless
+rule and with the best native rule; the rule search is then repeated on the best option, and the objective chooses
+among all candidates, native and quantized alike.
 """
 from __future__ import annotations
 
@@ -25,13 +29,14 @@ from pathlib import Path
 
 from artifacts.errors import UserError
 from artifacts.header import new_header, sha256_dir
-from artifacts.plan import FORMAT, FORMAT_VERSION, Plan, PlanChoices
+from artifacts.plan import EXPERT_DTYPES, FORMAT, FORMAT_VERSION, Plan, PlanChoices
 from artifacts.profile import Profile
 from compiler.allocate import allocate_slots, hit_curves
 from compiler.auto_budget import auto_budget, check_headroom, is_auto
 from compiler.loss_model import LossModel
 from compiler.memory import split_budget
 from compiler.objective import Objective
+from compiler.precision import CHOICES as PRECISIONS, allocate_pools, options, pool_initial
 from compiler.predict import BASELINES, initial_residents, simulate_baseline, simulate_plan
 from compiler.simulator import Costs
 from compiler.substitution_map import TWIN_MAX_ERROR, build_substitution_map
@@ -61,6 +66,7 @@ class CompileConfig:
     protect_frac: float = 0.1          # share of experts (by importance) never substituted
     window: int = 16                   # eviction window n (decode steps)
     headroom: str | None = None        # budget "auto" only: SIZE or P% of free left unused (default 10%, >= 1 GiB)
+    precision: str = "auto"            # compiler.precision.CHOICES: off | auto | int8 | int4 (the lowest allowed)
 
 
 def _distinct_taus(subs_map: dict[int, dict]) -> list[float]:
@@ -79,10 +85,19 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
     if config.tpot_target_ms is not None and config.max_error is not None:
         raise UserError("give --tpot-target or --max-error, not both")
     check_headroom(config.budget, config.headroom)
+    if config.precision not in PRECISIONS:
+        raise UserError(f"--precision {config.precision!r}: choose one of {', '.join(PRECISIONS)}")
     target = load_target(config.target)
     profile = Profile.load(profile_dir)
     if not profile.trace or profile.trace["ids"].shape[0] == 0:
         raise UserError(f"profile {profile_dir} has no routing trace; re-run moe-profile")
+    quant = profile.quant_sensitivity
+    if config.precision in ("int8", "int4") and (quant is None or profile.sensitivity is None):
+        raise UserError(f"--precision {config.precision} needs a profile that measured what quantizing experts "
+                        "costs; re-run moe-profile with --quant-tokens N (N > 0) and --sensitivity-tokens N")
+    if config.precision in ("int8", "int4") and profile.header["model"]["checkpoint_dtype"] not in EXPERT_DTYPES:
+        raise UserError(f"--precision {config.precision}: the checkpoint's experts are already "
+                        f"{profile.header['model']['checkpoint_dtype']}; precision plans quantize float experts")
     model = profile.header["model"]
     budget, auto = config.budget, None
     if is_auto(budget):                 # measured on this machine, then split like any absolute budget
@@ -115,35 +130,72 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
         return PlanChoices(alpha=alpha, tau=tau, pool_depth=depth, drop_misses=drops, prefetch=pmax > 0,
                            prefetch_max=pmax or None, window=config.window, host_compute=host, width=width)
 
-    def run(alpha, depth, drops, tau, pmax):
-        c = choice(alpha, depth, drops, tau, pmax)
-        r = simulate_plan(profile, slots, c, subs_map, costs, n_search, loss_model, initial)
-        return {"alpha": alpha, "pool_depth": depth, "drop_misses": drops, "tau": tau, "prefetch": pmax > 0,
-                "prefetch_max": pmax, **r.to_dict()}
+    native = profile.header["model"]["checkpoint_dtype"]
+    layouts: dict[str, tuple] = {native: (None, slots, initial)}      # precision option -> (pools, slots, initial)
 
-    # the substitution rule without prefetch, then prefetch on the best rules
-    candidates = [run(0.0, 0, False, TAUS[0], 0)]
-    taus = _distinct_taus(subs_map)
-    for alpha in ALPHAS[1:]:
-        for depth in DEPTHS:
-            for drops in (False, True):
-                for tau in taus:
-                    candidates.append(run(alpha, depth, drops, tau, 0))
+    def run(alpha, depth, drops, tau, pmax, option=native):
+        c = choice(alpha, depth, drops, tau, pmax)
+        pools, sl, init = layouts[option]
+        r = simulate_plan(profile, sl, c, subs_map, costs, n_search, loss_model, init, pools=pools)
+        return {"precision": option, "alpha": alpha, "pool_depth": depth, "drop_misses": drops, "tau": tau,
+                "prefetch": pmax > 0, "prefetch_max": pmax, **r.to_dict()}
 
     goal = Objective(metric, limit, config.tpot_target_ms, most_hits=config.max_error is not None)
-    for c in goal.best_n(candidates, PREFETCH_TRIALS):
-        for pmax in PREFETCH_MAX:
-            candidates.append(run(c["alpha"], c["pool_depth"], c["drop_misses"], c["tau"], pmax))
+    taus = _distinct_taus(subs_map)
+
+    def search(option) -> list[dict]:
+        """The substitution rule without prefetch, then prefetch on the best rules."""
+        found = [run(0.0, 0, False, TAUS[0], 0, option)]
+        for alpha in ALPHAS[1:]:
+            for depth in DEPTHS:
+                for drops in (False, True):
+                    for tau in taus:
+                        found.append(run(alpha, depth, drops, tau, 0, option))
+        for c in goal.best_n(found, PREFETCH_TRIALS):
+            for pmax in PREFETCH_MAX:
+                found.append(run(c["alpha"], c["pool_depth"], c["drop_misses"], c["tau"], pmax, option))
+        return found
+
+    candidates = search(native)
+    best_native, _ = goal.choose(candidates)
+    use_precision = (config.precision != "off" and quant is not None and loss_model is not None
+                     and native in EXPERT_DTYPES)
+    if use_precision:
+        bits = {s: d["bits"] for s, d in zip(quant.schemes, profile.header["quant_sensitivity"]["schemes"])}
+        tried = []
+        for o in options(quant.schemes, bits, len(quant.classes), config.precision):
+            if o.native_only:
+                continue
+            pools = allocate_pools(profile, o, split.cache_bytes, base, base_params, tokens=min(n_search, 1024))
+            if pools is None:
+                continue
+            layouts[o.name] = (pools, {l: pools.total_slots(l) for l in layers}, pool_initial(profile, pools))
+            tried.append(run(0.0, 0, False, TAUS[0], 0, o.name))
+            tried.append(run(best_native["alpha"], best_native["pool_depth"], best_native["drop_misses"],
+                             best_native["tau"], best_native["prefetch_max"], o.name))
+        candidates += tried
+        if tried:
+            top = goal.choose(tried)[0]["precision"]
+            log(f"precision: {len(tried) // 2} options fit the budget; searching the rule for {top} "
+                "(high/mid/low importance classes)")
+            candidates += search(top)
     best, objective = goal.choose(candidates)
     if config.tpot_target_ms is not None and best["tpot_ms"] > config.tpot_target_ms:
         log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
             f"the fastest models {best['tpot_ms']:.2f} ms")
     chosen = replace(choice(best["alpha"], best["pool_depth"], best["drop_misses"], best["tau"], best["prefetch_max"]),
                      objective=objective, error_metric=metric, error_limit=limit, protect_frac=config.protect_frac,
-                     batch=config.batch, context=config.context)
+                     batch=config.batch, context=config.context, precision=best["precision"])
+    pools, slots, initial = layouts[best["precision"]]
     n_pred = min(config.predict_tokens, profile.trace["ids"].shape[0])
     predicted = {"tokens": n_pred, "target": target.name,
-                 "plan": simulate_plan(profile, slots, chosen, subs_map, costs, n_pred, loss_model, initial).to_dict()}
+                 "plan": simulate_plan(profile, slots, chosen, subs_map, costs, n_pred, loss_model, initial,
+                                       pools=pools).to_dict()}
+    if pools is not None:          # what the best plan held at the native format alone predicts, for comparison
+        _, sl, init = layouts[native]
+        c = choice(best_native["alpha"], best_native["pool_depth"], best_native["drop_misses"], best_native["tau"],
+                   best_native["prefetch_max"])
+        predicted["plan_native"] = simulate_plan(profile, sl, c, subs_map, costs, n_pred, loss_model, init).to_dict()
     for name in BASELINES:
         predicted[name] = simulate_baseline(profile, name, split.total_slots, config.window, host, costs, n_pred,
                                             loss_model).to_dict()
@@ -166,7 +218,14 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
         search=candidates,
         curves={str(l): c for l, c in curves.items()},
     )
-    return Plan(header=header, slots=slots, expert_bytes=split.expert_bytes,
+    precision = None
+    if pools is not None:
+        schemes = {s["name"]: s for s in profile.header["quant_sensitivity"]["schemes"]}
+        precision = {"native": native, "schemes": {n: schemes[n] for n in pools.names[1:]},
+                     "layers": {l: {"experts": list(pools.names[p] for p in pools.of[l]),
+                                    "slots": {pools.names[p]: n for p, n in enumerate(pools.slots[l]) if n}}
+                                for l in layers}}
+    return Plan(header=header, slots=slots, expert_bytes=split.expert_bytes, precision=precision,
                 substitutes={l: subs_map[l]["substitutes"] for l in layers},
                 protected={l: subs_map[l]["protected"] for l in layers},
                 drop_ok={l: subs_map[l]["drop_ok"] for l in layers}, initial=initial,

@@ -11,6 +11,14 @@ perplexity increase exp(loss) - 1.
 Options: "drop"; "next d" for a band understudy (own gate) that is the token's d-th best inactive expert (d >= 3
 takes next3);
 an understudy chosen by output similarity (near-twin, error err <= tau) costs err * cost["drop"].
+
+Quantized experts (profiler.quant_sensitivity, when measured): the experts of importance class c of layer l
+quantized by scheme s added KL[l, c, s] (nats summed over predicted tokens) while serving Q[l, c, s] pairs, so
+  quant[l][c, s] = max(KL[l, c, s] / predicted, 0) / (Q[l, c, s] / positions)     nats per token per pair
+taken as measured per class, at least MIN_COST (a class that served no pair takes the largest cost of its layer and
+scheme). The KL, not the NLL difference: on a calibration set of this
+size the NLL difference of a small weight change is dominated by its first-order term of either sign, the KL is its
+expected cost (the profile format's notes). quant_cost(l, e, s) = quant[l][class(e), s].
 """
 from __future__ import annotations
 
@@ -28,6 +36,9 @@ class LossModel:
     options: tuple[str, ...]
     cuts: tuple[float, ...]
     cost: np.ndarray              # [O, C] nats per token per replaced pair
+    schemes: tuple[str, ...] = ()                          # quantization schemes measured (S)
+    quant: dict[int, np.ndarray] | None = None             # layer -> [C, S] nats per token per quantized pair
+    expert_class: dict[int, np.ndarray] | None = None      # layer -> [E] importance class of every expert
 
     @classmethod
     def from_profile(cls, profile) -> "LossModel | None":
@@ -41,7 +52,24 @@ class LossModel:
         dp = np.diff(p, axis=1, prepend=0.0)
         cost = np.where(dp > 0, np.maximum(dd, 0.0) / np.maximum(dp, 1e-12), 0.0)
         cost = np.maximum(np.maximum.accumulate(cost, axis=1), MIN_COST)  # higher ratios cost no less; never free
-        return cls(tuple(head["options"]), tuple(float(c) for c in head["cuts"]), cost)
+        q = getattr(profile, "quant_sensitivity", None)
+        if q is None:
+            return cls(tuple(head["options"]), tuple(float(c) for c in head["cuts"]), cost)
+        quant = {}
+        for l in profile.moe_layers:
+            per_tok = np.maximum(q.kl_sum[l], 0.0) / max(q.predicted, 1)              # [C, S] nats per token
+            pairs = q.pairs[l] / max(q.positions, 1)                                  # [C, S] pairs per token
+            c = np.where(pairs > 0, per_tok / np.maximum(pairs, 1e-12), np.nan)
+            worst = np.nan_to_num(np.nanmax(np.where(np.isnan(c), -np.inf, c), axis=0), neginf=MIN_COST)   # [S]
+            quant[l] = np.maximum(np.where(np.isnan(c), worst[None, :], c), MIN_COST)
+        return cls(tuple(head["options"]), tuple(float(c) for c in head["cuts"]), cost, tuple(q.schemes), quant,
+                   {l: np.asarray(v) for l, v in q.expert_class.items()})
+
+    def quant_cost(self, layer: int, e: int, scheme: str) -> float:
+        """Cost (nats per token) of one pair that expert e of `layer` computes quantized by `scheme`."""
+        if self.quant is None or scheme not in self.schemes:
+            raise KeyError(f"no measured cost for {scheme!r} experts: the profile lacks quantization sensitivity")
+        return float(self.quant[layer][int(self.expert_class[layer][e]), self.schemes.index(scheme)])
 
     def pair_cost(self, option: str, ratio: float) -> float:
         """Cost of one replaced pair with score ratio s_i / S(k+1) = ratio."""

@@ -9,6 +9,7 @@ from compiler.loss_model import LossModel
 from compiler.simulator import Costs, SimResult, oracle_future, simulate
 from runtime.policy.config import preset
 from runtime.policy.plan_params import plan_policy, substitution_params
+from runtime.policy.pools import Pools
 from runtime.policy.slots import uniform_slots
 from runtime.policy.static import most_frequent, static_pins
 
@@ -22,12 +23,13 @@ def initial_residents(profile: Profile, slots: dict[int, int]) -> dict[int, list
 
 def simulate_plan(profile: Profile, slots: dict[int, int], choices: PlanChoices, subs_map: dict[int, dict],
                   costs: Costs, tokens: int, loss_model: LossModel | None,
-                  initial: dict[int, list[int]] | None = None) -> SimResult:
-    """Replay the trace under a plan: its slots, initial residents (default: the most frequent), and choices."""
+                  initial: dict[int, list[int]] | None = None, pools: Pools | None = None) -> SimResult:
+    """Replay the trace under a plan: its slots (or precision pools), initial residents (default: the most
+    frequent), and choices."""
     policy, params = plan_policy(choices, profile.moe_layers, subs_map)
     return simulate(profile.trace, profile.moe_layers, profile.num_experts, profile.top_k, slots, policy, params,
                     costs, initial=initial if initial is not None else initial_residents(profile, slots),
-                    error=profile.substitution_error, tokens=tokens, loss_model=loss_model)
+                    error=profile.substitution_error, tokens=tokens, loss_model=loss_model, pools=pools)
 
 
 def simulate_baseline(profile: Profile, name: str, total_slots: int, window: int, host_compute: bool, costs: Costs,

@@ -58,6 +58,34 @@ def budget_sweep(plan: Plan, profile: Profile) -> list[dict]:
     return rows
 
 
+def _precision_text(plan: Plan, profile: Profile) -> str:
+    """Per layer: the precision of every expert (by importance class), the slots per precision, and the profile's
+    measured cost of each class at each scheme (KL per token, the compiler's loss model)."""
+    p, q = plan.precision, profile.quant_sensitivity
+    if p is None:
+        why = ("the profile did not measure quantization (moe-profile --quant-tokens 0)" if q is None else
+               "no precision option beat the checkpoint's format under the objective, or --precision off")
+        return f"Every expert is held at the checkpoint's format ({plan.expert_dtype}): {why}."
+    nbytes = plan.precision_bytes()
+    lines = [f"Precision per importance class (high/mid/low, by I_e rank per layer): `{plan.choices.precision}`; "
+             "bytes per expert: " + ", ".join(f"{n} {b / 1024:.1f} KiB" for n, b in nbytes.items()) + ". "
+             "The runtime makes the quantized copies when it starts (runtime.pooled_store); `--lossless` runs "
+             "every expert at the checkpoint's format in the slots the same bytes hold.", "",
+             "| layer | slots by precision | experts by precision | measured KL per token, " +
+             ", ".join(f"{c} class" for c in q.classes) + " (" + " / ".join(q.schemes) + ", millinats) |",
+             "|---|---|---|---|"]
+    for l in sorted(p["layers"]):
+        d = p["layers"][l]
+        by = {}
+        for e, n in enumerate(d["experts"]):
+            by.setdefault(n, []).append(e)
+        kl = q.kl_sum[l] / max(q.predicted, 1) * 1e3                      # [C, S] millinats per token
+        cost = "; ".join(" / ".join(f"{v:.3f}" for v in kl[c]) for c in range(len(q.classes)))
+        lines.append(f"| {l} | {', '.join(f'{n} {k}' for k, n in d['slots'].items())} | "
+                     + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in by.items()) + f" | {cost} |")
+    return "\n".join(lines)
+
+
 def _cluster_text(plan: Plan) -> str:
     """Per layer: the clusters of more than one expert, their measured within-cluster error, and the near-twin
     pairs the plan may use (same cluster, error <= tau)."""
@@ -129,7 +157,10 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
             "fewest loads of any lossless policy that computes every expert on the device (lfu, lfru and static are "
             "in the table above, at the plan's budget). Each row's exact hit, understudy, drop, host and miss shares "
             "add up to 1.\n\n"
+            + ("At the other budgets the sweep's plan holds every expert at the checkpoint's format (moe-compile "
+               "chooses the precision per budget).\n\n" if plan.precision is not None else "") +
             "![budget sweep](budget_sweep.png)\n\n" + "\n".join(rows) +
+            "\n\n## Precision map\n\n" + _precision_text(plan, profile) +
             "\n\n## Functional clusters (experts ordered by cluster; row labels cCLUSTER:EXPERT)\n\n"
             "![similarity](similarity.png)\n\n" + _cluster_text(plan) + "\n")
     (out / "report.md").write_text(text)

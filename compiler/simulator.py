@@ -4,7 +4,8 @@ what the runtime measures on the same tokens.
 
 Timing model (per decode token, batch 1, event-driven):
   every layer first spends t_dense_layer = dense_bytes / num_layers / device_mem_bandwidth on the device;
-  a load occupies the link for t_load = expert_bytes / link_bandwidth + link_latency, in issue order;
+  a load occupies the link for t_load = expert_bytes / link_bandwidth + link_latency, in issue order (with a
+  precision plan's pools, expert_bytes of the expert's pool: a quantized copy moves fewer bytes);
   a compute occupies the device for t_expert_device once its load (if any) has landed;
   a host compute occupies the host for t_expert_host, and the layer waits for it.
 TPOT = the device's clock advance per token.
@@ -13,6 +14,8 @@ expert's mixture weight and err the profiled relative substitution error (a zero
 token and relative to the routed gate mass (relative_error = error / sum of all routed g).
 With the profile's measured loss sensitivity (compiler.loss_model), each understudy and drop also adds its measured
 cost in nats; loss_per_token and ppl_increase = exp(loss_per_token) - 1 are the predicted accuracy cost.
+Every pair a quantized copy computes (exact or understudy) adds the profile's measured cost per pair of that
+precision for the expert's importance class (LossModel.quant_cost: KL per pair, profiler.quant_sensitivity).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from compiler.targets import Target
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.eviction import NextUse
+from runtime.policy.pools import Pools
 from runtime.policy.schedule import CacheModel
 from runtime.policy.substitution import SubstitutionParams, kth_next
 
@@ -36,6 +40,8 @@ class SimResult(Counts):
     mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
     time_s: float = 0.0           # modeled decode time, summed over tokens
     loss: float | None = None     # expected NLL increase (nats), summed over tokens; None without a loss model
+    load_bytes: int = 0           # bytes the loads moved (each at its pool's precision)
+    native: str = "bfloat16"      # the checkpoint's expert format (precision_mix's name for exact copies)
 
     @property
     def hit_rate(self) -> float:
@@ -71,25 +77,35 @@ class SimResult(Counts):
                 "hit_rate": self.hit_rate, **self.rates(), "loads_per_token": self.loads_per_token,
                 "tpot_ms": self.tpot_ms, "error_per_token": self.error_per_token,
                 "relative_error": self.relative_error,
-                "understudies": dict(self.understudies), "drops": self.drops, "loads": self.loads}
+                "understudies": dict(self.understudies), "drops": self.drops, "loads": self.loads,
+                "bytes_per_token": self.load_bytes / max(self.tokens, 1),
+                "precision_mix": self.precision_mix(self.native)}
 
 
 @dataclass(frozen=True)
 class Costs:
     """Seconds per operation on a target for this model."""
 
-    load: float
+    load: float                   # one expert at the checkpoint's format over the link
     device_expert: float
     host_expert: float
     dense_layer: float
+    expert_bytes: int = 0         # one expert at the checkpoint's format, bytes
+    native: str = "bfloat16"      # the checkpoint's expert format
+    link: tuple[float, float] | None = None   # (bandwidth B/s, latency s); None: unit costs, a load costs `load`
 
     @classmethod
     def of(cls, target: Target | None, model: dict) -> "Costs":
+        eb, native = int(model.get("expert_bytes", 0)), str(model.get("checkpoint_dtype", "bfloat16"))
         if target is None:
-            return cls(1.0, 0.0, 0.0, 0.0)
-        eb = float(model["expert_bytes"])
+            return cls(1.0, 0.0, 0.0, 0.0, eb, native)
         return cls(target.t_load(eb), target.t_device(eb), target.t_host(eb),
-                   target.t_device(float(model["dense_bytes"]) / max(int(model["num_layers"]), 1)))
+                   target.t_device(float(model["dense_bytes"]) / max(int(model["num_layers"]), 1)), eb, native,
+                   (target.link_bandwidth, target.link_latency))
+
+    def load_of(self, nbytes: int) -> float:
+        """Seconds to move `nbytes` (one expert at some precision) over the link."""
+        return self.load if self.link is None or nbytes == self.expert_bytes else nbytes / self.link[0] + self.link[1]
 
 
 def replayed_tokens(trace: dict, tokens: int | None) -> int:
@@ -109,14 +125,16 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
              params: dict[int, SubstitutionParams], costs: Costs, initial: dict[int, list[int]] | None = None,
              error: dict[int, np.ndarray] | None = None, tokens: int | None = None,
              loss_model: LossModel | None = None, pinned: dict[int, list[int]] | None = None,
-             future: NextUse | None = None) -> SimResult:
+             future: NextUse | None = None, pools: Pools | None = None) -> SimResult:
     """Replay trace (profile.trace) token by token, batch 1, in sample order. pinned: static's pinned experts;
-    future: oracle_future of the same tokens, for Belady's rule."""
+    future: oracle_future of the same tokens, for Belady's rule; pools: a precision plan's pools."""
     ids, scores, coef = trace["ids"], trace["scores"], trace["coef"]
     pred_ids, pred_scores = trace.get("pred_ids"), trace.get("pred_scores")
     t_total = replayed_tokens(trace, tokens)
-    model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned, future=future)
-    res = SimResult(loss=0.0 if loss_model is not None else None)
+    model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned, future=future,
+                       pools=pools)
+    res = SimResult(loss=0.0 if loss_model is not None else None, native=costs.native)
+    load_s = {p: costs.load_of(b) for p, b in enumerate(pools.bytes)} if pools is not None else {0: costs.load}
     clock, link_free = 0.0, 0.0
     ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands
     for t in range(t_total):
@@ -140,14 +158,18 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
                     res.error += g[i]
             if loss_model is not None and (d.understudy or d.dropped):
                 res.loss += _replaced_loss(loss_model, row, chosen, d, error[layer] if error is not None else None)
+            if loss_model is not None and pools is not None and c.quantized:
+                res.loss += _quantized_loss(loss_model, pools, layer, s.ops, d)
             # event-driven timing of this layer's ops
             clock += costs.dense_layer
             host_done = clock
             for kind, l, e, _ in s.ops:
                 if kind in ("load", "prefetch"):
+                    p = pools.of[l][e] if pools is not None else 0
                     start = max(link_free, clock)
-                    link_free = start + costs.load
+                    link_free = start + load_s[p]
                     ready[(l, e)] = link_free
+                    res.load_bytes += pools.bytes[p] if pools is not None else costs.expert_bytes
                 elif kind == "compute":
                     clock = max(clock, ready.get((l, e), 0.0)) + costs.device_expert
                 else:
@@ -156,6 +178,18 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
         res.time_s += clock - t_start
         res.tokens += 1
     return res
+
+
+def _quantized_loss(model: LossModel, pools: Pools, layer: int, ops, decision) -> float:
+    """Measured cost (nats) of one token's pairs that quantized copies computed at one layer (batch 1)."""
+    served = [j for j, _ in decision.understudy.values()]           # an understudy may stand in for several
+    total = 0.0
+    for kind, l, e, _ in ops:
+        scheme = pools.quantized(l, e) if kind == "compute" and l == layer else None
+        if scheme is not None:
+            pairs = (e in decision.exact) + served.count(e)
+            total += pairs * model.quant_cost(layer, e, scheme)
+    return total
 
 
 def _replaced_loss(model: LossModel, row: dict[int, float], chosen: list[int], decision,

@@ -1,6 +1,8 @@
 """The short human summary moe-compile prints: memory split, slots per layer, predictions against the baselines at
 the same budget (compiler.predict.BASELINES; hit = exact + understudy; exact, understudy, drop, host and miss add up
-to 1)."""
+to 1; MB/tok: megabytes the link moves per token).
+With a precision plan: its precision per importance class and layer, and the best plan held at the checkpoint's
+format alone ("native") predicted on the same tokens."""
 from __future__ import annotations
 
 from artifacts.plan import Plan
@@ -13,7 +15,12 @@ def summarize(plan: Plan) -> str:
     split = MemorySplit(**{k: b[k] for k in MemorySplit.__dataclass_fields__})
     c, p = plan.choices, plan.predicted
     lines = [split.describe(),
-             "slots per layer: " + ", ".join(f"{l}:{n}" for l, n in sorted(plan.slots.items())),
+             "slots per layer: " + ", ".join(f"{l}:{n}" for l, n in sorted(plan.slots.items()))]
+    if plan.precision is not None:
+        lines.append(f"precision (high/mid/low importance classes): {c.precision}; slots per layer by precision: "
+                     + "; ".join(f"{l}: " + ", ".join(f"{n} {p}" for p, n in d["slots"].items())
+                                 for l, d in sorted(plan.precision["layers"].items())))
+    lines += [
              f"alpha {c.alpha:g}; understudies: near-twins of error <= tau {c.tau:g}, then the token's "
              f"{c.pool_depth} next router choices; low-score misses without one "
              f"{'dropped' if c.drop_misses else 'loaded'}; prefetch "
@@ -21,13 +28,17 @@ def summarize(plan: Plan) -> str:
              f"{'on' if c.host_compute else 'off'}; objective: {c.objective}",
              f"predicted on {p['target']} ({p['tokens']} trace tokens, batch 1):",
              f"  {'policy':<6} {'hit':>6} {'exact':>6} {'underst.':>8} {'drop':>6} {'host':>6} {'miss':>6} "
-             f"{'loads/tok':>10} {'TPOT ms':>9} {'ppl':>8}"]
-    for name in ("plan",) + tuple(n for n in BASELINES if n in p):    # older plans predicted lru and smoe only
+             f"{'loads/tok':>10} {'MB/tok':>8} {'TPOT ms':>9} {'ppl':>8}"]
+    rows = ("plan",) + (("plan_native",) if "plan_native" in p else ()) + tuple(n for n in BASELINES if n in p)
+    for name in rows:                                  # older plans predicted lru and smoe only
         d = p[name]
         ppl = "-" if d.get("ppl_increase") is None else f"{100 * d['ppl_increase']:+.2f}%"
-        lines.append(f"  {name:<6} {d['hit_rate']:>6.3f} {d.get('exact_hit_rate', 0):>6.3f} "
+        mb = "-" if "bytes_per_token" not in d else f"{d['bytes_per_token'] / 1e6:.2f}"
+        label = "native" if name == "plan_native" else name
+        lines.append(f"  {label:<6} {d['hit_rate']:>6.3f} {d.get('exact_hit_rate', 0):>6.3f} "
                      f"{d['substitution_rate']:>8.3f} {d['drop_rate']:>6.3f} {d['host_rate']:>6.3f} "
-                     f"{d.get('miss_rate', 0):>6.3f} {d['loads_per_token']:>10.2f} {d['tpot_ms']:>9.2f} {ppl:>8}")
+                     f"{d.get('miss_rate', 0):>6.3f} {d['loads_per_token']:>10.2f} {mb:>8} {d['tpot_ms']:>9.2f} "
+                     f"{ppl:>8}")
     if "oracle" in p:
         lines += ["  lfu: evicts the fewest uses since the load; lfru: the fewest uses per call of age; static: the "
                   "profile's most",

@@ -250,9 +250,15 @@ def _measure(rt, name: str, inputs: Inputs, reference: Reference | None, with_ta
         **{k: stats[k] for k in ("exact_hit_rate", "substitution_rate", "drop_rate", "host_rate", "miss_rate")},
         "understudies": stats["understudies"],
         "loads_per_token": stats["loads_per_token"], "bytes_per_token": stats["bytes_per_token"],
+        "precision_mix": stats["precision_mix"],     # shares of computed pairs by the precision computing them
         "tpot_ms": 1e3 * ppl.seconds / max(ppl.steps, 1), "tpot_ms_modeled": modeled,
         "cache_capacity_bytes": stats["cache_capacity_bytes"]}
     return entry, ours
+
+
+def _mix(mix: dict | None) -> str:
+    """The precision mix as "bfloat16 0.31, int4 0.69" (shares of computed pairs); "-" when not recorded."""
+    return "-" if not mix else ", ".join(f"{k} {v:.2f}" for k, v in mix.items() if v > 0 or len(mix) == 1)
 
 
 def table(result: dict) -> str:
@@ -264,7 +270,8 @@ def table(result: dict) -> str:
     lines = [f"{result['tokens']} tokens in {result['windows']} windows of {result['window']}; greedy: "
              f"{result['prompts']} prompts x {result['greedy_tokens']} tokens; {tasks}",
              f"{'policy':<{w}} {'ppl':>8} {'vs ' + REFERENCE + ' % [95% CI]':>24} {'top1':>6} {'greedy':>6} "
-             f"{'task':>5} {'hit':>6} {'subst':>6} {'drop':>6} {'loads/t':>8} {'TPOT ms':>8} {'modeled':>8}"]
+             f"{'task':>5} {'hit':>6} {'subst':>6} {'drop':>6} {'loads/t':>8} {'MB/t':>7} {'TPOT ms':>8} "
+             f"{'modeled':>8}  precision"]
 
     def num(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
@@ -277,5 +284,6 @@ def table(result: dict) -> str:
         lines.append(f"{name:<{w}} {r['perplexity']:>8.3f} {vs:>24} {r['top1_agreement']:>6.3f} "
                      f"{num(r['greedy_agreement'], '.3f'):>6} {num(r['task_accuracy'], '.2f'):>5} "
                      f"{r['hit_rate']:>6.3f} {r['substitution_rate']:>6.3f} {r['drop_rate']:>6.3f} "
-                     f"{r['loads_per_token']:>8.2f} {r['tpot_ms']:>8.2f} {num(r['tpot_ms_modeled'], '.2f'):>8}")
+                     f"{r['loads_per_token']:>8.2f} {r['bytes_per_token'] / 1e6:>7.3f} {r['tpot_ms']:>8.2f} "
+                     f"{num(r['tpot_ms_modeled'], '.2f'):>8}  {_mix(r.get('precision_mix'))}")
     return "\n".join(lines)

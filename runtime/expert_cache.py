@@ -3,42 +3,57 @@
 Mechanism only: the executor decides what to load and what to evict. Every slot is allocated once, at start, as
 its own tensors (64-byte aligned) with the shapes and dtypes of one expert as the store holds it (`ExpertStore.specs`:
 float tensors, or a quantized checkpoint's packed ones), so bytes on the device never exceed `capacity_bytes` =
-slots x expert bytes.
+slots x expert bytes. With a precision plan's pools (runtime.policy.pools) a layer's slots are split by precision:
+pool p's slots are allocated with that precision's tensors (`pool_specs[p]`) and hold only experts of pool p, so
+  capacity_bytes = sum over layers and pools of slots(l, p) x bytes(p).
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
 from runtime.formats import TensorSpec
+from runtime.policy.pools import Pools
 
 
 class ExpertCache:
-    def __init__(self, specs: Mapping[str, TensorSpec], slots: dict[int, int], device: torch.device):
+    def __init__(self, specs: Mapping[str, TensorSpec], slots: dict[int, int], device: torch.device,
+                 pools: Pools | None = None, pool_specs: Sequence[Mapping[str, TensorSpec]] | None = None):
         self.slots = dict(slots)
-        self._buf = {l: [{k: torch.empty(s.shape, dtype=s.dtype, device=device) for k, s in specs.items()}
-                         for _ in range(n)] for l, n in slots.items()}
-        self.expert_bytes = sum(s.nbytes for s in specs.values())                 # bytes
-        self.capacity_bytes = self.expert_bytes * sum(slots.values())              # bytes
-        self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot
-        self._free: dict[int, list[int]] = {l: list(range(n))[::-1] for l, n in slots.items()}
+        self.pools = pools
+        specs_of = list(pool_specs) if pools is not None else [specs]
+        per_pool = ({l: pools.slots[l] for l in slots} if pools is not None else {l: (n,) for l, n in slots.items()})
+        self._bytes = [sum(s.nbytes for s in sp.values()) for sp in specs_of]          # bytes per expert, per pool
+        self._buf = {(l, p): [{k: torch.empty(s.shape, dtype=s.dtype, device=device) for k, s in specs_of[p].items()}
+                              for _ in range(n)] for l, ns in per_pool.items() for p, n in enumerate(ns)}
+        self.expert_bytes = self._bytes[0]                                        # bytes (the native format)
+        self.capacity_bytes = sum(n * self._bytes[p] for ns in per_pool.values() for p, n in enumerate(ns))
+        self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot in its pool
+        self._free = {key: list(range(len(b)))[::-1] for key, b in self._buf.items()}
+        self.used_bytes = 0
         self.peak_bytes = 0
 
+    def _pool(self, layer: int, expert: int) -> int:
+        return 0 if self.pools is None else self.pools.of[layer][expert]
+
+    def bytes_of(self, layer: int, expert: int) -> int:
+        """Bytes a slot of this expert's pool holds."""
+        return self._bytes[self._pool(layer, expert)]
+
     def weights(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        return self._buf[layer][self.where[layer][expert]]
+        return self._buf[(layer, self._pool(layer, expert))][self.where[layer][expert]]
 
     def assign(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """Claim a free slot for `expert`; returns its tensors to load into."""
-        slot = self._free[layer].pop()
+        """Claim a free slot of the expert's pool; returns its tensors to load into."""
+        key = (layer, self._pool(layer, expert))
+        slot = self._free[key].pop()
         self.where[layer][expert] = slot
+        self.used_bytes += self._bytes[key[1]]
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
-        return self._buf[layer][slot]
+        return self._buf[key][slot]
 
     def evict(self, layer: int, expert: int) -> None:
         slot = self.where[layer].pop(expert)
-        self._free[layer].append(slot)
-
-    @property
-    def used_bytes(self) -> int:
-        return self.expert_bytes * sum(len(w) for w in self.where.values())
+        self._free[(layer, self._pool(layer, expert))].append(slot)
+        self.used_bytes -= self.bytes_of(layer, expert)

@@ -77,6 +77,12 @@ class ExpertStore:
             return self._host[(layer, e)]
         return self._read_disk(layer, e)
 
+    def materialize(self, layer: int, e: int, w: dict[str, torch.Tensor], dtype: torch.dtype,
+                    slot: bool = True) -> dict[str, torch.Tensor]:
+        """Expert e as held (a slot's copy, or `read`'s) turned into weights to compute with (`formats.materialize`);
+        `slot` only matters to a precision plan's store (runtime.pooled_store)."""
+        return materialize(w, self.held, dtype)
+
     def copy_into(self, layer: int, e: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Copy expert e into preallocated tensors `dst` (a cache slot); returns the bytes moved."""
         if self.mode == "host" or self._unpack:

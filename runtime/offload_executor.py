@@ -15,19 +15,22 @@ import time
 from collections import defaultdict
 from typing import Callable
 
+import numpy as np
 import torch
 
 from runtime.expert_cache import ExpertCache
 from runtime.expert_compute import expert_rows, make_expert_fn, mix
 from runtime.expert_store import ExpertStore
-from runtime.formats import materialize
 from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
+from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
 from runtime.router import Routing, top_view
 from runtime.stats import RunStats
+
+LOADS = ("load", "prefetch")
 
 
 def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], list[list[int]]]:
@@ -55,6 +58,8 @@ class OffloadExecutor:
     # ---- the layer ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if isinstance(self.model, FastCacheModel):
+            return self._call_lossless(layer, x, routing)
         rows, chosen = score_rows(routing, self.width)
         prediction = None
         if self.policy.prefetch and self.next_router is not None:
@@ -78,22 +83,78 @@ class OffloadExecutor:
             exact = _without(exact, skip)
 
         contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for kind, l, e, victim in sched.ops:
-            if kind in ("load", "prefetch"):
-                self._load(l, e, victim, prefetch=kind == "prefetch")
-            else:
-                w = self._slot(l, e) if kind == "compute" else self.store.read(l, e)
-                t0 = time.perf_counter()
-                contributions[e] = self._compute(l, e, w, x, routing, exact, subs, host=kind == "host")
-                if kind == "host":
-                    self.c_host.add(time.perf_counter() - t0)
+        ops, i = sched.ops, 0
+        while i < len(ops):
+            kind, l, e, victim = ops[i]
+            if kind in LOADS:                    # a run of loads: one handoff to the loader thread
+                i = self._load_run(ops, i)
+                continue
+            w = self._slot(l, e) if kind == "compute" else self.store.read(l, e)
+            t0 = time.perf_counter()
+            contributions[e] = self._compute(l, e, w, x, routing, exact, subs, host=kind == "host")
+            if kind == "host":
+                self.c_host.add(time.perf_counter() - t0)
+            i += 1
         return mix(x, [(e, *contributions[e]) for e in sorted(contributions)])
+
+    def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
+        """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader thread at once;
+        returns the index after the run. No op of a run waits on another's copy: a victim is never an expert loaded
+        in the same run (a loaded expert is busy until computed, a prefetched one is among the predicted)."""
+        with self.loader.deferred():
+            while i < len(ops) and ops[i][0] in LOADS:
+                kind, l, e, victim = ops[i]
+                self._load(l, e, victim, prefetch=kind == "prefetch")
+                i += 1
+        return i
+
+    def _call_lossless(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The lean path of lossless lru/lfu/lfru (`FastCacheModel`): routing as arrays, no per-token dicts, every
+        pair exact; each expert's output is computed unweighted, and the weighting and mixing are done once.
+
+        out[t] = sum over t's experts e in ascending id of (w[t, e] * f_e(x_t)), added in that order (`mix_pairs`)."""
+        idx = routing.idx                                               # [T, k]
+        t_n, k = idx.shape
+        chosen = idx.cpu().numpy()                                      # [T, k]
+        scores = routing.score.gather(1, idx).cpu().numpy()             # [T, k] float32
+        sched = self.model.schedule_arrays(layer, chosen, scores)
+        self._count(layer, sched)
+
+        # pairs grouped by expert (ascending), (position, token) within: HF's row order
+        by_pos = chosen.T.reshape(-1)                                   # [k*T], pair j*T + t
+        order = np.argsort(by_pos, kind="stable")                       # [N]
+        ends = np.cumsum(sched.pairs).tolist()
+        span = {e: (b - n, b) for e, n, b in zip(sched.experts.tolist(), sched.pairs.tolist(), ends)}
+        tok = order % t_n                                               # [N] token of each pair
+        w_pairs = routing.weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
+        whole = t_n == 1 and x.is_contiguous()                          # every expert's rows are x itself
+        xs = x if whole else x[torch.from_numpy(tok).to(x.device)]      # [N, H]
+
+        ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
+        ops, i = sched.ops, 0
+        while i < len(ops):
+            kind, l, e, _ = ops[i]
+            if kind in LOADS:
+                i = self._load_run(ops, i)
+                continue
+            i += 1
+            w = self._slot(l, e)
+            if self.events is not None:
+                self.events.append(("compute_start", time.perf_counter(), l, e))
+            a, b = span[e]
+            xin = xs if whole else xs[a:b]
+            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype)).to(x.device)
+            if self.events is not None:
+                self.events.append(("compute_end", time.perf_counter(), l, e))
+        y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
+        return mix_pairs(x, tok, y * w_pairs[:, None], span)
 
     def _count(self, layer: int, sched: LayerSchedule) -> None:
         """The schedule's pair counts; loads are counted as they are issued (with their bytes)."""
         s = sched.counts
         self.stats.layer(layer).add(Counts(pairs=s.pairs, hits=s.hits, misses=s.misses, host=s.host, drops=s.drops,
-                                           understudies=dict(s.understudies), prefetch_used=s.prefetch_used))
+                                           understudies=dict(s.understudies), prefetch_used=s.prefetch_used,
+                                           quantized=dict(s.quantized)))
 
     # ---- mechanism ---------------------------------------------------------------------------------------------
     def _load(self, layer: int, e: int, victim: int | None, prefetch: bool) -> None:
@@ -105,7 +166,7 @@ class OffloadExecutor:
         self.tickets[(layer, e)] = self.loader.submit(layer, e, dst, prefetch=prefetch)
         c = self.stats.layer(layer)
         c.loads += 1
-        c.load_bytes += self.cache.expert_bytes
+        c.load_bytes += self.cache.bytes_of(layer, e)
         c.prefetch_issued += int(prefetch)
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.used_bytes)
 
@@ -152,17 +213,48 @@ class OffloadExecutor:
         xin = x[r_all]
         if host and x.device.type != "cpu":
             xin = xin.cpu()
-        y = self.expert_fn(xin, materialize(w, self.store.held, xin.dtype)).to(x.device)   # dequantized here
+        y = self.expert_fn(xin, self.store.materialize(layer, e, w, xin.dtype, slot=not host)).to(x.device)
         if self.events is not None:
             self.events.append(("compute_end", time.perf_counter(), layer, e))
         return r_all, y * w_all[:, None]
 
 
+def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]]
+              ) -> torch.Tensor:
+    """`mix` of the pairs weighted [N, H] (tokens tok [N]) grouped by expert in ascending id, expert e at rows
+    span[e] = (a, b): out[t] = (((0 + c_1) + c_2) + ...) over t's pairs in that order, rounded to x's dtype at every
+    step as `mix` adds them, bit for bit.
+
+    On the CPU a float32/float64 output takes one index_add_ (repeated rows are added one after another in index
+    order); a reduced-precision one (whose index_add_ would sum repeated rows at a wider precision) takes one add per
+    rank when every token has the same number of pairs: c_r = the token's r-th pair by expert id. Elsewhere (CUDA adds
+    repeated rows atomically, in any order) `mix` runs per expert."""
+    t_n = x.shape[0]
+    rows = torch.from_numpy(tok).to(x.device)                        # [N]
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.zeros_like(x).index_add_(0, rows, weighted.to(x.dtype))
+    k, rem = divmod(len(tok), t_n)
+    if x.device.type == "cpu" and rem == 0 and (t_n == 1 or (np.bincount(tok, minlength=t_n) == k).all()):
+        by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(np.argsort(tok, kind="stable"))]
+        out = torch.zeros_like(x)
+        for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
+            out.add_(c)
+        return out
+    return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
+
+
 def _without(rows, skip):
     """Expert rows minus the (token, expert) pairs served otherwise (understudy or drop)."""
+    by_expert: dict[int, set[int]] = defaultdict(set)                 # e -> tokens it does not serve exactly
+    for t, e in skip:
+        by_expert[e].add(t)
     out = {}
     for e, (r, p) in rows.items():
-        keep = [n for n, t in enumerate(r.tolist()) if (t, e) not in skip]
+        gone = by_expert.get(e)
+        if not gone:
+            out[e] = (r, p)
+            continue
+        keep = [n for n, t in enumerate(r.tolist()) if t not in gone]
         if keep:
             idx = torch.tensor(keep, dtype=torch.long, device=r.device)
             out[e] = (r[idx], p[idx])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from runtime.families.arch import ExpertFormat
+from runtime.formats import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,24 @@ def expert_packed_bytes(fmt: ExpertFormat, scheme: Scheme, bias_dtype: torch.dty
         else:
             total += math.prod(shape) * bias_dtype.itemsize
     return total
+
+
+def expert_specs(fmt: ExpertFormat, scheme: Scheme, bias_dtype: torch.dtype) -> dict[str, TensorSpec]:
+    """Tensors of one `quantize_expert` output (a cache slot of that precision is allocated with them); their bytes
+    add up to `expert_packed_bytes`."""
+    out = {}
+    for name, shape in fmt.shapes().items():
+        if name not in expert_matrices(fmt):
+            out[name] = TensorSpec(tuple(shape), bias_dtype)
+            continue
+        rows, cols = shape[::-1] if expert_matrices(fmt)[name] else shape
+        out[f"{name}_q"] = (TensorSpec((rows, cols), torch.int8) if scheme.bits == 8
+                            else TensorSpec((rows, cols // 2), torch.uint8))
+        out[f"{name}_scale"] = TensorSpec((rows, scheme.groups(cols)), scheme.scale_dtype)
+    return out
+
+
+def scheme_from(d: Mapping) -> Scheme:
+    """A scheme as profiles and plans describe it (`Scheme.describe`)."""
+    return Scheme(str(d["name"]), int(d["bits"]), None if d.get("group") is None else int(d["group"]),
+                  getattr(torch, str(d.get("scale_dtype", "float16"))))

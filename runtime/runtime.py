@@ -28,10 +28,13 @@ from runtime.loader import Loader
 from runtime.model_loader import LoadedModel, load_model, load_tokenizer, next_layer_router
 from runtime.offload_executor import OffloadExecutor
 from runtime.policy.config import PolicyConfig, preset
-from runtime.policy.schedule import CacheModel
+from runtime.policy.fast import make_cache_model
 from runtime.policy.slots import resolve_slots
 from runtime.policy.static import static_pins
-from runtime.policy.plan_params import plan_policy, substitution_params
+from runtime.policy.plan_params import plan_policy, plan_pools, substitution_params
+from runtime.policy.pools import native_slots
+from runtime.pooled_store import PooledStore
+from runtime.quantize import scheme_from
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
 
@@ -119,7 +122,7 @@ class Runtime:
         tok = load_tokenizer(model_dir)
         if not cfg.offloads:   # every expert resident in the compute dtype (a quantized one dequantized at load)
             experts = ExpertStore(lm.ckpt, lm.arch, lm.dtype, mode="mmap")
-            stats = RunStats(policy=cfg.name)
+            stats = RunStats(policy=cfg.name, native=experts.format_name)
             rt = cls(lm, cfg, experts, tok, executor=ResidentExecutor(experts, lm.device, lm.dtype, stats),
                      stats=stats, config=config)
             rt.stats.cache_capacity_bytes = rt.stats.peak_cache_bytes = (
@@ -129,26 +132,41 @@ class Runtime:
         # offloaded experts are held and moved as the checkpoint stores them (its dtype, or packed for a quantized
         # checkpoint: what plans count), computed in lm.dtype
         experts = ExpertStore(lm.ckpt, lm.arch, None, mode=mode, pin=lm.device.type == "cuda")
+        pools = None
         if use_plan:
             if the_plan.expert_bytes != experts.expert_bytes:
                 raise UserError(f"the plan counts experts of {the_plan.expert_bytes} B ({the_plan.expert_dtype}), "
                                 f"this checkpoint's are {experts.expert_bytes} B ({experts.format_name}); "
                                 "profile and compile this checkpoint")
             slots = {l: the_plan.slots[l] for l in lm.arch.moe_layers}
+            if the_plan.precision is not None and lossless:     # bit-exact: every expert at the checkpoint's format
+                slots = native_slots(plan_pools(the_plan.precision, lm.arch.moe_layers, experts.expert_bytes),
+                                     the_plan.cache_budget_bytes)
+            elif the_plan.precision is not None:
+                pools = plan_pools(the_plan.precision, lm.arch.moe_layers, experts.expert_bytes)
+                schemes = {n: scheme_from({"name": n, **d}) for n, d in the_plan.precision["schemes"].items()}
+                experts = PooledStore(experts, pools, schemes, pin=lm.device.type == "cuda")
             budget = CacheBudget(sum(slots.values()), experts.expert_bytes, experts.format_name, _name(lm.dtype),
-                                 the_plan.cache_budget_bytes, "the plan")
+                                 the_plan.cache_budget_bytes, "the plan",
+                                 pools=() if pools is None else tuple(
+                                     (n, sum(pools.slots[l][p] for l in slots), pools.bytes[p])
+                                     for p, n in enumerate(pools.names) if any(pools.slots[l][p] for l in slots)))
         else:
             slots = resolve_slots(cache, lm.arch.moe_layers, lm.arch.num_experts)
             budget = CacheBudget(sum(slots.values()), experts.expert_bytes, experts.format_name, _name(lm.dtype),
                                  None, f"--cache {cache}")
         if budget.limit_bytes is not None and budget.capacity_bytes > budget.limit_bytes:
             raise UserError(f"{budget.describe()} exceeds the plan's budget; re-run moe-compile")
-        kv = ExpertCache(experts.specs, slots, lm.device)
+        kv = (ExpertCache(experts.base.specs, slots, lm.device, pools=pools, pool_specs=experts.pool_specs)
+              if pools is not None else ExpertCache(experts.specs, slots, lm.device))
         loader = Loader(experts, lm.device, the_link)
-        stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes)
+        stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes,
+                         native=experts.format_name)
         initial = the_plan.initial if use_plan else {}
         pinned = static_pins(the_profile.frequency, slots) if cfg.pins else None
-        model = CacheModel(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial, pinned=pinned)
+        # the lean cache model where it applies (lossless lru/lfu/lfru), else the reference one
+        model = make_cache_model(slots, lm.arch.num_experts, lm.arch.top_k, cfg, params, initial=initial,
+                                 pinned=pinned, pools=pools)
         width = min((the_plan.choices.width if use_plan else None) or 2 * lm.arch.top_k, lm.arch.num_experts)
         executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)

@@ -8,6 +8,8 @@ Counted per (token, routed expert) pair at each MoE layer call:
   host         the expert itself, computed on the host
   drop         left out (the plan allows it when its measured loss cost beats loading)
 hit_rate = (hit + understudy) / pairs. loads = expert copies into the cache (demand + prefetch), bytes = their bytes.
+precision_mix: shares of the computed pairs by the precision that computed them (a precision plan's quantized copies;
+else all at the checkpoint's format).
 Per-token figures are per decode position (one row, one step); prompt prefill is counted apart.
 """
 from __future__ import annotations
@@ -41,6 +43,7 @@ class RunStats:
     cache_capacity_bytes: int = 0
     peak_cache_bytes: int = 0
     policy: str = ""
+    native: str = "native"          # the checkpoint's expert format (the precision mix's name for exact copies)
 
     def layer(self, l: int) -> LayerCounters:
         layers = self.prefill_layers if self.phase == "prefill" else self.layers
@@ -53,9 +56,9 @@ class RunStats:
         return t
 
     def reset(self) -> None:
-        keep = (self.cache_capacity_bytes, self.policy)
+        keep = (self.cache_capacity_bytes, self.policy, self.native)
         self.__init__()
-        self.cache_capacity_bytes, self.policy = keep
+        self.cache_capacity_bytes, self.policy, self.native = keep
         self.phase = "decode"
 
     @property
@@ -73,6 +76,7 @@ class RunStats:
              "understudies": dict(t.understudies), "loads": t.loads, "bytes_loaded": t.load_bytes,
              "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
              "stall_s": round(t.stall_s, 6), "hit_rate": served / pairs, **t.rates(),
+             "precision_mix": t.precision_mix(self.native),
              "loads_per_token": t.loads / steps,
              "bytes_per_token": t.load_bytes / steps, "ttft_ms": self.ttft_s * 1e3, "tpot_ms": self.tpot_s * 1e3,
              "cache_capacity_bytes": self.cache_capacity_bytes, "peak_cache_bytes": self.peak_cache_bytes,

@@ -36,7 +36,8 @@ def base(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     model = tiny_model("qwen3_moe")
     calib = write_jsonl(d / "calib.jsonl", sample_texts(6, 31))
-    p = profile(model, str(calib), ProfileConfig(samples=6, seq_len=32, probe_tokens=64, sensitivity_tokens=64),
+    p = profile(model, str(calib), ProfileConfig(quant_tokens=0,
+                                                 samples=6, seq_len=32, probe_tokens=64, sensitivity_tokens=64),
                 progress=False)
     p.save(d / "profile")
     compile_plan(d / "profile", CompileConfig(budget="50%", search_tokens=32), log=lambda *a: None).save(d / "plan")

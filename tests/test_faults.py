@@ -14,7 +14,7 @@ from artifacts import Plan, Profile
 from helpers import ROOT, sample_texts, write_jsonl
 from tiny_models import build_tiny
 
-KILLS = 6          # per command: 12 random points in all
+KILLS = 4          # per command: 8 random points in all
 
 
 def _cmd(module: str, *args) -> list[str]:
@@ -49,8 +49,9 @@ def test_sigkill_leaves_old_or_new_never_partial(command, tmp_path):
     rng = random.Random(1234 if command == "profile" else 4321)
     model = build_tiny("olmoe", tmp_path / "m")
     calib = write_jsonl(tmp_path / "c.jsonl", sample_texts(8, 31))
+    # every pass runs, on few tokens: what is tested is how the artifact is written, not what it measures
     prof_cmd = _cmd("profiler.cli", model, "--calib", calib, "-o", tmp_path / "p", "--samples", 8, "--seq-len", 32,
-                    "--quiet")
+                    "--probe-tokens", 64, "--sensitivity-tokens", 64, "--quant-tokens", 64, "--quiet")
     if command == "profile":
         cmd, out, load = prof_cmd, tmp_path / "p", Profile.load
     else:

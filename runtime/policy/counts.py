@@ -4,6 +4,8 @@
   understudies served by a cached stand-in, by reason: band, similarity, batch
   misses       the expert itself, loaded on demand;  host: computed on the host;  drops: left out
   (every pair is exactly one of these: pairs = hits + understudies + misses + host + drops)
+  quantized    of the pairs computed from the cache (hits, misses, understudies), those a quantized copy computed,
+               by scheme (a precision plan's pools; runtime.policy.pools)
   loads        expert copies into the cache, demand and prefetch (prefetch_issued of them), everywhere: in a
                layer's schedule, the runtime's statistics and the simulator's result;  prefetch_used: prefetched
                experts that were then used
@@ -24,6 +26,7 @@ class Counts:
     loads: int = 0
     prefetch_issued: int = 0
     prefetch_used: int = 0
+    quantized: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: "Counts") -> None:
         """Add the counters `other` shares with this one (a subclass may carry more)."""
@@ -32,9 +35,10 @@ class Counts:
             if f.name not in mine:
                 continue
             v = getattr(other, f.name)
-            if f.name == "understudies":
+            if isinstance(v, dict):
+                mine_d = getattr(self, f.name)
                 for r, n in v.items():
-                    self.understudies[r] = self.understudies.get(r, 0) + n
+                    mine_d[r] = mine_d.get(r, 0) + n
             elif isinstance(v, (int, float)):
                 setattr(self, f.name, getattr(self, f.name) + v)
 
@@ -47,3 +51,11 @@ class Counts:
         n = max(self.pairs, 1)
         return {"exact_hit_rate": self.hits / n, "substitution_rate": sum(self.understudies.values()) / n,
                 "drop_rate": self.drops / n, "host_rate": self.host / n, "miss_rate": self.misses / n}
+
+    def precision_mix(self, native: str) -> dict[str, float]:
+        """Shares of the pairs an expert computed (all but drops) by the precision that computed them: `native`
+        (the checkpoint's format: exact copies and host computes) and each quantization scheme; they add to 1."""
+        computed = self.pairs - self.drops
+        q = sum(self.quantized.values())
+        n = max(computed, 1)
+        return {native: (computed - q) / n, **{s: v / n for s, v in sorted(self.quantized.items())}}

@@ -1,5 +1,6 @@
 """A plan's choices become the runtime's policy here, and only here (`plan_policy`): the runtime, the compiler's
-search and simulator, and the report all call it, so a plan means the same thing everywhere.
+search and simulator, and the report all call it, so a plan means the same thing everywhere; its precision map
+becomes the cache's pools in `plan_pools`, for all of them alike.
 
 Per-layer substitution parameters (`substitution_params`) come from the plan's substitution map for policy `plan`:
 near-twins j of i with profiled error err(i, j) <= tau, the protected experts, and the experts whose low-score
@@ -11,6 +12,7 @@ from typing import Mapping, Sequence
 
 from artifacts.plan import PlanChoices
 from runtime.policy.config import PolicyConfig, preset
+from runtime.policy.pools import Pools
 from runtime.policy.substitution import SubstitutionParams
 
 
@@ -46,3 +48,14 @@ def substitution_params(policy: PolicyConfig, moe_layers: Sequence[int], subs_ma
             protected=frozenset(layer.get("protected", [])),
             drop_ok=frozenset(layer.get("drop_ok", [])) if drops and policy.alpha > 0 else frozenset())
     return out
+
+
+def plan_pools(precision: Mapping | None, moe_layers: Sequence[int], expert_bytes: int) -> Pools | None:
+    """A plan's precision map (Plan.precision) as the cache's pools (runtime.policy.pools); None without one."""
+    if precision is None:
+        return None
+    names = (precision["native"], *precision["schemes"])
+    nbytes = (expert_bytes, *(int(d["expert_bytes"]) for d in precision["schemes"].values()))
+    layers = {int(l): d for l, d in precision["layers"].items()}
+    return Pools.build(names, nbytes, {l: layers[l]["experts"] for l in moe_layers},
+                       {l: layers[l]["slots"] for l in moe_layers})

@@ -22,6 +22,10 @@ every other expert counts as 0, in the runtime exactly as in the simulator.
 Only the victim rule and the pinning differ between the lossless baselines (runtime.policy.eviction): lru, lfu and
 lfru by their rule; static by `pinned` experts, resident from the start and never candidates (runtime.policy.static);
 the simulator's oracle by Belady's rule over `future` (a NextUse of the trace being replayed).
+
+With a precision plan the layer's slots are split into pools by precision (runtime.policy.pools): an expert is
+admitted into its own pool and only evicts an expert of that pool; the rule is the same within each pool. Every pair
+computed from a quantized copy (exact or understudy) is counted in `Counts.quantized` under its scheme.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from runtime.policy.counts import Counts
 from runtime.policy.eviction import (NextUse, ScoreWindow, belady_victim, lfru_victim, lfu_victim, lru_victim,
                                      score_victim)
 from runtime.policy.host_split import split_misses
+from runtime.policy.pools import Pools
 from runtime.policy.substitution import SubstitutionParams, TokenDecision, decide_layer
 
 Scores = Mapping[int, float]   # expert -> score, the token's top-W experts
@@ -57,12 +62,15 @@ class CacheModel:
     def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
                  params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None,
                  host_batch_max: int = 8, pinned: Mapping[int, Sequence[int]] | None = None,
-                 future: NextUse | None = None):
+                 future: NextUse | None = None, pools: Pools | None = None):
         """initial: experts resident at start; pinned: experts resident at start and never evicted (static);
-        future: the requests to come (eviction "belady", the simulator's oracle)."""
+        future: the requests to come (eviction "belady", the simulator's oracle); pools: a precision plan's pools
+        (slots per layer are then their sum)."""
         assert (pinned is not None) == policy.pins, f"policy {policy.name}: pinned experts are static's alone"
         assert (future is not None) == (policy.eviction == "belady"), "Belady's rule needs the future, and only it"
-        self.slots = dict(slots)
+        assert pools is None or (future is None and pinned is None), "pools are a plan's, not oracle's or static's"
+        self.pools = pools
+        self.slots = dict(slots) if pools is None else {l: pools.total_slots(l) for l in slots}
         self.layers = list(self.slots)
         self.next_layer = dict(zip(self.layers, self.layers[1:]))
         self.e, self.k, self.policy, self.params = num_experts, top_k, policy, params
@@ -80,14 +88,26 @@ class CacheModel:
                 f"layer {l}: {len(self.pinned[l])} pinned experts leave no slot of {self.slots[l]} for the others")
             self.resident[l].update(self.pinned[l])
             for e in list((initial or {}).get(l, ())):
-                if len(self.resident[l]) < self.slots[l]:
+                if not self._full(l, e):
                     self.resident[l].add(e)
 
+    def _pool_of(self, layer: int, e: int) -> int:
+        return 0 if self.pools is None else self.pools.of[layer][e]
+
+    def _full(self, layer: int, e: int) -> bool:
+        """Whether admitting e needs an eviction: its pool's slots are all taken."""
+        if self.pools is None:
+            return len(self.resident[layer]) >= self.slots[layer]
+        of, p = self.pools.of[layer], self.pools.of[layer][e]
+        return sum(1 for x in self.resident[layer] if of[x] == p) >= self.pools.slots[layer][p]
+
     # ---- slot bookkeeping ------------------------------------------------------------------------------------
-    def _victim(self, layer: int, busy: set[int]) -> int | None:
-        """The rule's victim among the layer's resident experts that are neither busy (this call still needs them)
-        nor pinned (static); None when there is none."""
+    def _victim(self, layer: int, busy: set[int], pool: int = 0) -> int | None:
+        """The rule's victim among the layer's resident experts of `pool` that are neither busy (this call still
+        needs them) nor pinned (static); None when there is none."""
         candidates = [e for e in self.resident[layer] if e not in busy and e not in self.pinned[layer]]
+        if self.pools is not None:
+            candidates = [e for e in candidates if self.pools.of[layer][e] == pool]
         if not candidates:
             return None
         rule, last = self.policy.eviction, self.last_used[layer]
@@ -106,8 +126,8 @@ class CacheModel:
     def _admit(self, layer: int, e: int, busy: set[int]) -> tuple[bool, int | None]:
         """Make room for e (evicting a victim that is not busy when full); (admitted, victim)."""
         victim = None
-        if len(self.resident[layer]) >= self.slots[layer]:
-            victim = self._victim(layer, busy)
+        if self._full(layer, e):
+            victim = self._victim(layer, busy, self._pool_of(layer, e))
             if victim is None:
                 return False, None
             self.resident[layer].discard(victim)
@@ -136,15 +156,15 @@ class CacheModel:
 
         c = Counts(pairs=len(chosen) * self.k)
         exact: dict[int, int] = {}                       # expert -> exact pairs
-        subs: set[int] = set()
+        subs: dict[int, int] = {}                        # understudy -> pairs it stands in for
         for d in decisions:
             for e in d.exact:
                 exact[e] = exact.get(e, 0) + 1
             for _, (j, reason) in d.understudy.items():
-                subs.add(j)
+                subs[j] = subs.get(j, 0) + 1
                 c.understudies[reason] += 1
             c.drops += len(d.dropped)
-        needed = set(exact) | subs
+        needed = set(exact) | set(subs)
         best = {e: max((r.get(e, 0.0) for r, ch in zip(rows, chosen) if e in ch), default=0.0) for e in needed}
         misses = sorted((e for e in needed if e not in resident_at_start), key=lambda e: (-best[e], e))
         to_load, to_host = misses, []
@@ -164,6 +184,11 @@ class CacheModel:
                 c.host += n
             else:
                 c.misses += n
+        if self.pools is not None:
+            for e in needed - host_set:                  # computed from its cache slot, at its pool's precision
+                scheme = self.pools.quantized(layer, e)
+                if scheme is not None:
+                    c.quantized[scheme] = c.quantized.get(scheme, 0) + exact.get(e, 0) + subs.get(e, 0)
         for e in needed & resident_at_start:
             if e in self.prefetched[layer]:
                 c.prefetch_used += 1
@@ -225,11 +250,10 @@ class CacheModel:
         for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]:
             if e in self.resident[nxt]:
                 continue
-            if (self.policy.prefetch_guard and self.policy.eviction == "score"
-                    and len(self.resident[nxt]) >= self.slots[nxt]):
+            if self.policy.prefetch_guard and self.policy.eviction == "score" and self._full(nxt, e):
                 # a prefetch may only displace an expert whose recent mean score is below the predicted score:
                 # otherwise a guess would evict a likely hit
-                victim = self._victim(nxt, set(predicted))
+                victim = self._victim(nxt, set(predicted), self._pool_of(nxt, e))
                 if victim is None or self.windows[nxt].mean()[victim] >= predicted[e]:
                     continue
             ok, victim = self._admit(nxt, e, set(predicted))

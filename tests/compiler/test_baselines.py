@@ -66,7 +66,8 @@ def tiny_profile(tiny_model, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("bl")
     calib = write_jsonl(d / "c.jsonl", sample_texts(6, 31))
-    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(samples=6, seq_len=32, probe_tokens=64),
+    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(quant_tokens=0,
+                                                                   samples=6, seq_len=32, probe_tokens=64),
                 progress=False)
     p.save(d / "profile")
     return d / "profile"

@@ -22,7 +22,8 @@ MODEL = {"moe_layers": [0, 1, 2], "expert_bytes": 100 * MiB, "routed_expert_byte
 def tiny_profile(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("auto")
     calib = write_jsonl(d / "c.jsonl", sample_texts(4, 31))
-    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(samples=4, seq_len=32, probe_tokens=32),
+    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(quant_tokens=0,
+                                                                   samples=4, seq_len=32, probe_tokens=32),
                 progress=False)
     p.save(d / "profile")
     return d / "profile"

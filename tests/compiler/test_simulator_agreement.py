@@ -17,7 +17,8 @@ from runtime.policy.static import static_pins
 @pytest.fixture(scope="module")
 def fixture_profile(fixture_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("agree")
-    p = profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(samples=3, seq_len=96, probe_tokens=256),
+    p = profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(quant_tokens=0,
+                                                                        samples=3, seq_len=96, probe_tokens=256),
                 progress=False)
     p.save(d / "profile")
     return d / "profile", p

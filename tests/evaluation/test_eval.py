@@ -139,7 +139,8 @@ def test_plan_for_another_model(tiny_model, data, tmp_path, capsys):
     from compiler.compile_plan import CompileConfig, compile_plan
     from profiler.profile_model import ProfileConfig, profile
 
-    prof = profile(tiny_model("qwen3_moe"), str(data), ProfileConfig(samples=2, seq_len=32), progress=False)
+    prof = profile(tiny_model("qwen3_moe"), str(data), ProfileConfig(quant_tokens=0,
+                                                                     samples=2, seq_len=32), progress=False)
     prof.save(tmp_path / "prof")
     compile_plan(tmp_path / "prof", CompileConfig(search_tokens=16), log=lambda *a: None).save(tmp_path / "plan")
     model = str(tiny_model("olmoe"))
@@ -155,7 +156,7 @@ def test_two_named_plans_in_one_run(tiny_model, data, tasks, tmp_path, capsys):
     from profiler.profile_model import ProfileConfig, profile
 
     path = tiny_model("qwen3_moe")
-    prof = profile(path, str(data), ProfileConfig(samples=4, seq_len=32), progress=False)
+    prof = profile(path, str(data), ProfileConfig(quant_tokens=0, samples=4, seq_len=32), progress=False)
     prof.save(tmp_path / "prof")
     compile_plan(tmp_path / "prof", CompileConfig(budget="50%", search_tokens=16), log=lambda *a: None).save(tmp_path / "a")
     compile_plan(tmp_path / "prof", CompileConfig(budget="25%", max_error=0.0, search_tokens=16),

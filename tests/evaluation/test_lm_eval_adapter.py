@@ -82,7 +82,8 @@ def cli_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm_eval")
     _write_tasks(tmp)
     runs = {"lossless": _launch(tmp, "lossless", f"model={FIXTURE},policy=smoe,cache=25%,lossless=True,dtype=float32")}
-    prof = profile(FIXTURE, str(DATA / "calib.jsonl"), ProfileConfig(samples=2, seq_len=16, probe_tokens=64,
+    prof = profile(FIXTURE, str(DATA / "calib.jsonl"), ProfileConfig(quant_tokens=0,
+                                                                     samples=2, seq_len=16, probe_tokens=64,
                                                                      sensitivity_tokens=0), progress=False)
     prof.save(tmp / "prof")
     compile_plan(tmp / "prof", CompileConfig(search_tokens=16, predict_tokens=64), log=lambda *a: None).save(

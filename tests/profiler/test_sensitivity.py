@@ -46,7 +46,8 @@ def _zero_experts(model):
 def test_measured_cost_is_zero_only_when_experts_do_nothing(tmp_path, tweak, moves):
     path = build_tiny("qwen2_moe", tmp_path / "m", tweak=tweak)
     calib = write_jsonl(tmp_path / "c.jsonl", sample_texts(8, SEQ - 1))
-    p = profile(path, str(calib), ProfileConfig(samples=8, seq_len=SEQ, probe_tokens=16), progress=False)
+    p = profile(path, str(calib), ProfileConfig(quant_tokens=0,
+                                                samples=8, seq_len=SEQ, probe_tokens=16), progress=False)
     s = p.sensitivity
     assert p.header["sensitivity"]["options"] == list(OPTIONS) and p.header["sensitivity"]["cuts"] == list(CUTS)
     assert s["dnll_sum"].shape == (len(OPTIONS), len(CUTS)) and s["positions"][0] == 8 * SEQ
@@ -60,6 +61,7 @@ def test_measured_cost_is_zero_only_when_experts_do_nothing(tmp_path, tweak, mov
 def test_sensitivity_can_be_skipped(tmp_path):
     path = build_tiny("qwen2_moe", tmp_path / "m")
     calib = write_jsonl(tmp_path / "c.jsonl", sample_texts(4, SEQ - 1))
-    p = profile(path, str(calib), ProfileConfig(samples=4, seq_len=SEQ, probe_tokens=16, sensitivity_tokens=0),
+    p = profile(path, str(calib), ProfileConfig(quant_tokens=0,
+                                                samples=4, seq_len=SEQ, probe_tokens=16, sensitivity_tokens=0),
                 progress=False)
     assert p.sensitivity is None and not any(k.startswith("sensitivity.") for k in p.stats)

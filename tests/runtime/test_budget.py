@@ -25,7 +25,8 @@ def bf16_plan(tmp_path_factory):
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps(cfg | {"dtype": "bfloat16"}))
     calib = write_jsonl(d / "c.jsonl", sample_texts(6, 31))
-    profile(model, str(calib), ProfileConfig(samples=6, seq_len=32, probe_tokens=64, sensitivity_tokens=64),
+    profile(model, str(calib), ProfileConfig(samples=6, seq_len=32, probe_tokens=64, sensitivity_tokens=64,
+                                         quant_tokens=0),
             progress=False).save(d / "profile")
     compile_plan(d / "profile", CompileConfig(budget="25%", search_tokens=64), log=lambda *a: None).save(d / "plan")
     return model, d / "plan"

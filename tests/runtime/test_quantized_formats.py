@@ -177,7 +177,8 @@ def test_plan_budgets_packed_bytes(quantized, kind, tmp_path):
     """moe-profile and moe-compile at 25% count packed bytes; the runtime honours the plan's budget in them."""
     path = quantized(kind)
     calib = write_jsonl(tmp_path / "c.jsonl", sample_texts(6, 31))
-    prof = profile(path, str(calib), ProfileConfig(samples=6, seq_len=32, probe_tokens=64, sensitivity_tokens=64),
+    prof = profile(path, str(calib), ProfileConfig(quant_tokens=0,
+                                                   samples=6, seq_len=32, probe_tokens=64, sensitivity_tokens=64),
                    progress=False)
     m = prof.header["model"]
     packed = _packed_bytes(kind, m["hidden_size"], m["expert_intermediate"])

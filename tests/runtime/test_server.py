@@ -66,7 +66,8 @@ def client(url, key="none"):
 def plan_dir(fixture_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     profile(fixture_model, str(DATA / "calib.jsonl"),
-            ProfileConfig(samples=8, seq_len=64, probe_tokens=128, sensitivity_tokens=128), progress=False
+            ProfileConfig(quant_tokens=0,
+                          samples=8, seq_len=64, probe_tokens=128, sensitivity_tokens=128), progress=False
             ).save(d / "profile")
     compile_plan(d / "profile", CompileConfig(budget="50%", search_tokens=128), log=lambda *a: None).save(d / "plan")
     return d / "plan"

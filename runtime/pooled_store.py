@@ -1,0 +1,93 @@
+"""The expert store as a precision plan's cache sees it: each expert at its pool's precision (runtime.policy.pools).
+
+An expert held at the checkpoint's format comes from the `ExpertStore` as before. An expert a plan holds at a
+weight-only scheme (runtime.quantize: int8 per channel, int4 groups of 32) comes from its quantized copy, made once
+when the run starts by quantizing the store's expert (the same function, on the same weights, as the profile that
+measured what it costs), and kept in host memory (pinned on CUDA): the link then moves the copy's bytes, and a cache
+slot of that pool holds them. Right before compute, `materialize` dequantizes a slot's copy into the compute dtype
+(a fresh workspace, as for a quantized checkpoint's packed experts). A host computation reads the exact expert.
+
+Why copies made at load and not files written by moe-compile: the compiler is pure (no torch, no weights), the
+copies are a deterministic function of the checkpoint (same codes on every run, checked by the tests), and writing
+them would duplicate up to half a model's bytes next to each plan. The cost: one quantization pass over the quantized
+experts when the run starts (measured by the benchmark), and their bytes in host memory (at most half the routed
+experts' bytes: int8 copies; int4 about 28%).
+Why not torchao / HQQ / optimum-quanto: the cache preallocates every slot as plain tensors of fixed shapes and the
+copies must be exactly what the profiler measured; a dequantize into a workspace needs no kernel library, and a kept
+int4 GEMV kernel would pay off on a GPU only (docs/design.md).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from runtime.expert_store import ExpertStore
+from runtime.formats import TensorSpec, materialize
+from runtime.policy.pools import Pools
+from runtime.quantize import Scheme, dequantize_expert, expert_specs, quantize_expert
+
+
+class PooledStore:
+    """An ExpertStore plus the quantized copies a precision plan's pools hold; duck-types the store for the loader
+    (`copy_into`) and the executor (`read`, `materialize`)."""
+
+    def __init__(self, store: ExpertStore, pools: Pools, schemes: Mapping[str, Scheme], pin: bool = False):
+        assert store.held is None, "precision pools quantize float experts"
+        self.base, self.pools, self.arch = store, pools, store.arch
+        self.held = None
+        self.schemes = {n: schemes[n] for n in pools.names[1:]}
+        bias = store.dtype
+        self.pool_specs: tuple[dict[str, TensorSpec], ...] = (dict(store.specs),) + tuple(
+            expert_specs(self.arch.experts, self.schemes[n], bias) for n in pools.names[1:])
+        for p, n in enumerate(pools.names):
+            have = sum(s.nbytes for s in self.pool_specs[p].values())
+            if have != pools.bytes[p]:
+                raise ValueError(f"a {n} expert holds {have} B here, the plan counts {pools.bytes[p]} B")
+        self._copies: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for l in self.arch.moe_layers:
+            for e in range(self.arch.num_experts):
+                name = pools.quantized(l, e)
+                if name is not None:
+                    q = quantize_expert(store.read(l, e), self.arch.experts, self.schemes[name])
+                    self._copies[(l, e)] = {k: (v.pin_memory() if pin else v) for k, v in q.items()}
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert at the checkpoint's format."""
+        return self.base.expert_bytes
+
+    @property
+    def copy_bytes(self) -> int:
+        """Host bytes of the quantized copies."""
+        return sum(t.numel() * t.element_size() for w in self._copies.values() for t in w.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the experts held at the checkpoint's format."""
+        return self.base.dtype
+
+    @property
+    def format_name(self) -> str:
+        return self.base.format_name
+
+    def read(self, layer: int, e: int) -> dict[str, torch.Tensor]:
+        """The exact expert (host computations)."""
+        return self.base.read(layer, e)
+
+    def copy_into(self, layer: int, e: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
+        """Copy expert e at its pool's precision into a slot of that pool; returns the bytes moved."""
+        src = self._copies.get((layer, e))
+        if src is None:
+            return self.base.copy_into(layer, e, dst, non_blocking=non_blocking)
+        for k, t in dst.items():
+            t.copy_(src[k], non_blocking=non_blocking)
+        return sum(t.numel() * t.element_size() for t in dst.values())
+
+    def materialize(self, layer: int, e: int, w: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                    slot: bool = True) -> dict[str, torch.Tensor]:
+        """Weights to compute with: a slot of a quantized pool dequantized, else as the plain store's."""
+        name = self.pools.quantized(layer, e) if slot else None
+        if name is None:
+            return materialize(w, None, dtype)
+        return dequantize_expert(w, self.arch.experts, self.schemes[name], dtype)

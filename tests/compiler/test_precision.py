@@ -1,0 +1,233 @@
+"""Precision plans (issue #12): pools in the cache model, the compiler's choice, the plan schema, and the runtime
+holding quantized copies (the bytes it moves and holds, its logits, --lossless)."""
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from artifacts import UserError
+from artifacts.plan import Plan
+from compiler.compile_plan import CompileConfig, compile_plan
+from compiler.precision import NATIVE, options
+from helpers import DATA
+from profiler.profile_model import ProfileConfig, profile
+from runtime import Runtime
+from runtime.policy.config import preset
+from runtime.policy.plan_params import substitution_params
+from runtime.policy.pools import Pools, native_slots
+from runtime.policy.schedule import CacheModel
+from runtime.quantize import INT4, INT8, dequantize_expert, expert_packed_bytes, expert_specs, quantize_expert
+
+
+# ---- pure: pools in the cache model ------------------------------------------------------------------------------
+def _replay(model: CacheModel, layers, trace, k):
+    out = []
+    for row in trace:
+        for l in layers:
+            s = model.schedule(l, [dict(zip(row, [1.0 / (i + 1) for i in range(len(row))]))], [row[:k]])
+            out.append((s.ops, s.counts.hits, s.counts.loads))
+    return out
+
+
+@pytest.mark.parametrize("rule", ["lru", "lfu", "lfru"])
+def test_one_pool_per_layer_is_the_cache_without_pools(rule):
+    """Pools that put every expert in pool 0 with the layer's slots decide exactly as no pools."""
+    e, k, layers = 16, 4, [0, 1]
+    rng = random.Random(1)
+    trace = [rng.sample(range(e), 6) for _ in range(200)]
+    pol = preset(rule)
+    params = substitution_params(pol, layers)
+    pools = Pools(("bfloat16",), (100,), {l: (0,) * e for l in layers}, {l: (6,) for l in layers})
+    a = _replay(CacheModel({l: 6 for l in layers}, e, k, pol, params), layers, trace, k)
+    b = _replay(CacheModel({l: 6 for l in layers}, e, k, pol, params, pools=pools), layers, trace, k)
+    assert a == b
+
+
+def test_an_expert_only_evicts_its_own_pool():
+    e, k, layers = 8, 2, [0]
+    of = (0, 0, 1, 1, 1, 1, 1, 1)                 # experts 0-1 native, 2-7 int4
+    pools = Pools(("bfloat16", "int4"), (100, 28), {0: of}, {0: (1, 3)})
+    pol = preset("lru")
+    m = CacheModel({0: 4}, e, k, pol, substitution_params(pol, layers), pools=pools)
+    rng = random.Random(0)
+    for _ in range(300):
+        row = rng.sample(range(e), 3)
+        s = m.schedule(0, [dict.fromkeys(row, 1.0)], [row[:k]])
+        for kind, _, x, victim in s.ops:
+            if kind == "load" and victim is not None:
+                assert of[x] == of[victim]
+        held = [of[x] for x in m.resident[0]]
+        assert held.count(0) <= 1 and held.count(1) <= 3
+        q = sum(1 for x in row[:k] if of[x] == 1)
+        assert s.counts.quantized.get("int4", 0) == q          # every pair an int4 expert computed
+
+
+def test_native_slots_fit_the_budget():
+    pools = Pools(("bfloat16", "int4"), (100, 28), {0: (0,) * 4 + (1,) * 12, 1: (1,) * 16},
+                  {0: (2, 7), 1: (0, 10)})
+    assert pools.layer_bytes(0) == 396 and pools.layer_bytes(1) == 280
+    got = native_slots(pools, pools.total_bytes)
+    assert got == {0: 3, 1: 2} and sum(got.values()) * 100 <= pools.total_bytes
+    with pytest.raises(UserError, match="--precision off"):
+        native_slots(pools, 150)
+
+
+def test_options_never_give_a_more_important_class_fewer_bits():
+    bits = {"int8": 8, "int4": 4}
+    auto = options(("int8", "int4"), bits, 3, "auto")
+    assert len(auto) == 10 and auto[0].native_only
+    rank = {NATIVE: 16, "int8": 8, "int4": 4}
+    assert all(rank[o.classes[0]] >= rank[o.classes[1]] >= rank[o.classes[2]] for o in auto)
+    assert all("int4" not in o.classes for o in options(("int8", "int4"), bits, 3, "int8"))
+
+
+@pytest.mark.parametrize("scheme", [INT8, INT4])
+def test_slot_specs_hold_what_quantize_expert_makes(scheme):
+    from runtime.families.arch import ExpertFormat
+
+    fmt = ExpertFormat(kind="glu", hidden=64, intermediate=32)
+    w = {k: torch.randn(s, dtype=torch.bfloat16) for k, s in fmt.shapes().items()}
+    q = quantize_expert(w, fmt, scheme)
+    specs = expert_specs(fmt, scheme, torch.bfloat16)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in q.items()} == {k: (s.shape, s.dtype) for k, s in specs.items()}
+    assert sum(s.nbytes for s in specs.values()) == expert_packed_bytes(fmt, scheme, torch.bfloat16)
+
+
+# ---- the compiler, the plan and the runtime on the shared fixture ---------------------------------------------------
+@pytest.fixture(scope="module")
+def quant_profile(fixture_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("precision") / "profile"
+    profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(samples=3, seq_len=64, probe_tokens=64,
+            sensitivity_tokens=128, quant_tokens=128), progress=False).save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def precision_plan(quant_profile, tmp_path_factory):
+    d = tmp_path_factory.mktemp("precision-plan") / "plan"
+    plan = compile_plan(quant_profile, CompileConfig(budget="12.5%", search_tokens=64, predict_tokens=192),
+                        log=lambda *a: None)
+    plan.save(d)
+    return d
+
+
+def test_a_tight_budget_compiles_a_precision_plan_within_its_bytes(precision_plan, quant_profile):
+    plan = Plan.load(precision_plan)
+    assert plan.precision is not None and plan.header["format_version"] == 2
+    assert plan.held_bytes <= plan.cache_budget_bytes
+    pred = plan.predicted
+    assert "plan_native" in pred and pred["plan"]["hit_rate"] > pred["plan_native"]["hit_rate"]
+    assert pred["plan"]["bytes_per_token"] < pred["plan_native"]["bytes_per_token"]
+    mix = pred["plan"]["precision_mix"]
+    assert abs(sum(mix.values()) - 1) < 1e-9 and sum(v for k, v in mix.items() if k != "bfloat16") > 0
+    # every expert of a layer's class is held at that class's precision
+    classes = plan.choices.precision.split("/")
+    prof = json.loads((quant_profile / "profile.json").read_text())
+    assert len(classes) == len(prof["quant_sensitivity"]["classes"])
+    off = compile_plan(quant_profile, CompileConfig(budget="12.5%", search_tokens=64, predict_tokens=192,
+                                                    precision="off"), log=lambda *a: None)
+    assert off.precision is None and off.choices.precision == "bfloat16"
+
+
+def test_precision_needs_a_profile_that_measured_it(small_profile):
+    with pytest.raises(UserError, match="--quant-tokens"):
+        compile_plan(small_profile, CompileConfig(budget="25%", precision="int4"), log=lambda *a: None)
+    plan = compile_plan(small_profile, CompileConfig(budget="25%", search_tokens=32, predict_tokens=64),
+                        log=lambda *a: None)
+    assert plan.precision is None                 # auto: nothing measured, the checkpoint's format only
+
+
+def test_a_plan_whose_precision_slots_overrun_the_budget_is_refused(precision_plan, tmp_path):
+    d = tmp_path / "plan"
+    shutil.copytree(precision_plan, d)
+    cache = json.loads((d / "cache_plan.json").read_text())
+    layer, spec = next(iter(cache["precision"]["layers"].items()))
+    name = next(n for n in spec["slots"] if n != "bfloat16")
+    spec["slots"][name] += 1
+    cache["slots"][layer] += 1
+    (d / "cache_plan.json").write_text(json.dumps(cache))
+    with pytest.raises(UserError, match="budget|slots"):
+        Plan.load(d)
+    spec["slots"][name] -= 1                      # slots that do not add up
+    (d / "cache_plan.json").write_text(json.dumps(cache))
+    with pytest.raises(UserError, match="add up"):
+        Plan.load(d)
+
+
+def test_the_runtime_holds_and_moves_quantized_copies(fixture_model, precision_plan):
+    plan = Plan.load(precision_plan)
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3, 120, 64, 11, 90, 33, 7]])
+    with Runtime.load(fixture_model, plan=precision_plan, policy="plan", alpha=0.0) as rt:
+        store = rt.store
+        # the copies are the quantizer's output on the checkpoint's experts, held at the plan's bytes
+        for l, spec in plan.precision["layers"].items():
+            for e, name in enumerate(spec["experts"]):
+                if name != "bfloat16":
+                    want = quantize_expert(store.base.read(l, e), rt.lm.arch.experts, store.schemes[name])
+                    got = store._copies[(l, e)]
+                    assert all(torch.equal(got[k], v) for k, v in want.items())
+        assert rt.cache.capacity_bytes == plan.held_bytes <= plan.cache_budget_bytes
+        logits = rt.teacher_force(ids)
+        d = rt.stats.to_dict(per_layer=True)
+        assert d["peak_cache_bytes"] <= plan.cache_budget_bytes
+        assert d["bytes_loaded"] == sum(c["load_bytes"] for c in d["layers"].values())
+        assert sum(d["precision_mix"].values()) == pytest.approx(1.0)
+        quantized = {(l, e) for l, s in plan.precision["layers"].items() for e, n in enumerate(s["experts"])
+                     if n != "bfloat16"}
+    # the same logits as the resident model whose quantized experts compute with their dequantized copies
+    with Runtime.load(fixture_model, policy="resident") as ref:
+        for (l, e) in quantized:
+            w = ref.executor.experts[(l, e)]
+            name = plan.precision["layers"][l]["experts"][e]
+            scheme = store.schemes[name]
+            deq = dequantize_expert(quantize_expert(store.base.read(l, e), ref.lm.arch.experts, scheme),
+                                    ref.lm.arch.experts, scheme, w["gate_up"].dtype)
+            for k in w:
+                w[k] = deq[k]
+        want = ref.teacher_force(ids)
+    assert torch.equal(logits, want)
+
+
+def test_lossless_runs_a_precision_plan_bit_exact_within_its_budget(fixture_model, precision_plan):
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3, 120, 64]])
+    with Runtime.load(fixture_model, policy="resident") as ref:
+        want = ref.teacher_force(ids)
+    with Runtime.load(fixture_model, plan=precision_plan, policy="plan", lossless=True) as rt:
+        got = rt.teacher_force(ids)
+        plan = Plan.load(precision_plan)
+        assert rt.cache.capacity_bytes <= plan.cache_budget_bytes and rt.stats.to_dict()["precision_mix"] == {
+            "bfloat16": 1.0}
+    assert torch.equal(got, want)
+
+
+def test_the_simulator_predicts_what_the_runtime_moves(fixture_model, quant_profile, precision_plan):
+    """Same tokens, same pools: the compiler's replay and the runtime agree on hits, loads and bytes moved (the
+    quantized copies shift hidden states a little, so the runtime's routing drifts from the trace's: within 0.01
+    per routed pair, as for every lossy plan)."""
+    from artifacts import Profile
+    from compiler.simulator import Costs, simulate
+    from runtime.policy.plan_params import plan_policy, plan_pools
+
+    prof, plan = Profile.load(quant_profile), Plan.load(precision_plan)
+    layers = prof.moe_layers
+    pools = plan_pools(plan.precision, layers, plan.expert_bytes)
+    pol, params = plan_policy(plan.choices, layers, plan.substitution_map(), lossless=True, host_compute=False)
+    pred = simulate(prof.trace, layers, prof.num_experts, prof.top_k, plan.slots, pol, params,
+                    Costs.of(None, prof.header["model"]), initial=plan.initial, pools=pools).to_dict()
+    tokens = prof.trace["token"].reshape(-1, 64).astype(np.int64)
+    with Runtime.load(fixture_model, plan=precision_plan, policy="plan", alpha=0.0, host_compute=False) as rt:
+        for row in tokens:
+            rt.teacher_force(torch.from_numpy(row)[None])
+        got = rt.stats.to_dict()
+    assert got["decode_positions"] == pred["tokens"] == tokens.size
+    pairs = len(layers) * prof.top_k
+    assert abs(got["hit_rate"] - pred["hit_rate"]) <= 0.01
+    assert abs(got["loads_per_token"] - pred["loads_per_token"]) / pairs <= 0.01
+    assert got["loads"] > 0 and pred["loads"] > 0                        # bytes per load: the pools' mix of sizes
+    assert got["bytes_loaded"] / got["loads"] == pytest.approx(pred["bytes_per_token"] / pred["loads_per_token"],
+                                                               rel=0.05)
+    for k, v in pred["precision_mix"].items():
+        assert got["precision_mix"][k] == pytest.approx(v, abs=0.02)
