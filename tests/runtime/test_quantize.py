@@ -97,3 +97,15 @@ def test_quantized_weight_is_plain_tensors_that_fit_a_preallocated_slot():
     slot.q.copy_(m.q)
     slot.scale.copy_(m.scale)
     assert torch.equal(dequantize(slot, INT4, torch.float32), dequantize(m, INT4, torch.float32))
+
+
+def test_int4_whole_groups_dequantize_as_the_formula():
+    """The whole-group fast path is the module docstring's W' = q x scale (float32, rounded once), column by column."""
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(3))
+    qw = quantize(w, INT4)
+    codes = torch.empty(24, 96, dtype=torch.int8)
+    codes[:, 0::2] = (qw.q & 0x0F).to(torch.int8) - 8
+    codes[:, 1::2] = (qw.q >> 4).to(torch.int8) - 8
+    want = codes.float() * qw.scale.float().repeat_interleave(INT4.group, dim=1)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(dequantize(qw, INT4, dtype), want.to(dtype))
