@@ -162,11 +162,12 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
                      and native in EXPERT_DTYPES)
     if use_precision:
         bits = {s: d["bits"] for s, d in zip(quant.schemes, profile.header["quant_sensitivity"]["schemes"])}
-        tried = []
+        tried, curves_seen = [], {}
         for o in options(quant.schemes, bits, len(quant.classes), config.precision):
             if o.native_only:
                 continue
-            pools = allocate_pools(profile, o, split.cache_bytes, base, base_params, tokens=min(n_search, 1024))
+            pools = allocate_pools(profile, o, split.cache_bytes, base, base_params, tokens=min(n_search, 1024),
+                                   curves_seen=curves_seen)
             if pools is None:
                 continue
             layouts[o.name] = (pools, {l: pools.total_slots(l) for l in layers}, pool_initial(profile, pools))

@@ -74,9 +74,12 @@ def expert_precision(profile: Profile, option: PrecisionOption) -> dict[int, tup
 
 
 def allocate_pools(profile: Profile, option: PrecisionOption, cache_bytes: int, policy: PolicyConfig,
-                   params: dict[int, SubstitutionParams], tokens: int) -> Pools | None:
+                   params: dict[int, SubstitutionParams], tokens: int,
+                   curves_seen: dict | None = None) -> Pools | None:
     """Slots per (layer, pool) by simulated gain per byte (module docstring); None when one slot per pool does not
-    fit in `cache_bytes`."""
+    fit in `cache_bytes`. A pool's curve depends only on its members (the layer's other experts are all resident),
+    so `curves_seen` ({(layer, members): curve}, shared across options) replays each member set once."""
+    curves_seen = {} if curves_seen is None else curves_seen
     names, nbytes = names_and_bytes(profile)
     per_expert = expert_precision(profile, option)
     index = {n: i for i, n in enumerate(names)}
@@ -100,7 +103,10 @@ def allocate_pools(profile: Profile, option: PrecisionOption, cache_bytes: int, 
     for m, l in enumerate(profile.moe_layers):
         for p in range(len(names)):
             if members[l][p]:
-                curves[(l, p)] = [0] + [served(m, l, p, s) for s in range(1, int(members[l][p]) + 1)]
+                key = (l, tuple(e for e, q in enumerate(of[l]) if q == p))
+                if key not in curves_seen:
+                    curves_seen[key] = [0] + [served(m, l, p, s) for s in range(1, int(members[l][p]) + 1)]
+                curves[(l, p)] = curves_seen[key]
     while True:
         best, best_gain = None, -1.0
         for (l, p), c in curves.items():

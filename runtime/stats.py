@@ -90,9 +90,12 @@ class RunStats:
     def summary(self) -> str:
         d = self.to_dict()
         u = d["understudies"]
+        quantized = {k: v for k, v in d["precision_mix"].items() if k != self.native and v > 0}
+        mix = (", quantized copies computed " + ", ".join(f"{v:.0%} of pairs ({k})" for k, v in quantized.items())
+               if quantized else "")
         return (f"[{d['policy']}] {d['tokens']} tokens | hit rate {d['hit_rate']:.1%} "
                 f"(understudies {sum(u.values())}: band {u['band']}, similarity {u['similarity']}, batch {u['batch']}; "
                 f"drops {d['drops']}; host {d['host']}) | loads {d['loads']} ({d['loads_per_token']:.2f}/token, "
-                f"{d['bytes_loaded'] / 2**20:.1f} MiB), prefetch {d['prefetch_used']}/{d['prefetch_issued']} used | "
+                f"{d['bytes_loaded'] / 2**20:.1f} MiB){mix}, prefetch {d['prefetch_used']}/{d['prefetch_issued']} used | "
                 f"stalled {d['stall_s'] * 1e3:.0f} ms | TTFT {d['ttft_ms']:.0f} ms, TPOT {d['tpot_ms']:.1f} ms | "
                 f"cache peak {d['peak_cache_bytes'] / 2**20:.1f} of {d['cache_capacity_bytes'] / 2**20:.1f} MiB")

@@ -49,3 +49,17 @@ def small_profile(fixture_model, tmp_path_factory):
     profile(fixture_model, str(DATA / "calib.jsonl"), ProfileConfig(samples=2, seq_len=32, probe_tokens=64,
             sensitivity_tokens=0, quant_tokens=0), progress=False).save(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny_model, tmp_path_factory):
+    """A profile of a tiny qwen3_moe built from config (substitution sensitivity, no quantization pass): what the
+    compiler's tests compile from. Read-only: tests that change a profile copy it first."""
+    from helpers import sample_texts, write_jsonl
+    from profiler.profile_model import ProfileConfig, profile
+
+    d = tmp_path_factory.mktemp("tiny-profile")
+    calib = write_jsonl(d / "c.jsonl", sample_texts(6, 31))
+    profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(samples=6, seq_len=32, probe_tokens=64, quant_tokens=0),
+            progress=False).save(d / "profile")
+    return d / "profile"

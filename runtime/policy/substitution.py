@@ -45,6 +45,8 @@ ScoreMap = Mapping[int, float]   # expert -> score; experts absent score 0 (a to
 
 
 def as_scores(scores: Sequence[float] | ScoreMap) -> ScoreMap:
+    if type(scores) is dict:             # the common case, without typing's (slow) isinstance machinery
+        return scores
     return scores if isinstance(scores, Mapping) else dict(enumerate(scores))
 
 

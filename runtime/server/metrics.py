@@ -4,6 +4,8 @@ One registry per server (no process-wide state). Request-level series are observ
 cache served is read from the runtime's own statistics when /metrics is scraped, under the engine's lock, so the
 figures are those of `RunStats` (decode phase; rates add up to 1):
   understudy_pair_share{kind}        exact | understudy | drop | host | miss, of (token, routed expert) pairs
+  understudy_precision_share{precision}  computed pairs by the precision that computed them (a precision plan's
+                                     quantized copies; else all at the checkpoint's format); they add up to 1
   understudy_loads_per_token         expert loads per decode position;  understudy_bytes_per_token likewise
   understudy_cache_slots_used{layer} experts held per MoE layer (of understudy_cache_slots{layer})
 """
@@ -32,6 +34,11 @@ class _RuntimeCollector:
                           ("host", "host_rate"), ("miss", "miss_rate")):
             share.add_metric([kind], d[key])
         yield share
+        mix = GaugeMetricFamily("understudy_precision_share", "Share of computed decode pairs by the precision that "
+                                "computed them; they add up to 1", labels=["precision"])
+        for name, v in d["precision_mix"].items():
+            mix.add_metric([name], v)
+        yield mix
         pairs = CounterMetricFamily("understudy_pairs", "Decode (token, routed expert) pairs by how they were "
                                     "served", labels=["kind"])
         u = d["understudies"]

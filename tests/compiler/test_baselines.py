@@ -59,18 +59,6 @@ def test_lfru_and_lfu_are_not_lru():
     assert loads["lfu"] != loads["lru"] and loads["lfru"] != loads["lru"]
 
 
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_model, tmp_path_factory):
-    from helpers import sample_texts, write_jsonl
-    from profiler.profile_model import ProfileConfig, profile
-
-    d = tmp_path_factory.mktemp("bl")
-    calib = write_jsonl(d / "c.jsonl", sample_texts(6, 31))
-    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(quant_tokens=0,
-                                                                   samples=6, seq_len=32, probe_tokens=64),
-                progress=False)
-    p.save(d / "profile")
-    return d / "profile"
 
 
 def test_compile_predicts_and_prints_every_baseline(tiny_profile, tmp_path, capsys):

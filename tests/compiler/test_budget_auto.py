@@ -10,23 +10,12 @@ from compiler import auto_budget as ab
 from compiler.cli import main
 from compiler.compile_plan import CompileConfig, compile_plan
 from compiler.targets import Target, load_target
-from helpers import sample_texts, write_jsonl
-from profiler.profile_model import ProfileConfig, profile
 
 GiB, MiB = 2**30, 2**20
 MODEL = {"moe_layers": [0, 1, 2], "expert_bytes": 100 * MiB, "routed_expert_bytes": 100 * MiB * 128 * 3,
          "dense_bytes": GiB, "kv_bytes_per_token": 1000}
 
 
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("auto")
-    calib = write_jsonl(d / "c.jsonl", sample_texts(4, 31))
-    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(quant_tokens=0,
-                                                                   samples=4, seq_len=32, probe_tokens=32),
-                progress=False)
-    p.save(d / "profile")
-    return d / "profile"
 
 
 def _run(capsys, *argv):

@@ -10,22 +10,11 @@ from compiler.cli import main
 from compiler.compile_plan import ALPHAS, DEPTHS, CompileConfig, compile_plan
 from compiler.memory import split_budget
 from compiler.targets import load_target, presets
-from helpers import sample_texts, write_jsonl
-from profiler.profile_model import ProfileConfig, profile
 
 MODEL = {"moe_layers": [0, 1, 2], "expert_bytes": 1000, "routed_expert_bytes": 1000 * 8 * 3, "dense_bytes": 50_000,
          "kv_bytes_per_token": 10, "num_layers": 3}
 
 
-@pytest.fixture(scope="module")
-def tiny_profile(tiny_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("cp")
-    calib = write_jsonl(d / "c.jsonl", sample_texts(6, 31))
-    p = profile(tiny_model("qwen3_moe"), str(calib), ProfileConfig(quant_tokens=0,
-                                                                   samples=6, seq_len=32, probe_tokens=64),
-                progress=False)
-    p.save(d / "profile")
-    return d / "profile"
 
 
 def test_percentage_budget():

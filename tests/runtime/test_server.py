@@ -216,6 +216,8 @@ def test_load_and_a_client_that_goes_away(fixture_model, plan_dir):
         assert value("understudy_requests_running") == 0
         shares = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("understudy_pair_share{")]
         assert len(shares) == 5 and abs(sum(shares) - 1) < 1e-9
+        mix = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("understudy_precision_share{")]
+        assert mix and abs(sum(mix) - 1) < 1e-9
         assert 'understudy_requests_total{endpoint="/v1/completions",status="200"} 40.0' in metrics
         assert "understudy_time_to_first_token_seconds_count 40.0" in metrics
         assert 'understudy_cache_slots_used{layer="0"}' in metrics
