@@ -102,16 +102,14 @@ class Plan:
         """Bytes of one expert per precision name (the native format's is expert_bytes)."""
         if self.precision is None:
             return {self.expert_dtype: self.expert_bytes}
-        return {self.precision["native"]: self.expert_bytes,
-                **{n: int(d["expert_bytes"]) for n, d in self.precision["schemes"].items()}}
+        return _precision_bytes(self.precision, self.expert_bytes)
 
     @property
     def held_bytes(self) -> int:
         """Bytes of every cache slot of the plan: sum over layers and precisions of slots x bytes per expert."""
         if self.precision is None:
             return sum(self.slots.values()) * self.expert_bytes
-        b = self.precision_bytes()
-        return sum(n * b[p] for d in self.precision["layers"].values() for p, n in d["slots"].items())
+        return _held_bytes(self.precision, self.expert_bytes)
 
     @property
     def choices(self) -> PlanChoices:
@@ -248,8 +246,7 @@ class Plan:
         precision = None
         if "precision" in cache:
             precision = _check_precision(k, cache["precision"], model, expert_bytes, slots, e)
-            held = sum(n * (expert_bytes if p == precision["native"] else precision["schemes"][p]["expert_bytes"])
-                       for d in precision["layers"].values() for p, n in d["slots"].items())
+            held = _held_bytes(precision, expert_bytes)
             if held > cache_budget:
                 k.fail("precision", f"slots hold {held} B, more than the budget's {cache_budget} B of cache")
         elif sum(slots.values()) * expert_bytes > cache_budget:
@@ -301,6 +298,16 @@ class Plan:
         return cls(header=header, slots=slots, expert_bytes=expert_bytes, substitutes=substitutes,
                    protected=protected, drop_ok=drop_ok, initial=initial, clusters=clusters, cluster_table=table,
                    not_taken=not_taken, precision=precision)
+
+
+def _precision_bytes(precision: dict, expert_bytes: int) -> dict[str, int]:
+    return {precision["native"]: expert_bytes, **{n: int(d["expert_bytes"]) for n, d in precision["schemes"].items()}}
+
+
+def _held_bytes(precision: dict, expert_bytes: int) -> int:
+    """sum over layers and precisions p of slots(l, p) x bytes(p)."""
+    b = _precision_bytes(precision, expert_bytes)
+    return sum(n * b[p] for d in precision["layers"].values() for p, n in d["slots"].items())
 
 
 def _check_precision(k: Checker, p, model: dict, expert_bytes: int, slots: dict[int, int], e: int) -> dict:
