@@ -1,5 +1,6 @@
-"""Replay a profile's routing trace through the runtime's own cache model (runtime.policy.schedule) and time it on a
-target. Because the decisions are the runtime's functions, not a re-implementation, predicted hits and loads match
+"""Replay a profile's routing trace through the runtime's own cache model (runtime.policy.fast.make_cache_model: the
+lean model of the lossless slot caches, else runtime.policy.schedule.CacheModel, as the runtime chooses) and time
+it on a target. Because the decisions are the runtime's functions, not a re-implementation, predicted hits and loads match
 what the runtime measures on the same tokens.
 
 Timing model (per decode token, batch 1, event-driven):
@@ -29,7 +30,7 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.eviction import NextUse
 from runtime.policy.pools import Pools
-from runtime.policy.schedule import CacheModel
+from runtime.policy.fast import make_cache_model
 from runtime.policy.substitution import SubstitutionParams, kth_next
 
 
@@ -131,8 +132,8 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
     ids, scores, coef = trace["ids"], trace["scores"], trace["coef"]
     pred_ids, pred_scores = trace.get("pred_ids"), trace.get("pred_scores")
     t_total = replayed_tokens(trace, tokens)
-    model = CacheModel(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned, future=future,
-                       pools=pools)
+    model = make_cache_model(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned,
+                             future=future, pools=pools)          # the runtime's choice of cache model, too
     res = SimResult(loss=0.0 if loss_model is not None else None, native=costs.native)
     load_s = {p: costs.load_of(b) for p, b in enumerate(pools.bytes)} if pools is not None else {0: costs.load}
     clock, link_free = 0.0, 0.0
