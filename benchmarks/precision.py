@@ -102,7 +102,7 @@ def measure(args, t0: float) -> dict:
                 schemes = {n: scheme_from({"name": n, **d}) for n, d in plan.precision["schemes"].items()}
                 t = time.perf_counter()
                 ps = PooledStore(store, pools, schemes)
-                startup = {"seconds": time.perf_counter() - t, "copies": len(ps._copies), "bytes": ps.copy_bytes}
+                startup = {"seconds": time.perf_counter() - t, "copies": ps.copies, "bytes": ps.copy_bytes}
             log(t0, f"{name}: evaluating {pct} ({args.tokens} tokens)")
             cfg = EvalConfig(policies=POLICIES + PLANS, cache=pct, max_tokens=args.tokens, tasks="none", prompts=0,
                              profile=str(pdir), threads=1)

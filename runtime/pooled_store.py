@@ -58,6 +58,11 @@ class PooledStore:
         return self.base.expert_bytes
 
     @property
+    def copies(self) -> int:
+        """Experts held as quantized copies."""
+        return len(self._copies)
+
+    @property
     def copy_bytes(self) -> int:
         """Host bytes of the quantized copies."""
         return sum(t.numel() * t.element_size() for w in self._copies.values() for t in w.values())
