@@ -18,6 +18,10 @@ it: it is compared with the plan's and the baselines' hit rates as moe-compile p
 (same tokens for all), never with measured figures.
 Startup: the seconds `PooledStore` takes to make a plan's quantized copies (one quantization pass), measured once per
 fixture and budget.
+TPOT (`--tpot`, after the main run, on a quiet machine: it times): on tiny-qwen2moe at 50%, lru, plan-native and plan
+over the emulated link of run_benchmarks.py (benchmarks/emulated_link.py: a load costs, relative to a layer's
+compute, what it costs for Qwen2-57B-A14B on an RTX A6000 over PCIe 4.0), TPOT_RUNS interleaved runs of
+TPOT_TOKENS held-out tokens each, the median per policy; ratios to lru's within the run.
 
 Goals (issue #12), on each fixture: at 12.5% and 25%, plan's hit rate >= 1.3x plan-native's and its bytes per token
 <= 0.5x plan-native's, perplexity change vs resident <= +0.5%; at 50%, hit rate >= 0.95 at <= +0.5%.
@@ -50,6 +54,8 @@ PLANS = ("plan-native", "plan")
 HEADING = "## Precision plans and every baseline (issues #12, #13)"
 SECTION = "precision"
 PPL_LIMIT = 0.5                # percent
+TPOT_MODEL, TPOT_BUDGET, TPOT_TOKENS, TPOT_RUNS = "tiny-qwen2moe", "50%", 1024, 3
+TPOT_GOAL = {"hit": 0.92, "loads": 0.40, "tpot": 0.55}      # #13 at 50%, batch 1: >=, <= x lru, <= x lru
 HIT_RATIO, BYTES_RATIO, HIT_50 = 1.3, 0.5, 0.95
 MARGIN = 0.10                  # #13: over the best lossless baseline
 
@@ -122,6 +128,38 @@ def measure(args, t0: float) -> dict:
             Path(args.json).write_text(json.dumps(out, indent=1))
     out["seconds"] = time.perf_counter() - t0
     Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def measure_tpot(args, t0: float) -> dict:
+    """TPOT of lru, plan-native and plan over the emulated link (module docstring)."""
+    import statistics
+
+    import torch
+
+    from emulated_link import calibrate_link
+    from evaluation.run_eval import EvalConfig, evaluate
+
+    torch.set_num_threads(1)
+    model, work = SHARED / TPOT_MODEL, Path(args.work) / TPOT_MODEL
+    dirs = {"plan": work / f"plan-{TPOT_BUDGET}", "plan-native": work / f"plan-native-{TPOT_BUDGET}"}
+    from artifacts.plan import Plan
+
+    layers = len(Plan.load(dirs["plan"]).slots)
+    link, t_layer = calibrate_link(model, layers)
+    log(t0, f"{TPOT_MODEL}: emulated link {link}")
+    runs = []
+    for n in range(TPOT_RUNS):
+        log(t0, f"{TPOT_MODEL}: timing run {n + 1} of {TPOT_RUNS}")
+        cfg = EvalConfig(policies=("lru", *PLANS), cache=TPOT_BUDGET, link=link, max_tokens=TPOT_TOKENS,
+                         tasks="none", prompts=0, threads=1)
+        r = evaluate(model, str(SHARED / "data" / "dev.jsonl"), {v: str(d) for v, d in dirs.items()}, cfg,
+                     progress=False)
+        runs.append({p: {k: d[k] for k in ("tpot_ms", "hit_rate", "loads_per_token")}
+                     for p, d in r["policies"].items()})
+    out = {"model": TPOT_MODEL, "budget": TPOT_BUDGET, "tokens": TPOT_TOKENS, "link": link,
+           "t_layer_ms": 1e3 * t_layer, "runs": runs}
+    out["median"] = {p: {k: statistics.median(run[p][k] for run in runs) for k in runs[0][p]} for p in runs[0]}
     return out
 
 
@@ -219,6 +257,31 @@ def section(res: dict) -> str:
             tally[v] += 1
             lines.append(f"- {scope}: {fig}; goal {goal}: **{v}**")
         lines.append("")
+    t = res.get("tpot")
+    if t is not None:
+        med, lru = t["median"], t["median"]["lru"]
+        lines += [f"### TPOT over the emulated link ({t['model']}, {t['budget']}, batch 1)", "",
+                  f"`python benchmarks/precision.py --tpot` on a quiet machine: link {t['link']} (a layer computes in "
+                  f"{t['t_layer_ms']:.2f} ms here), {len(t['runs'])} interleaved runs of {t['tokens']} held-out "
+                  "tokens, the median per policy; ratios to lru's.", "",
+                  "| policy | TPOT ms | x lru | hit | loads/token | x lru |", "|---|---|---|---|---|---|"]
+        loads = {p: d["loads_per_token"] / max(lru["loads_per_token"], 1e-9) for p, d in med.items()}   # x lru
+        for p, d in med.items():
+            lines.append(f"| {p} | {d['tpot_ms']:.2f} | {d['tpot_ms'] / lru['tpot_ms']:.2f} | {d['hit_rate']:.3f} | "
+                         f"{d['loads_per_token']:.2f} | {loads[p]:.2f} |")
+        p = med["plan"]
+        tpot = r2(p["tpot_ms"] / lru["tpot_ms"])
+        checks = [("hit rate", f"{r3(p['hit_rate']):.3f}", f">= {TPOT_GOAL['hit']}",
+                   r3(p["hit_rate"]) >= TPOT_GOAL["hit"]),
+                  ("loads/token", f"{r2(loads['plan']):.2f}x lru", f"<= {TPOT_GOAL['loads']}x",
+                   r2(loads["plan"]) <= TPOT_GOAL["loads"]),
+                  ("measured TPOT", f"{tpot:.2f}x lru", f"<= {TPOT_GOAL['tpot']}x", tpot <= TPOT_GOAL["tpot"])]
+        lines += ["", "Goals (#13, tiny-qwen2moe at 50%, batch 1, emulated link):", ""]
+        for what, fig, goal, ok in checks:
+            v = "met" if ok else "missed"
+            tally[v] += 1
+            lines.append(f"- plan {what} {fig}; goal {goal}: **{v}**")
+        lines.append("")
     lines.append(f"{sum(tally.values())} goal checks: " + ", ".join(f"{n} {k}" for k, n in tally.items()) + ".")
     return "\n".join(lines)
 
@@ -233,6 +296,8 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="results file (default WORK/results.json)")
     ap.add_argument("--from-json", default=None, help="write the text from a results file, no runs")
     ap.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
+    ap.add_argument("--tpot", action="store_true", help="time lru, plan-native and plan over the emulated link on "
+                    "the plans of a finished run in WORK, and add the figures to its results file (quiet machine)")
     ap.add_argument("--reuse", action="store_true", help="keep the profile and plans already in WORK (no new ones)")
     ap.add_argument("--quick", action="store_true", help="one fixture, 25%%, 256 tokens, 8 windows (smoke)")
     args = ap.parse_args()
@@ -245,7 +310,12 @@ def main() -> int:
         args.work = str(Path(args.work) / "quick")
         args.json = str(Path(args.work) / "results.json")
     t0 = time.perf_counter()
-    res = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args, t0)
+    if args.tpot:
+        res = json.loads(Path(args.json).read_text())
+        res["tpot"] = measure_tpot(args, t0)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    else:
+        res = json.loads(Path(args.from_json).read_text()) if args.from_json else measure(args, t0)
     text = section(res)
     if args.write:
         write_section(str(ROOT / "docs" / "BENCHMARKS.md"), SECTION, HEADING, text)
