@@ -60,6 +60,19 @@ HIT_RATIO, BYTES_RATIO, HIT_50 = 1.3, 0.5, 0.95
 MARGIN = 0.10                  # #13: over the best lossless baseline
 
 
+def git_commit() -> str | None:
+    """The commit the measured code is at ("+changes" when the tree differs from it)."""
+    import subprocess
+
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+changes" if run("status", "--porcelain",
+                                                                         "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def log(t0: float, msg: str) -> None:
     print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", file=sys.stderr, flush=True)
 
@@ -82,7 +95,7 @@ def measure(args, t0: float) -> dict:
     work = Path(args.work)
     data = SHARED / "data"
     out = {"started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tokens": args.tokens,
-           "models": {}}
+           "commit": git_commit(), "models": {}}
     for name in args.models:
         model = SHARED / name
         log(t0, f"{name}: profiling")
@@ -181,9 +194,9 @@ def mix_text(mix: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in mix.items() if v >= 0.005) or "-"
 
 
-def ci_text(ci) -> str:
+def ci_text(ci, digits: int = 2) -> str:
     d, lo, hi = ci
-    return f"{d:+.2f}% [{lo:+.2f}, {hi:+.2f}]"
+    return f"{d:+.{digits}f}% [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
 def goals(name: str, cells: dict) -> list[tuple[str, str, str, str]]:
@@ -204,7 +217,8 @@ def goals(name: str, cells: dict) -> list[tuple[str, str, str, str]]:
         else:
             out.append((f"#12, {pct}", f"hit rate {r3(p['hit_rate']):.3f}", f">= {HIT_50}",
                         "met" if r3(p["hit_rate"]) >= HIT_50 else "missed"))
-        out.append((f"#12/#13, {pct}", f"perplexity {ci_text(p['ppl_ci'])} vs resident", f"<= +{PPL_LIMIT}%", ppl))
+        out.append((f"#12/#13, {pct}", f"perplexity {ci_text(p['ppl_ci'], 3)} vs resident", f"<= +{PPL_LIMIT}%",
+                    ppl))   # 3 decimals: the verdict compares the interval itself, not its 2-decimal display
         best = max(LOSSLESS, key=lambda b: (r3(pol[b]["hit_rate"]), b))
         need = r3(pol[best]["hit_rate"]) + MARGIN
         out.append((f"#13, {pct}", f"hit rate {r3(p['hit_rate']):.3f} vs the best lossless baseline, {best} "
@@ -218,8 +232,9 @@ def goals(name: str, cells: dict) -> list[tuple[str, str, str, str]]:
 
 
 def section(res: dict) -> str:
-    lines = [f"`python benchmarks/precision.py --write`, started {res['started']}, {res.get('seconds', 0) / 60:.0f} "
-             f"min on this machine; {res['tokens']} held-out tokens per policy and cell (dev.jsonl), batch 1, "
+    at = f" at commit {res['commit']}" if res.get("commit") else ""
+    lines = [f"`python benchmarks/precision.py`{at}, started {res['started']}, {res.get('seconds', 0) / 60:.0f} "
+             f"min on this machine (2 CPUs); {res['tokens']} held-out tokens per policy and cell (dev.jsonl), batch 1, "
              "no link (see the script's docstring for the method). `plan` is moe-compile's default "
              "(`--precision auto`), `plan-native` the best plan at the checkpoint's format (`--precision off`), "
              "both at the same byte budget; budgets are shares of bf16 routed-expert bytes. Perplexity change vs "
