@@ -22,6 +22,7 @@ from typing import Mapping
 
 import torch
 
+from artifacts.errors import UserError
 from runtime.expert_store import ExpertStore
 from runtime.formats import TensorSpec, materialize
 from runtime.policy.pools import Pools
@@ -42,8 +43,9 @@ class PooledStore:
             expert_specs(self.arch.experts, self.schemes[n], bias) for n in pools.names[1:])
         for p, n in enumerate(pools.names):
             have = sum(s.nbytes for s in self.pool_specs[p].values())
-            if have != pools.bytes[p]:
-                raise ValueError(f"a {n} expert holds {have} B here, the plan counts {pools.bytes[p]} B")
+            if have != pools.bytes[p]:           # a plan made for another expert layout: refuse before any work
+                raise UserError(f"the plan counts a {n} expert as {pools.bytes[p]} B, this model's is {have} B; "
+                                "profile and compile this checkpoint")
         self._copies: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         for l in self.arch.moe_layers:
             for e in range(self.arch.num_experts):

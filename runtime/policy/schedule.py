@@ -83,13 +83,15 @@ class CacheModel:
         self.prefetched: dict[int, set[int]] = {l: set() for l in self.layers}
         self.windows = {l: ScoreWindow(num_experts, policy.window) for l in self.layers}
         self.host_batch_max = host_batch_max
+        # resident experts per pool, kept as experts come and go (not recounted on every admission)
+        self.held: dict[int, list[int]] = {l: [0] * len(pools.names) for l in self.layers} if pools else {}
         for l in self.layers:
             assert not self.pinned[l] or len(self.pinned[l]) < self.slots[l], (
                 f"layer {l}: {len(self.pinned[l])} pinned experts leave no slot of {self.slots[l]} for the others")
             self.resident[l].update(self.pinned[l])
             for e in list((initial or {}).get(l, ())):
-                if not self._full(l, e):
-                    self.resident[l].add(e)
+                if e not in self.resident[l] and not self._full(l, e):
+                    self._enter(l, e)
 
     def _pool_of(self, layer: int, e: int) -> int:
         return 0 if self.pools is None else self.pools.of[layer][e]
@@ -98,8 +100,18 @@ class CacheModel:
         """Whether admitting e needs an eviction: its pool's slots are all taken."""
         if self.pools is None:
             return len(self.resident[layer]) >= self.slots[layer]
-        of, p = self.pools.of[layer], self.pools.of[layer][e]
-        return sum(1 for x in self.resident[layer] if of[x] == p) >= self.pools.slots[layer][p]
+        p = self.pools.of[layer][e]
+        return self.held[layer][p] >= self.pools.slots[layer][p]
+
+    def _enter(self, layer: int, e: int) -> None:
+        self.resident[layer].add(e)
+        if self.pools is not None:
+            self.held[layer][self.pools.of[layer][e]] += 1
+
+    def _leave(self, layer: int, e: int) -> None:
+        self.resident[layer].discard(e)
+        if self.pools is not None:
+            self.held[layer][self.pools.of[layer][e]] -= 1
 
     # ---- slot bookkeeping ------------------------------------------------------------------------------------
     def _victim(self, layer: int, busy: set[int], pool: int = 0) -> int | None:
@@ -130,10 +142,10 @@ class CacheModel:
             victim = self._victim(layer, busy, self._pool_of(layer, e))
             if victim is None:
                 return False, None
-            self.resident[layer].discard(victim)
+            self._leave(layer, victim)
             self.prefetched[layer].discard(victim)
             self.uses[layer].pop(victim, None)
-        self.resident[layer].add(e)
+        self._enter(layer, e)
         self.uses[layer][e] = 0
         return True, victim
 

@@ -231,3 +231,15 @@ def test_the_simulator_predicts_what_the_runtime_moves(fixture_model, quant_prof
                                                                rel=0.05)
     for k, v in pred["precision_mix"].items():
         assert got["precision_mix"][k] == pytest.approx(v, abs=0.02)
+
+
+def test_a_plan_counting_other_bytes_per_expert_is_a_one_line_error(fixture_model, precision_plan, tmp_path):
+    d = tmp_path / "plan"
+    shutil.copytree(precision_plan, d)
+    cache = json.loads((d / "cache_plan.json").read_text())
+    name = next(iter(cache["precision"]["schemes"]))
+    cache["precision"]["schemes"][name]["expert_bytes"] -= 2      # still within the budget: Plan.load accepts it
+    (d / "cache_plan.json").write_text(json.dumps(cache))
+    Plan.load(d)
+    with pytest.raises(UserError, match="profile and compile this checkpoint"):
+        Runtime.load(fixture_model, plan=d, policy="plan")
