@@ -128,7 +128,7 @@ class Checkpoint:
             nbytes //= shape[0]
             offset += row * nbytes
             shape = shape[1:]
-        count = nbytes // torch.empty((), dtype=t.dtype).element_size()
+        count = nbytes // t.dtype.itemsize
         if count == 0:
             return torch.empty(shape, dtype=t.dtype)
         import warnings

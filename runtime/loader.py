@@ -5,18 +5,25 @@ sleeps for what remains of bytes / bandwidth + latency, so transfers overlap com
 would over PCIe. On CUDA the copies are issued on a separate stream and completion is a CUDA event the compute
 stream waits on. Demand loads always go before prefetches.
 
-One handoff per batch: `submit` inside `deferred()` only queues the job on the compute thread; leaving the block hands
-every queued job to the loader thread at once (`submit_many`), so a layer call's loads cost one wake-up of the loader
-thread, not one each. The loader thread drains whatever is queued per wake-up, demand first.
+One handoff per batch: `submit_many` hands a layer call's run of loads to the loader thread at once, so they cost one
+wake-up of the loader thread, not one each. The loader thread drains whatever is queued per wake-up, demand first.
+
+Inline copies: on the CPU with no emulated link a load is a memcpy from the page cache or host memory, and for small
+experts the hand-off costs more than the copy. The loader thread's Python (queue, event, timing) contends with the
+compute thread for the GIL, and every torch op of the compute thread re-acquires it: on the Qwen3-30B-A3B shape of
+benchmarks/overhead.py (12 KiB experts) lru decoded at 137 ms/step with the thread and 90 ms/step inline, against
+resident's 71 ms. So experts of at most `INLINE_MAX_BYTES` are copied on the calling thread, when they are
+submitted; a copy of 1 MiB takes ~0.1-0.2 ms at host memory bandwidth, about what one hand-off costs on 2 cores.
+Larger experts (a real model's are MBs: 9 MiB for Qwen3-30B-A3B in bf16), an emulated link and CUDA keep the thread,
+whose copies overlap compute.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -25,24 +32,29 @@ from artifacts.errors import UserError
 from runtime.expert_store import ExpertStore
 from runtime.link import Link
 
+INLINE_MAX_BYTES = 1 << 20   # experts up to this size are copied inline (CPU, no link); see the module doc
 
-@dataclass
+
+@dataclass(slots=True, eq=False)
 class Ticket:
     layer: int
     expert: int
     prefetch: bool
-    t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_end: float = 0.0
     nbytes: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None   # set by the loader thread when the copy has landed; None: copied inline
     cuda_event: object | None = None
     error: BaseException | None = None
-    metered: bool = False             # its duration has been fed to the load-cost meter
+
+    @property
+    def landed(self) -> bool:
+        return self.done is None or self.done.is_set()
 
     def wait(self) -> None:
         """Block until the copy has landed; a failed copy is raised here, in the caller, as a one-line error."""
-        self.done.wait()
+        if self.done is not None:
+            self.done.wait()
         if self.error is not None:
             err = self.error
             why = (err.strerror if isinstance(err, OSError) else None) or (str(err).splitlines() or [type(err).__name__])[0]
@@ -52,46 +64,41 @@ class Ticket:
             torch.cuda.current_stream().wait_event(self.cuda_event)
 
 
+Job = tuple[int, int, dict[str, torch.Tensor], bool]      # (layer, expert, slot tensors to fill, prefetch)
+
+
 class Loader:
-    def __init__(self, store: ExpertStore, device: torch.device, link: Link | None = None):
+    """Copies experts into cache slots: on the loader thread, or inline on the calling thread where a thread hand-off
+    costs more than the copy (see `inline`)."""
+
+    def __init__(self, store: ExpertStore, device: torch.device, link: Link | None = None,
+                 inline_max_bytes: int = INLINE_MAX_BYTES):
         self.store, self.device, self.link = store, device, link
+        # copy on the calling thread: on the CPU with no emulated link, for experts of at most inline_max_bytes
+        self.inline = device.type == "cpu" and link is None and store.expert_bytes <= inline_max_bytes
         self._demand: queue.SimpleQueue = queue.SimpleQueue()
         self._prefetch: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Semaphore(0)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._closed = False
-        self._held: list[tuple[Ticket, dict[str, torch.Tensor]]] | None = None   # jobs of a deferred() block
         self._thread = threading.Thread(target=self._run, name="understudy-loader", daemon=True)
         self._thread.start()
 
-    def submit(self, layer: int, expert: int, dst: dict[str, torch.Tensor], prefetch: bool = False) -> Ticket:
-        """Start loading `expert` of `layer` into the slot tensors `dst` (inside `deferred()`: when the block ends)."""
-        ticket = Ticket(layer, expert, prefetch)
-        if self._held is not None:
-            self._held.append((ticket, dst))
-        else:
-            self.submit_many([(ticket, dst)])
-        return ticket
-
-    def submit_many(self, jobs: Sequence[tuple[Ticket, dict[str, torch.Tensor]]]) -> None:
-        """Hand (ticket, dst) jobs to the loader thread in one wake-up; demand jobs in order before any prefetch."""
-        if not jobs:
-            return
-        for job in jobs:
-            (self._prefetch if job[0].prefetch else self._demand).put(job)
-        self._wake.release()
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        """Hold `submit`s until the block ends, then hand them over at once. Waiting inside the block
-        on a ticket submitted in it would never return: the caller waits only outside it."""
-        assert self._held is None, "deferred() blocks do not nest"
-        self._held = []
-        try:
-            yield
-        finally:
-            jobs, self._held = self._held, None
-            self.submit_many(jobs)
+    def submit_many(self, jobs: Sequence[Job]) -> list[Ticket]:
+        """Start loading each (layer, expert, dst, prefetch) job; returns their tickets in order. Inline: each copy
+        is made now, in order. Else the jobs go to the loader thread in one wake-up, demand ones in order before any
+        prefetch."""
+        tickets = [Ticket(layer, e, prefetch) for layer, e, _, prefetch in jobs]
+        if self.inline:
+            for t, job in zip(tickets, jobs):
+                self._copy(t, job[2])
+            return tickets
+        for t, job in zip(tickets, jobs):
+            t.done = threading.Event()
+            (self._prefetch if t.prefetch else self._demand).put((t, job[2]))
+        if tickets:
+            self._wake.release()
+        return tickets
 
     def close(self) -> None:
         if not self._closed:
@@ -136,4 +143,5 @@ class Loader:
         except BaseException as exc:  # surfaced to the waiting compute thread by Ticket.wait
             ticket.error = exc
         ticket.t_end = time.perf_counter()
-        ticket.done.set()
+        if ticket.done is not None:
+            ticket.done.set()

@@ -98,14 +98,26 @@ class OffloadExecutor:
         return mix(x, [(e, *contributions[e]) for e in sorted(contributions)])
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
-        """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader thread at once;
-        returns the index after the run. No op of a run waits on another's copy: a victim is never an expert loaded
-        in the same run (a loaded expert is busy until computed, a prefetched one is among the predicted)."""
-        with self.loader.deferred():
-            while i < len(ops) and ops[i][0] in LOADS:
-                kind, l, e, victim = ops[i]
-                self._load(l, e, victim, prefetch=kind == "prefetch")
-                i += 1
+        """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns
+        the index after the run. No op of a run waits on another's copy: a victim is never an expert loaded in the
+        same run (a loaded expert is busy until computed, a prefetched one is among the predicted)."""
+        jobs = []
+        while i < len(ops) and ops[i][0] in LOADS:
+            kind, l, e, victim = ops[i]
+            if victim is not None:
+                self._wait(l, victim)            # never overwrite a slot whose copy is still landing
+                self.cache.evict(l, victim)
+                self.tickets.pop((l, victim), None)
+            jobs.append((l, e, self.cache.assign(l, e), kind == "prefetch"))
+            i += 1
+        for t in self.loader.submit_many(jobs):
+            self.tickets[(t.layer, t.expert)] = t
+            c = self.stats.layer(t.layer)
+            c.loads += 1
+            c.load_bytes += self.cache.bytes_of(t.layer, t.expert)
+            c.prefetch_issued += int(t.prefetch)
+        # a run only adds bytes (a load with a victim swaps one slot of a pool for another): its end is its peak
+        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.used_bytes)
         return i
 
     def _call_lossless(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -157,33 +169,21 @@ class OffloadExecutor:
                                            quantized=dict(s.quantized)))
 
     # ---- mechanism ---------------------------------------------------------------------------------------------
-    def _load(self, layer: int, e: int, victim: int | None, prefetch: bool) -> None:
-        if victim is not None:
-            self._wait(layer, victim)            # never overwrite a slot whose copy is still landing
-            self.cache.evict(layer, victim)
-            self.tickets.pop((layer, victim), None)
-        dst = self.cache.assign(layer, e)
-        self.tickets[(layer, e)] = self.loader.submit(layer, e, dst, prefetch=prefetch)
-        c = self.stats.layer(layer)
-        c.loads += 1
-        c.load_bytes += self.cache.bytes_of(layer, e)
-        c.prefetch_issued += int(prefetch)
-        self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.used_bytes)
-
     def _wait(self, layer: int, e: int) -> None:
-        ticket = self.tickets.get((layer, e))
+        """Wait for the copy that filled e's slot, once: its duration feeds the load-cost meter, then it is forgotten."""
+        ticket = self.tickets.pop((layer, e), None)
         if ticket is None:
             return
-        if not ticket.done.is_set():
+        if not ticket.landed:
             t0 = time.perf_counter()
-            ticket.wait()
-            self.stats.layer(layer).stall_s += time.perf_counter() - t0
-        ticket.wait()
-        if not ticket.metered:
-            ticket.metered = True
-            self.c_load.add(ticket.t_end - ticket.t_start)
-            if self.events is not None:
-                self.events.append(("load", ticket.t_start, ticket.t_end, layer, e))
+            try:
+                ticket.wait()
+            finally:
+                self.stats.layer(layer).stall_s += time.perf_counter() - t0
+        ticket.wait()                            # raises a failed copy's error; on CUDA, orders the compute stream
+        self.c_load.add(ticket.t_end - ticket.t_start)
+        if self.events is not None:
+            self.events.append(("load", ticket.t_start, ticket.t_end, layer, e))
 
     def _slot(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         self._wait(layer, e)

@@ -168,3 +168,22 @@ def test_mix_pairs_adds_as_mix_does():
                 ref = mix(x, [(ex, t1[a:b], y1[a:b] * w[t1[a:b], p1[a:b], None]) for ex, (a, b) in sorted(part.items())
                               if b > a])
                 assert torch.equal(mix_pairs(x, t1.numpy(), y1 * w[t1, p1][:, None], part), ref), (dtype, t_n)
+
+
+def test_inline_and_threaded_loads_agree(fixture_model):
+    """On the CPU with no link small experts are copied inline (runtime.loader); the loader thread gives the same
+    logits, loads and bytes. With an emulated link the thread copies, overlapping compute."""
+    ids = torch.randint(1, 4096, (2, 20), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for inline in (True, False):
+        with Runtime.load(fixture_model, policy="lru", cache=4) as rt:
+            assert rt.loader.inline                      # 0.4 MB bf16 experts, CPU, no link
+            rt.loader.inline = inline
+            logits = rt.forward(ids)
+            d = rt.stats.to_dict()
+            out[inline] = (logits, d["loads"], d["bytes_loaded"], d["hit_rate"])
+    assert torch.equal(out[True][0], out[False][0]) and out[True][1:] == out[False][1:] and out[True][1] > 0
+    with Runtime.load(fixture_model, policy="lru", cache=4, link="1GB/s,1us") as rt:
+        assert not rt.loader.inline
+        with Runtime.load(fixture_model, policy="lru", cache=4) as ref:
+            assert torch.equal(rt.forward(ids), ref.forward(ids))
