@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Checkpoint:
             raise UserError(f"{self.dir} has no model.safetensors or model.safetensors.index.json; "
                             "save the model with save_pretrained(..., safe_serialization=True)")
         self._maps: dict[str, mmap.mmap] = {}
+        self._bytes: dict[str, torch.Tensor] = {}    # file -> its mapping as a flat uint8 tensor (zero-copy, read-only)
         self._info: dict[str, TensorInfo] = {}
         for f in files:
             self._open(f)
@@ -79,6 +81,9 @@ class Checkpoint:
             raise UserError(f"{path} is not a valid safetensors file (truncated or garbled); re-download or "
                             "re-save the checkpoint") from None
         self._maps[name] = mm
+        with warnings.catch_warnings():  # the mapping is read-only; callers only ever copy out of it
+            warnings.simplefilter("ignore", UserWarning)
+            self._bytes[name] = torch.frombuffer(mm, dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
         for key, meta in header.items():
             if key == "__metadata__":
                 continue
@@ -128,15 +133,12 @@ class Checkpoint:
             nbytes //= shape[0]
             offset += row * nbytes
             shape = shape[1:]
-        count = nbytes // t.dtype.itemsize
-        if count == 0:
+        if nbytes == 0:
             return torch.empty(shape, dtype=t.dtype)
-        import warnings
-
-        with warnings.catch_warnings():  # the mapping is read-only; callers only ever copy out of it
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._maps[t.file], dtype=t.dtype, count=count, offset=offset)
-        return flat.view(shape)
+        flat = self._bytes[t.file][offset:offset + nbytes]
+        if offset % t.dtype.itemsize:                 # a misaligned tensor: a copy (safetensors aligns them)
+            flat = flat.clone()
+        return flat.view(t.dtype).view(shape)
 
     def tensor(self, name: str) -> torch.Tensor:
         """A private copy of a whole tensor."""
