@@ -46,7 +46,9 @@ from profiler.sensitivity import executor_swapped
 from runtime.expert_compute import make_expert_fn, routed_output
 from runtime.expert_store import ExpertStore
 from runtime.families.arch import ExpertFormat
-from runtime.quantize import SCHEMES, Scheme, dequantize_expert, expert_matrices, expert_packed_bytes, quantize_expert
+from runtime.quantize import (SCHEMES, Scheme, dequantize_expert, expert_matrices, expert_packed_bytes, KERNEL_DTYPES,
+                              kernel_copy,
+                              kernel_expert, kernels_fit, quantize_expert)
 from runtime.router import Routing
 
 CLASSES = ("high", "mid", "low")
@@ -76,6 +78,15 @@ def roundtrip(w: dict[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -> 
     return dequantize_expert(quantize_expert(w, fmt, scheme), fmt, scheme, dtype)
 
 
+def as_computed(w: dict[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -> dict:
+    """One expert quantized by `scheme` as the runtime computes it on w's device (runtime.pooled_store): on the CPU
+    from its codes with the weight-only kernels where they fit and pay (bf16/fp16), else dequantized (`roundtrip`)."""
+    m = w[next(iter(expert_matrices(fmt)))]
+    if m.device.type == "cpu" and m.dtype in KERNEL_DTYPES and kernels_fit(fmt, scheme):
+        return kernel_expert(kernel_copy(quantize_expert(w, fmt, scheme), fmt, scheme), fmt, scheme)
+    return roundtrip(w, fmt, scheme)
+
+
 @dataclass(frozen=True)
 class QuantTarget:
     layer: int
@@ -99,7 +110,7 @@ class QuantizingExecutor:
 
         def weights_of(e: int) -> dict[str, torch.Tensor]:
             w = {k: v.to(self.device) for k, v in self.store.read(layer, e).items()}
-            return roundtrip(w, fmt, t.scheme) if t is not None and e in t.experts else w
+            return as_computed(w, fmt, t.scheme) if t is not None and e in t.experts else w
 
         if t is not None:
             ids = torch.tensor(sorted(t.experts), device=routing.idx.device)

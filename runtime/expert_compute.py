@@ -13,7 +13,13 @@ from transformers.activations import ACT2FN
 
 from runtime.families.arch import ExpertFormat
 
-ExpertWeights = Mapping[str, torch.Tensor]
+ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T for a weight [out, in]: a float tensor (F.linear), or a quantized matrix that computes from its codes
+    (runtime.quantize.KernelMatrix)."""
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w.linear(x)
 
 
 def make_expert_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, ExpertWeights], torch.Tensor]:
@@ -34,8 +40,8 @@ def make_expert_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, ExpertWeights],
     act = ACT2FN[fmt.activation]
 
     def glu(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-        gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(act(gate) * up, w["down"])
+        gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)  # [n, I] each
+        return linear(act(gate) * up, w["down"])
 
     return glu
 

@@ -4,8 +4,11 @@ An expert held at the checkpoint's format comes from the `ExpertStore` as before
 weight-only scheme (runtime.quantize: int8 per channel, int4 groups of 32) comes from its quantized copy, made once
 when the run starts by quantizing the store's expert (the same function, on the same weights, as the profile that
 measured what it costs), and kept in host memory (pinned on CUDA): the link then moves the copy's bytes, and a cache
-slot of that pool holds them. Right before compute, `materialize` dequantizes a slot's copy into the compute dtype
-(a fresh workspace, as for a quantized checkpoint's packed experts). A host computation reads the exact expert.
+slot of that pool holds them. Right before compute, `materialize` makes a slot's copy computable: on the CPU, a GLU
+expert's matrices compute from their codes with torch's weight-only kernels (runtime.quantize.KernelMatrix; int4
+copies are then made in the kernel's tile layout, the same bytes); elsewhere (CUDA, GPT-OSS's experts) the copy is
+dequantized into the compute dtype (a fresh workspace, as for a quantized checkpoint's packed experts). A host
+computation reads the exact expert.
 
 Why copies made at load and not files written by moe-compile: the compiler is pure (no torch, no weights), the
 copies are a deterministic function of the checkpoint (same codes on every run, checked by the tests), and writing
@@ -13,8 +16,9 @@ them would duplicate up to half a model's bytes next to each plan. The cost: one
 experts when the run starts (measured by the benchmark), and their bytes in host memory (at most half the routed
 experts' bytes: int8 copies; int4 about 28%).
 Why not torchao / HQQ / optimum-quanto: the cache preallocates every slot as plain tensors of fixed shapes and the
-copies must be exactly what the profiler measured; a dequantize into a workspace needs no kernel library, and a kept
-int4 GEMV kernel would pay off on a GPU only (docs/design.md).
+copies must be exactly the codes the profiler measured; torch's own CPU kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`, the ones torchao calls on the CPU) compute from those codes with no tensor subclass,
+and CUDA's int4 kernel wants another tile layout that no test here can check (docs/design.md).
 """
 from __future__ import annotations
 
@@ -26,18 +30,22 @@ from artifacts.errors import UserError
 from runtime.expert_store import ExpertStore
 from runtime.formats import TensorSpec, materialize
 from runtime.policy.pools import Pools
-from runtime.quantize import Scheme, dequantize_expert, expert_specs, quantize_expert
+from runtime.quantize import (Scheme, dequantize_expert, expert_specs, kernel_copy, kernel_expert, kernels_fit,
+                              quantize_expert)
 
 
 class PooledStore:
     """An ExpertStore plus the quantized copies a precision plan's pools hold; duck-types the store for the loader
     (`copy_into`) and the executor (`read`, `materialize`)."""
 
-    def __init__(self, store: ExpertStore, pools: Pools, schemes: Mapping[str, Scheme], pin: bool = False):
+    def __init__(self, store: ExpertStore, pools: Pools, schemes: Mapping[str, Scheme], pin: bool = False,
+                 kernels: bool = False):
         assert store.held is None, "precision pools quantize float experts"
         self.base, self.pools, self.arch = store, pools, store.arch
         self.held = None
         self.schemes = {n: schemes[n] for n in pools.names[1:]}
+        # per scheme: whether its experts compute from their codes (CPU kernels) rather than dequantized
+        self.kernels = {n: kernels and kernels_fit(self.arch.experts, s) for n, s in self.schemes.items()}
         bias = store.dtype
         self.pool_specs: tuple[dict[str, TensorSpec], ...] = (dict(store.specs),) + tuple(
             expert_specs(self.arch.experts, self.schemes[n], bias) for n in pools.names[1:])
@@ -52,6 +60,8 @@ class PooledStore:
                 name = pools.quantized(l, e)
                 if name is not None:
                     q = quantize_expert(store.read(l, e), self.arch.experts, self.schemes[name])
+                    if self.kernels[name]:
+                        q = kernel_copy(q, self.arch.experts, self.schemes[name])
                     self._copies[(l, e)] = {k: (v.pin_memory() if pin else v) for k, v in q.items()}
 
     @property
@@ -93,8 +103,11 @@ class PooledStore:
 
     def materialize(self, layer: int, e: int, w: Mapping[str, torch.Tensor], dtype: torch.dtype,
                     slot: bool = True) -> dict[str, torch.Tensor]:
-        """Weights to compute with: a slot of a quantized pool dequantized, else as the plain store's."""
+        """Weights to compute with: a slot of a quantized pool as kernel matrices or dequantized, else as the plain
+        store's."""
         name = self.pools.quantized(layer, e) if slot else None
         if name is None:
             return materialize(w, None, dtype)
+        if self.kernels[name]:
+            return kernel_expert(w, self.arch.experts, self.schemes[name])
         return dequantize_expert(w, self.arch.experts, self.schemes[name], dtype)

@@ -174,3 +174,65 @@ def scheme_from(d: Mapping) -> Scheme:
     """A scheme as profiles and plans describe it (`Scheme.describe`)."""
     return Scheme(str(d["name"]), int(d["bits"]), None if d.get("group") is None else int(d["group"]),
                   getattr(torch, str(d.get("scale_dtype", "float16"))))
+
+
+# ---- computing with the codes: torch's CPU weight-only kernels -------------------------------------------------
+TILE_GROUPS = (32, 64, 128, 256)   # int4 group sizes the tile kernel takes
+# compute dtypes the kernels pay off in: in float32 they are 2-20x slower than dequantizing and F.linear on this CPU
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def kernel_fits(shape: tuple[int, int], scheme: Scheme) -> bool:
+    """Whether torch's CPU weight-only kernel computes a [out, in] matrix of `scheme` (int8: per-channel scales, any
+    shape; int4: groups of 32/64/128/256 that tile the input, output channels a multiple of 16)."""
+    rows, cols = shape
+    if scheme.bits == 8:
+        return scheme.group is None
+    return scheme.group in TILE_GROUPS and cols % scheme.group == 0 and rows % 16 == 0
+
+
+def to_tiles(q: torch.Tensor, cols: int) -> torch.Tensor:
+    """int4 codes two a byte (the module's layout, uint8 [out, in/2]) -> the same codes in the tile layout of
+    torch._weight_int4pack_mm_for_cpu (uint8 [out, in/2]: the same bytes, rearranged)."""
+    codes = torch.stack((q & 0x0F, q >> 4), dim=-1).view(q.shape[0], cols).to(torch.int32)    # [out, in] in 0..15
+    return torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+
+@dataclass(frozen=True)
+class KernelMatrix:
+    """A quantized [out, in] matrix that computes y = x @ W'^T from its codes, with no dequantized copy:
+      int8: y[n, o] = scale[o] * sum_i x[n, i] q[o, i]                    torch._weight_int8pack_mm
+      int4: y[n, o] = sum_g sum_{i in g} x[n, i] (c[o, i] - 8) scale[o, g]    torch._weight_int4pack_mm_for_cpu
+    in x's dtype, summed in float32; the scales are rounded to x's dtype first (bf16 keeps 8 of fp16's 11
+    significant bits). On this CPU that is 6-13x faster than dequantizing and F.linear (docs/precision.md)."""
+
+    q: torch.Tensor          # int8 [out, in] | uint8 [out, in/2] in the tile layout (`to_tiles`)
+    scale: torch.Tensor      # [out, groups] scale_dtype
+    scheme: Scheme
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out]."""
+        if self.scheme.bits == 8:
+            return torch._weight_int8pack_mm(x, self.q, self.scale.view(-1).to(x.dtype))
+        s = self.scale.t().to(x.dtype)                                                  # [G, out]
+        sz = torch.stack((s, torch.zeros_like(s)), dim=-1)                               # [G, out, 2]: scale, zero
+        return torch._weight_int4pack_mm_for_cpu(x, self.q, self.scheme.group, sz)
+
+
+def kernel_expert(packed: Mapping[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -> dict[str, KernelMatrix]:
+    """A GLU expert as `kernel_copy` holds it -> its matrices as `KernelMatrix`es (what `make_expert_fn` computes
+    with)."""
+    return {name: KernelMatrix(packed[f"{name}_q"], packed[f"{name}_scale"], scheme) for name in expert_matrices(fmt)}
+
+
+def kernels_fit(fmt: ExpertFormat, scheme: Scheme) -> bool:
+    """Whether every matrix of a GLU expert computes with the kernels (GPT-OSS's biased x @ W experts do not)."""
+    return fmt.kind != "gptoss" and all(kernel_fits(fmt.shapes()[n], scheme) for n in expert_matrices(fmt))
+
+
+def kernel_copy(packed: Mapping[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """`quantize_expert`'s output as the kernels read it: int8 as it is, int4 codes in the tile layout; the same
+    tensors' shapes, dtypes and bytes (a cache slot holds either)."""
+    if scheme.bits == 8:
+        return dict(packed)
+    return {k: (to_tiles(v, 2 * v.shape[1]) if k.endswith("_q") else v) for k, v in packed.items()}

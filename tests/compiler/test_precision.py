@@ -19,7 +19,8 @@ from runtime.policy.config import preset
 from runtime.policy.plan_params import substitution_params
 from runtime.policy.pools import Pools, native_slots
 from runtime.policy.schedule import CacheModel
-from runtime.quantize import INT4, INT8, dequantize_expert, expert_packed_bytes, expert_specs, quantize_expert
+from runtime.quantize import (INT4, INT8, QuantizedWeight, dequantize, expert_packed_bytes,
+                              expert_specs, kernel_expert, quantize_expert)
 
 
 # ---- pure: pools in the cache model ------------------------------------------------------------------------------
@@ -162,13 +163,20 @@ def test_the_runtime_holds_and_moves_quantized_copies(fixture_model, precision_p
     ids = torch.tensor([[5, 17, 42, 9, 77, 3, 120, 64, 11, 90, 33, 7]])
     with Runtime.load(fixture_model, plan=precision_plan, policy="plan", alpha=0.0) as rt:
         store = rt.store
-        # the copies are the quantizer's output on the checkpoint's experts, held at the plan's bytes
+        # the copies hold the quantizer's codes and scales on the checkpoint's experts, at the plan's bytes: on the
+        # CPU the kernels compute from them, and each matrix times the identity (float32) is exactly W'^T
+        fmt = rt.lm.arch.experts
         for l, spec in plan.precision["layers"].items():
             for e, name in enumerate(spec["experts"]):
                 if name != "bfloat16":
-                    want = quantize_expert(store.base.read(l, e), rt.lm.arch.experts, store.schemes[name])
+                    scheme = store.schemes[name]
+                    want = quantize_expert(store.base.read(l, e), fmt, scheme)
                     got = store._copies[(l, e)]
-                    assert all(torch.equal(got[k], v) for k, v in want.items())
+                    assert store.kernels[name] and {k: (v.shape, v.dtype) for k, v in got.items()} == {
+                        k: (v.shape, v.dtype) for k, v in want.items()}
+                    for m, km in kernel_expert(got, fmt, scheme).items():
+                        w = dequantize(QuantizedWeight(want[f"{m}_q"], want[f"{m}_scale"]), scheme, torch.float32)
+                        assert torch.equal(km.linear(torch.eye(w.shape[1])), w.t())
         assert rt.cache.capacity_bytes == plan.held_bytes <= plan.cache_budget_bytes
         logits = rt.teacher_force(ids)
         d = rt.stats.to_dict(per_layer=True)
@@ -177,16 +185,10 @@ def test_the_runtime_holds_and_moves_quantized_copies(fixture_model, precision_p
         assert sum(d["precision_mix"].values()) == pytest.approx(1.0)
         quantized = {(l, e) for l, s in plan.precision["layers"].items() for e, n in enumerate(s["experts"])
                      if n != "bfloat16"}
-    # the same logits as the resident model whose quantized experts compute with their dequantized copies
+    # the same logits as the resident model whose quantized experts compute from the same codes with the same kernels
     with Runtime.load(fixture_model, policy="resident") as ref:
         for (l, e) in quantized:
-            w = ref.executor.experts[(l, e)]
-            name = plan.precision["layers"][l]["experts"][e]
-            scheme = store.schemes[name]
-            deq = dequantize_expert(quantize_expert(store.base.read(l, e), ref.lm.arch.experts, scheme),
-                                    ref.lm.arch.experts, scheme, w["gate_up"].dtype)
-            for k in w:
-                w[k] = deq[k]
+            ref.executor.experts[(l, e)] = store.materialize(l, e, store._copies[(l, e)], torch.bfloat16)
         want = ref.teacher_force(ids)
     assert torch.equal(logits, want)
 

@@ -109,3 +109,32 @@ def test_int4_whole_groups_dequantize_as_the_formula():
     want = codes.float() * qw.scale.float().repeat_interleave(INT4.group, dim=1)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(dequantize(qw, INT4, dtype), want.to(dtype))
+
+
+@pytest.mark.parametrize("scheme", [INT8, INT4])
+@pytest.mark.parametrize("shape", [(512, 256), (64, 32), (48, 96)])
+def test_kernels_compute_what_the_dequantized_matrix_computes(scheme, shape):
+    """x @ W'^T from the codes (torch's CPU weight-only kernels) equals F.linear with the dequantized matrix, to
+    bf16 rounding (the kernel sums in float32 with bf16-rounded scales); exactly in float32 on the identity."""
+    from runtime.quantize import KernelMatrix, kernel_fits, to_tiles
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(*shape, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(5, shape[1], generator=g).to(torch.bfloat16)
+    m = quantize(w, scheme)
+    assert kernel_fits(shape, scheme)
+    km = KernelMatrix(to_tiles(m.q, shape[1]) if scheme.bits == 4 else m.q, m.scale, scheme)
+    deq = dequantize(m, scheme, torch.float32)                                       # [out, in]
+    assert torch.equal(km.linear(torch.eye(shape[1])), deq.t())
+    want = x.double() @ deq.double().t()
+    got = km.linear(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, shape[0])
+    assert (got.double() - want).abs().max() <= 0.02 * want.abs().max()
+
+
+def test_kernel_shapes():
+    from runtime.quantize import kernel_fits
+
+    assert kernel_fits((24, 40), INT8)
+    assert not kernel_fits((24, 64), INT4)          # output channels: a multiple of 16
+    assert not kernel_fits((32, 48), INT4)          # input columns: whole groups of 32
