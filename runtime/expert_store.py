@@ -36,6 +36,7 @@ class ExpertStore:
             raise ValueError(f"unknown expert store mode {mode!r}")
         self.ckpt, self.arch, self.mode = ckpt, arch, mode
         self._layout = {l: expert_layout(ckpt, arch, l) for l in arch.moe_layers}
+        self._sources_of: dict[tuple[int, int], list] = {}    # (layer, e) -> its copy sources (`_copy_sources`)
         self.packed: PackedFormat | None = packed_format(ckpt, arch, self._layout)   # the checkpoint's quantization
         for l in arch.moe_layers:
             self._check_tensors(l)
@@ -161,20 +162,30 @@ class ExpertStore:
 
     def _copy_from_disk(self, layer: int, e: int, out: dict[str, torch.Tensor]) -> None:
         """One copy per tensor, straight from the mmap'd file into `out` (converting dtype on the way)."""
+        for key, rows, src in self._copy_sources(layer, e):
+            (out[key] if rows is None else out[key][rows]).copy_(src)
+
+    def _copy_sources(self, layer: int, e: int) -> list[tuple[str, slice | None, torch.Tensor]]:
+        """(held key, its rows or None for all, the mmap'd source view) per copy of expert e, made on its first load
+        and kept: views of the mapping (a few hundred bytes of metadata each, no data), whose making costs more than
+        copying a small expert."""
+        got = self._sources_of.get((layer, e))
+        if got is not None:
+            return got
         fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
         if layout in PACKED_LAYOUTS:
-            for key, name, row in self._sources(layer, e):
-                out[key].copy_(self.ckpt.view(name, row=row))
+            got = [(key, None, self.ckpt.view(name, row=row)) for key, name, row in self._sources(layer, e)]
         elif layout == "per_expert":
             gate, up, down = (self.ckpt.view(prefix + n.format(e=e)) for n in fmt.per_expert)
             i = fmt.intermediate
-            out["gate_up"][:i].copy_(gate)   # [I, H]
-            out["gate_up"][i:].copy_(up)     # [I, H]
-            out["down"].copy_(down)          # [H, I]
+            got = [("gate_up", slice(0, i), gate), ("gate_up", slice(i, None), up), ("down", None, down)]  # [I, H] x2, [H, I]
         else:
+            got = []
             for k, name in fmt.fused.items():
                 src = self.ckpt.view(prefix + name, row=e)
-                out[k].copy_(src.t() if layout == "fused_transposed" and src.dim() == 2 else src)
+                got.append((k, None, src.t() if layout == "fused_transposed" and src.dim() == 2 else src))
+        self._sources_of[(layer, e)] = got
+        return got
 
 
 def expert_layout(ckpt: Checkpoint, arch: MoEArch, layer: int) -> str:

@@ -165,9 +165,14 @@ class FastCacheModel:
         st = self.state[layer]
         st.calls += 1
         flat = chosen.reshape(-1)                                          # [T*k]
-        experts, inverse, pairs = np.unique(flat, return_inverse=True, return_counts=True)   # [n] ascending
-        best = np.zeros(len(experts), dtype=np.float64)                   # scores are >= 0
-        np.maximum.at(best, inverse.reshape(-1), scores.reshape(-1))
+        if chosen.shape[0] == 1:                                           # one token: k distinct experts
+            order = np.argsort(flat, kind="stable")
+            experts, pairs = flat[order], np.ones(len(flat), dtype=np.int64)
+            best = scores.reshape(-1)[order].astype(np.float64)
+        else:
+            experts, inverse, pairs = np.unique(flat, return_inverse=True, return_counts=True)   # [n] ascending
+            best = np.zeros(len(experts), dtype=np.float64)               # scores are >= 0
+            np.maximum.at(best, inverse.reshape(-1), scores.reshape(-1))
         hit = st.resident[experts]                                         # [n]
         hits = int(pairs[hit].sum())
         counts = Counts(pairs=chosen.shape[0] * self.k, hits=hits, misses=int(flat.size) - hits)
