@@ -11,8 +11,9 @@ Qwen3-30B-A3B and DeepSeek-V2-Lite (`SHAPES`), with hidden size 64, expert inter
 and a 260-token vocabulary, so that an expert computes in microseconds and the runtime's own work per layer shows.
 
 Per (model, batch, policy): `Runtime.load(model, policy=..., cache="50%")` (no emulated link: a load is a copy from
-the mmap'd checkpoint on the loader thread), one untimed warm-up decode, then `repeats` greedy decodes of `tokens`
-tokens after a random `prompt`-token prompt per row, the policies interleaved within each repeat. A decode of n
+the mmap'd checkpoint, made inline on the compute thread for these small experts, runtime.loader), one untimed
+warm-up decode, then `repeats` greedy decodes of `tokens` tokens after a random `prompt`-token prompt per row, the
+policies and HF transformers' own `generate` on the same checkpoint interleaved within each repeat. A decode of n
 tokens has n - 1 timed steps (the first token, the prefill, is left out); over them, with L MoE layers and
 c = (n - 1) x L MoE layer calls:
 
@@ -24,8 +25,9 @@ c = (n - 1) x L MoE layer calls:
                                                           routers, sampling, and the executor's own work
     executor own per MoE layer call   = (X - E - S) / c   decisions, bookkeeping, row gathers, mixing, load issue
     overhead over resident            = own(policy) - own(resident)   (same model, batch and prompts)
-    load per MoE layer call           = loads x mean copy time / c    (the loader thread's "load" events,
-                                        t_end - t_start; it overlaps compute, so only its waits S are subtracted)
+    load per MoE layer call           = loads x mean copy time / c    (the loader's "load" events, t_end - t_start;
+                                        on the loader thread it overlaps compute and only its waits S are
+                                        subtracted; an inline copy is not subtracted: it counts in own)
     loads per token                   = loads / (rows x (n - 1))
 
 E and X come from wrapping the loaded Runtime's `executor.expert_fn` and each MoE block's `executor` (public
@@ -33,6 +35,9 @@ attributes of our own objects; nothing in torch or transformers is touched), bec
 events and `OffloadExecutor`'s compute events ("compute_start"/"compute_end", `record_events=True`) also span the
 gathers of rows and weights and `materialize`, work that resident does outside its expert calls; their excess over E
 is reported. S is the runtime's own `stall_s`. A cell's figures come from the repeat with the median step time.
+HF generate is timed by a stopping criterion that stamps each new token (`hf_decode`): its step time only. Goals
+(issue #13, `goals`): over resident <= 50 us per MoE layer call at batch 1 and <= 100 us at batch 3 on the
+Qwen3-30B-A3B shape; resident's step time <= 1.05x HF generate's on every shape.
 `plan` and `static` are not run: both need a profile of calibration text (`moe-profile`), which a random model lacks.
 """
 from __future__ import annotations
@@ -84,7 +89,8 @@ class OverheadConfig:
     tokens: int = 32            # new tokens per timed decode (tokens - 1 timed steps)
     prompt: int = 16            # prompt tokens per row
     warmup: int = 8             # new tokens of the untimed warm-up decode
-    repeats: int = 3
+    repeats: int = 5
+    hf: bool = True             # time HF transformers' own generate on the same checkpoint and prompts
     layers: int | None = None   # decoder layers; None: the real model's
     hidden: int = 64
     expert_intermediate: int = 32
@@ -264,6 +270,28 @@ def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int) -> Measure:
                    loads=d["loads"], hit_rate=d["hit_rate"])
 
 
+def hf_decode(model, ids: torch.Tensor, tokens: int) -> Measure:
+    """HF transformers' own greedy `generate` (its model, MoE blocks and cache; bf16, as resident computes) of
+    `tokens` new tokens for ids [B, P], timed as `timed_decode` times ours: a stopping criterion stamps each new
+    token, and the steps after the first are timed. Only the step time is known (no expert/executor split)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
+    assert out.shape[1] - ids.shape[1] == tokens and len(stamps) == tokens, "HF generate stopped early"
+    steps = tokens - 1
+    return Measure(steps=steps, calls=0, rows=ids.shape[0], wall_s=stamps[-1] - stamps[0], expert_s=0.0,
+                   executor_s=0.0, stall_s=0.0, window_s=0.0, copy_s=0.0, loads=0, hit_rate=1.0)
+
+
 @dataclass(frozen=True)
 class Cell:
     model: str
@@ -271,6 +299,7 @@ class Cell:
     policy: str
     m: Measure                  # the repeat with the median step time
     step_ms_all: tuple[float, ...]
+    copies: str = ""            # where the loader copied: "inline" (compute thread) | "thread" | "" (no loads)
 
 
 def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[Cell]:
@@ -278,6 +307,13 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
     from runtime import Runtime
 
     rts, probes = {}, {}
+    hfs = {}   # HF's default experts implementation (what a user gets) and its eager one (lossless's reference)
+    if cfg.hf:
+        from transformers import AutoModelForCausalLM
+
+        hfs = {"hf": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval(),
+               "hf-eager": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                                experts_implementation="eager").eval()}
     try:
         for p in cfg.policies:
             t0 = time.perf_counter()
@@ -291,16 +327,21 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
             prompts = [torch.randint(3, cfg.vocab, (batch, cfg.prompt), generator=gen) for _ in range(cfg.repeats + 1)]
             for p, rt in rts.items():   # the warm-up prompt is not one of the timed ones
                 rt.generate_ids(prompts[0], torch.ones_like(prompts[0]), max_new_tokens=cfg.warmup)
-            runs: dict[str, list[Measure]] = {p: [] for p in rts}
+            for m in hfs.values():
+                hf_decode(m, prompts[0], cfg.warmup)
+            runs: dict[str, list[Measure]] = {p: [] for p in [*rts, *hfs]}
             for r in range(cfg.repeats):
                 for p, rt in rts.items():
                     runs[p].append(timed_decode(rt, probes[p], prompts[r + 1], cfg.tokens))
+                for name, m in hfs.items():
+                    runs[name].append(hf_decode(m, prompts[r + 1], cfg.tokens))
             for p, ms in runs.items():
                 ranked = sorted(ms, key=lambda m: m.wall_s)
+                copies = "" if p in ("resident", *HF_ROWS) else ("inline" if rts[p].loader.inline else "thread")
                 cells.append(Cell(shape.key, batch, p, ranked[(len(ranked) - 1) // 2],
-                                  tuple(m.step_ms for m in ms)))
-                log(f"{shape.key} batch {batch} {p}: {cells[-1].m.step_ms:.2f} ms/step, own "
-                    f"{cells[-1].m.own_ms:.3f} ms/layer")
+                                  tuple(m.step_ms for m in ms), copies))
+                log(f"{shape.key} batch {batch} {p}: {cells[-1].m.step_ms:.2f} ms/step"
+                    + ("" if p in HF_ROWS else f", own {cells[-1].m.own_ms:.3f} ms/layer"))
         return cells
     finally:
         for rt in rts.values():
@@ -314,17 +355,52 @@ def f3(x: float) -> str:
 
 def table(cells: list[Cell]) -> list[str]:
     ref = {(c.model, c.batch): c.m for c in cells if c.policy == "resident"}
-    lines = ["| model | batch | policy | ms / step | own ms / MoE layer | over resident | x resident | "
+    hf = {(c.model, c.batch): c.m for c in cells if c.policy == "hf"}
+    lines = ["| model | batch | policy | ms / step | x HF | own ms / MoE layer | over resident | x resident | "
              "executor own ms / layer | expert ms / layer | stall ms / layer | load ms / layer | loads / token | "
-             "hit rate |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "hit rate | copies |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        m, r = c.m, ref.get((c.model, c.batch))
+        m, r, h = c.m, ref.get((c.model, c.batch)), hf.get((c.model, c.batch))
+        x_hf = "" if h is None else f"{m.step_ms / h.step_ms:.2f}"
+        if c.policy in HF_ROWS:
+            lines.append(f"| {c.model} | {c.batch} | {HF_ROWS[c.policy]} | {m.step_ms:.2f} | {x_hf} |  |  |  |  |  |  |  |  |  |"
+                         "  |")
+            continue
         over = "" if r is None or c.policy == "resident" else f"{m.own_ms - r.own_ms:+.3f}"
         times = "" if r is None or c.policy == "resident" else f"{m.own_ms / r.own_ms:.2f}"
-        lines.append(f"| {c.model} | {c.batch} | {c.policy} | {m.step_ms:.2f} | {f3(m.own_ms)} | {over} | {times} | "
-                     f"{f3(m.executor_own_ms)} | {f3(m.per_call_ms(m.expert_s))} | {f3(m.per_call_ms(m.stall_s))} | "
-                     f"{f3(m.load_ms)} | {m.loads_per_token:.2f} | {m.hit_rate:.1%} |")
+        lines.append(f"| {c.model} | {c.batch} | {c.policy} | {m.step_ms:.2f} | {x_hf} | {f3(m.own_ms)} | {over} | "
+                     f"{times} | {f3(m.executor_own_ms)} | {f3(m.per_call_ms(m.expert_s))} | "
+                     f"{f3(m.per_call_ms(m.stall_s))} | {f3(m.load_ms)} | {m.loads_per_token:.2f} | {m.hit_rate:.1%} | "
+                     f"{c.copies} |")
     return lines
+
+
+HF_ROWS = {"hf": "HF generate", "hf-eager": "HF generate, eager experts"}
+GOAL_OVER_MS = {1: 0.050, 3: 0.100}   # issue #13: the runtime's own time per MoE layer call, 128-expert shape
+GOAL_X_HF = 1.05                      # issue #13: resident's step time over HF generate's, every shape
+
+
+def goals(cells: list[Cell]) -> list[str]:
+    """Issue #13's overhead goals, each a verdict computed from the cells: the offloading policies' time per MoE
+    layer call over resident's on the 128-expert shape, and resident's step time over HF generate's."""
+    out = []
+    ref = {(c.model, c.batch): c for c in cells if c.policy == "resident"}
+    for c in cells:
+        r = ref.get((c.model, c.batch))
+        if c.model == "qwen3-30b-a3b" and c.policy not in ("resident", *HF_ROWS) and r is not None \
+                and c.batch in GOAL_OVER_MS:
+            over, goal = c.m.own_ms - r.m.own_ms, GOAL_OVER_MS[c.batch]
+            out.append(f"- {c.policy}, Qwen3-30B-A3B shape, batch {c.batch}: {over * 1e3:+.0f} us per MoE layer call "
+                       f"over resident; goal <= {goal * 1e3:.0f} us: **{'met' if over <= goal else 'missed'}**")
+    for c in cells:
+        h = next((x for x in cells if x.policy == "hf" and (x.model, x.batch) == (c.model, c.batch)), None)
+        if c.policy == "resident" and h is not None:
+            x = c.m.step_ms / h.m.step_ms
+            e = next((y for y in cells if y.policy == "hf-eager" and (y.model, y.batch) == (c.model, c.batch)), None)
+            eager = "" if e is None else f" ({c.m.step_ms / e.m.step_ms:.2f}x its eager experts' {e.m.step_ms:.2f})"
+            out.append(f"- resident, {c.model}, batch {c.batch}: {c.m.step_ms:.2f} ms/step = {x:.2f}x HF generate's "
+                       f"{h.m.step_ms:.2f}{eager}; goal <= {GOAL_X_HF}x: **{'met' if x <= GOAL_X_HF else 'missed'}**")
+    return out
 
 
 def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]) -> list[str]:
@@ -332,7 +408,7 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
     out = []
     ref = {(c.model, c.batch): c.m for c in cells if c.policy == "resident"}
     for (model, batch), r in ref.items():
-        off = [c for c in cells if (c.model, c.batch) == (model, batch) and c.policy != "resident"]
+        off = [c for c in cells if (c.model, c.batch) == (model, batch) and c.policy not in ("resident", *HF_ROWS)]
         if not off:
             continue
         over = sorted(((c.m.own_ms - r.own_ms, c.policy) for c in off))
@@ -346,7 +422,7 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                    f"executor's own time rising by {f3(ex_over[0])} to {f3(ex_over[-1])} ms; per decode step that is "
                    f"from {min(step_over):.2f} to {max(step_over):.2f} ms ({100 * min(step_over) / r.step_ms:.0f}% to "
                    f"{100 * max(step_over) / r.step_ms:.0f}% of resident's {r.step_ms:.2f} ms).")
-    off = [c for c in cells if c.policy != "resident"]
+    off = [c for c in cells if c.policy not in ("resident", *HF_ROWS)]
     if off:
         excess = [(c.m.window_s - c.m.expert_s) * 1e3 / c.m.calls for c in off]
         worst_load = max(off, key=lambda c: c.m.load_ms)
@@ -354,7 +430,8 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
         out.append(f"- The OffloadExecutor's compute events span {min(excess):.3f}-{max(excess):.3f} ms per MoE layer "
                    "call more than the expert function itself (row and weight gathers, `materialize`): a split on "
                    "the events alone would count that as expert compute.")
-        out.append(f"- Loads (copies on the loader thread, overlapping compute) take at most {f3(worst_load.m.load_ms)} "
+        where = sorted({c.copies for c in off if c.copies})
+        out.append(f"- Loads (copies {' and '.join({'inline': 'inline, on the compute thread', 'thread': 'on the loader thread, overlapping compute'}[w] for w in where)}) take at most {f3(worst_load.m.load_ms)} "
                    f"ms per MoE layer call ({worst_load.model}, {worst_load.policy}, batch {worst_load.batch}); the "
                    f"compute thread waited for them at most {f3(worst_stall.m.per_call_ms(worst_stall.m.stall_s))} ms "
                    f"per call ({worst_stall.model}, {worst_stall.policy}, batch {worst_stall.batch}).")
@@ -381,9 +458,13 @@ def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], la
                          + (f", {s.shared} shared" if s.shared else "")
                          + (f", {s.first_dense} dense first" if s.first_dense else "") for s in shapes.values())
              + f". Cache {cfg.cache} of routed-expert bytes, no emulated link (a load is a copy from the mmap'd "
-             f"checkpoint on the loader thread); per cell a warm-up decode, then {cfg.repeats} greedy decode(s) of "
-             f"{cfg.tokens} tokens after a {cfg.prompt}-token random prompt per row, the policies taking turns; the "
-             "figures are the repeat with the median step time.", "",
+             "checkpoint: inline on the compute thread where the loader chooses that, column `copies`, else on the "
+             f"loader thread); per cell a warm-up decode, then {cfg.repeats} greedy decode(s) of "
+             f"{cfg.tokens} tokens after a {cfg.prompt}-token random prompt per row, the policies "
+             + ("and HF transformers' own `generate` on the same checkpoint (bf16; its default experts "
+                "implementation, and its eager one, which lossless mode reproduces bit for bit) " if cfg.hf else "")
+             + "taking turns; the figures are the repeat with the median step time; x HF = ms/step over HF "
+             "generate's (default experts implementation).", "",
              "Per MoE layer call, over the timed steps: own = (step time - expert compute - load waits) / MoE "
              "layers (the whole model but the experts and the waits); executor own = (time in the executor - expert "
              "compute - waits) / MoE layers; over resident = own - resident's own (same model, batch and prompts); "
@@ -392,6 +473,11 @@ def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], la
              "`plan` and `static` need a profile of calibration text and are not run.", ""]
     lines += table(cells)
     lines += [""] + findings(cells, shapes, layers)
+    verdicts = goals(cells)
+    if verdicts:
+        tally = {k: sum(f"**{k}**" in v for v in verdicts) for k in ("met", "missed")}
+        lines += ["", "Goals (issue #13):", ""] + verdicts + [
+            "", f"{len(verdicts)} goal checks: {tally['met']} met, {tally['missed']} missed."]
     return "\n".join(lines)
 
 
