@@ -5,8 +5,10 @@ freshly read expert are interchangeable.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
@@ -87,3 +89,74 @@ def routed_output(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, num
             on_output(e, rows, pos, y)
         contributions.append((e, rows, y * weights[rows, pos, None]))
     return mix(x, contributions)
+
+
+@dataclass(frozen=True)
+class PairGroups:
+    """A layer call's (token, expert) pairs grouped by expert in ascending id, (position, token) order within: the
+    row order of HF's per-expert loop."""
+
+    tok: np.ndarray                          # [N] the token of each pair
+    span: dict[int, tuple[int, int]]         # e -> the pairs (a, b) it serves
+    weights: torch.Tensor                    # [N] each pair's routing weight
+    xs: torch.Tensor                         # [N, H] each pair's input row; x itself for one contiguous token
+    whole: bool                              # one token: every expert's rows are x
+
+    def rows(self, e: int) -> torch.Tensor:
+        """Expert e's input rows [n_e, H]."""
+        if self.whole:
+            return self.xs
+        a, b = self.span[e]
+        return self.xs[a:b]
+
+    def mix(self, x: torch.Tensor, ys: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """out[t] = sum over t's experts e in ascending id of w[t, e] * ys[e][t's row], as `mix` adds them."""
+        y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
+        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span)
+
+
+def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, experts: np.ndarray | None = None,
+                counts: np.ndarray | None = None) -> PairGroups:
+    """Group the pairs of chosen [T, k] (expert ids; weights [T, k] on x's device) by expert. `experts` (ascending)
+    and `counts` (pairs per expert) when the caller has them (the cache model's schedule), else computed."""
+    t_n, k = chosen.shape
+    if experts is None:
+        if t_n == 1:
+            experts, counts = np.sort(chosen[0]), np.ones(k, dtype=np.int64)
+        else:
+            experts, counts = np.unique(chosen, return_counts=True)
+    by_pos = chosen.T.reshape(-1)                                   # [k*T], pair j*T + t
+    order = np.argsort(by_pos, kind="stable")                       # [N] pairs by (expert, position, token)
+    ends = np.cumsum(counts).tolist()
+    span = {e: (b - n, b) for e, n, b in zip(experts.tolist(), counts.tolist(), ends)}
+    tok = order % t_n                                               # [N]
+    w = weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
+    whole = t_n == 1 and x.is_contiguous()
+    xs = x if whole else x[torch.from_numpy(tok).to(x.device)]      # [N, H]
+    return PairGroups(tok, span, w, xs, whole)
+
+
+def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]]
+              ) -> torch.Tensor:
+    """`mix` of the pairs weighted [N, H] (tokens tok [N]) grouped by expert in ascending id, expert e at rows
+    span[e] = (a, b): out[t] = (((0 + c_1) + c_2) + ...) over t's pairs in that order, rounded to x's dtype at every
+    step as `mix` adds them, bit for bit.
+
+    On the CPU a float32/float64 output takes one index_add_ (repeated rows are added one after another in index
+    order); a reduced-precision one (whose index_add_ would sum repeated rows at a wider precision) takes one add per
+    rank when every token has the same number of pairs: c_r = the token's r-th pair by expert id. Elsewhere (CUDA adds
+    repeated rows atomically, in any order) `mix` runs per expert."""
+    t_n = x.shape[0]
+    rows = torch.from_numpy(tok).to(x.device)                        # [N]
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return torch.zeros_like(x).index_add_(0, rows, weighted.to(x.dtype))
+    k, rem = divmod(len(tok), t_n)
+    if x.device.type == "cpu" and rem == 0 and (t_n == 1 or (np.bincount(tok, minlength=t_n) == k).all()):
+        by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(np.argsort(tok, kind="stable"))]
+        out = torch.zeros_like(x)
+        for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
+            out.add_(c)
+        return out
+    return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
+
+

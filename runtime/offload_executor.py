@@ -15,11 +15,10 @@ import time
 from collections import defaultdict
 from typing import Callable
 
-import numpy as np
 import torch
 
 from runtime.expert_cache import ExpertCache
-from runtime.expert_compute import expert_rows, make_expert_fn, mix
+from runtime.expert_compute import expert_rows, group_pairs, make_expert_fn, mix
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
@@ -132,15 +131,7 @@ class OffloadExecutor:
         sched = self.model.schedule_arrays(layer, chosen, scores)
         self._count(layer, sched)
 
-        # pairs grouped by expert (ascending), (position, token) within: HF's row order
-        by_pos = chosen.T.reshape(-1)                                   # [k*T], pair j*T + t
-        order = np.argsort(by_pos, kind="stable")                       # [N]
-        ends = np.cumsum(sched.pairs).tolist()
-        span = {e: (b - n, b) for e, n, b in zip(sched.experts.tolist(), sched.pairs.tolist(), ends)}
-        tok = order % t_n                                               # [N] token of each pair
-        w_pairs = routing.weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
-        whole = t_n == 1 and x.is_contiguous()                          # every expert's rows are x itself
-        xs = x if whole else x[torch.from_numpy(tok).to(x.device)]      # [N, H]
+        g = group_pairs(x, chosen, routing.weights, sched.experts, sched.pairs)
 
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
         ops, i = sched.ops, 0
@@ -153,13 +144,11 @@ class OffloadExecutor:
             w = self._slot(l, e)
             if self.events is not None:
                 self.events.append(("compute_start", time.perf_counter(), l, e))
-            a, b = span[e]
-            xin = xs if whole else xs[a:b]
+            xin = g.rows(e)
             ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype)).to(x.device)
             if self.events is not None:
                 self.events.append(("compute_end", time.perf_counter(), l, e))
-        y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
-        return mix_pairs(x, tok, y * w_pairs[:, None], span)
+        return g.mix(x, ys)
 
     def _count(self, layer: int, sched: LayerSchedule) -> None:
         """The schedule's pair counts; loads are counted as they are issued (with their bytes)."""
@@ -217,30 +206,6 @@ class OffloadExecutor:
         if self.events is not None:
             self.events.append(("compute_end", time.perf_counter(), layer, e))
         return r_all, y * w_all[:, None]
-
-
-def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]]
-              ) -> torch.Tensor:
-    """`mix` of the pairs weighted [N, H] (tokens tok [N]) grouped by expert in ascending id, expert e at rows
-    span[e] = (a, b): out[t] = (((0 + c_1) + c_2) + ...) over t's pairs in that order, rounded to x's dtype at every
-    step as `mix` adds them, bit for bit.
-
-    On the CPU a float32/float64 output takes one index_add_ (repeated rows are added one after another in index
-    order); a reduced-precision one (whose index_add_ would sum repeated rows at a wider precision) takes one add per
-    rank when every token has the same number of pairs: c_r = the token's r-th pair by expert id. Elsewhere (CUDA adds
-    repeated rows atomically, in any order) `mix` runs per expert."""
-    t_n = x.shape[0]
-    rows = torch.from_numpy(tok).to(x.device)                        # [N]
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return torch.zeros_like(x).index_add_(0, rows, weighted.to(x.dtype))
-    k, rem = divmod(len(tok), t_n)
-    if x.device.type == "cpu" and rem == 0 and (t_n == 1 or (np.bincount(tok, minlength=t_n) == k).all()):
-        by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(np.argsort(tok, kind="stable"))]
-        out = torch.zeros_like(x)
-        for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
-            out.add_(c)
-        return out
-    return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
 
 
 def _without(rows, skip):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.expert_compute import make_expert_fn, routed_output
+from runtime.expert_compute import group_pairs, make_expert_fn
 from runtime.expert_store import ExpertStore
 from runtime.formats import materialize
 from runtime.router import Routing
@@ -23,5 +23,5 @@ class ResidentExecutor:
             c = self.stats.layer(layer)
             c.pairs += routing.idx.numel()
             c.hits += routing.idx.numel()
-        return routed_output(x, routing.idx, routing.weights, self.num_experts,
-                             lambda e: self.experts[(layer, e)], self.expert_fn)
+        g = group_pairs(x, routing.idx.cpu().numpy(), routing.weights)      # as the offloading lean path groups
+        return g.mix(x, {e: self.expert_fn(g.rows(e), self.experts[(layer, e)]) for e in g.span})

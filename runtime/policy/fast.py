@@ -27,7 +27,6 @@ with the experts freed by their compute (a small heap).
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np

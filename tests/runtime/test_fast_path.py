@@ -144,7 +144,7 @@ def test_mix_pairs_adds_as_mix_does():
     (one index_add_) and bfloat16 (one add per rank; per expert when tokens have unequal pair counts) outputs,
     float32 weights, repeated tokens."""
     from runtime.expert_compute import mix
-    from runtime.offload_executor import mix_pairs
+    from runtime.expert_compute import mix_pairs
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
