@@ -10,12 +10,12 @@ wake-up of the loader thread, not one each. The loader thread drains whatever is
 
 Inline copies: on the CPU with no emulated link a load is a memcpy from the page cache or host memory, and for small
 experts the hand-off costs more than the copy. The loader thread's Python (queue, event, timing) contends with the
-compute thread for the GIL, and every torch op of the compute thread re-acquires it: on the Qwen3-30B-A3B shape of
-benchmarks/overhead.py (12 KiB experts) lru decoded at 137 ms/step with the thread and 90 ms/step inline, against
-resident's 71 ms. So experts of at most `INLINE_MAX_BYTES` are copied on the calling thread, when they are
-submitted; a copy of 1 MiB takes ~0.1-0.2 ms at host memory bandwidth, about what one hand-off costs on 2 cores.
-Larger experts (a real model's are MBs: 9 MiB for Qwen3-30B-A3B in bf16), an emulated link and CUDA keep the thread,
-whose copies overlap compute.
+compute thread for the GIL, which every torch op of the compute thread releases and takes again; on the
+random-weight Qwen3-30B-A3B shape of benchmarks/overhead.py (12 KiB experts) that contention, not the copies, made
+most of lru's time over resident's (`OffloadExecutor`'s waits and the expert function both slowed). So experts of at
+most `INLINE_MAX_BYTES` are copied on the calling thread when they are submitted: a copy of 1 MiB takes on the order
+of 0.1 ms at host memory bandwidth, about what one hand-off costs on 2 cores. Larger experts (a real model's are
+MBs: 9 MiB for Qwen3-30B-A3B in bf16), an emulated link and CUDA keep the thread, whose copies overlap compute.
 """
 from __future__ import annotations
 

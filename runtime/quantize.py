@@ -204,7 +204,7 @@ class KernelMatrix:
       int8: y[n, o] = scale[o] * sum_i x[n, i] q[o, i]                    torch._weight_int8pack_mm
       int4: y[n, o] = sum_g sum_{i in g} x[n, i] (c[o, i] - 8) scale[o, g]    torch._weight_int4pack_mm_for_cpu
     in x's dtype, summed in float32; the scales are rounded to x's dtype first (bf16 keeps 8 of fp16's 11
-    significant bits). On this CPU that is 6-13x faster than dequantizing and F.linear (docs/precision.md)."""
+    significant bits). benchmarks/kernels.py times it against dequantizing and F.linear."""
 
     q: torch.Tensor          # int8 [out, in] | uint8 [out, in/2] in the tile layout (`to_tiles`)
     scale: torch.Tensor      # [out, groups] scale_dtype
