@@ -171,7 +171,8 @@ def measure_tpot(args, t0: float) -> dict:
         runs.append({p: {k: d[k] for k in ("tpot_ms", "hit_rate", "loads_per_token")}
                      for p, d in r["policies"].items()})
     out = {"model": TPOT_MODEL, "budget": TPOT_BUDGET, "tokens": TPOT_TOKENS, "link": link,
-           "t_layer_ms": 1e3 * t_layer, "runs": runs}
+           "t_layer_ms": 1e3 * t_layer, "runs": runs, "commit": git_commit(),
+           "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - (time.perf_counter() - t0)))}
     out["median"] = {p: {k: statistics.median(run[p][k] for run in runs) for k in runs[0][p]} for p in runs[0]}
     return out
 
@@ -276,7 +277,8 @@ def section(res: dict) -> str:
     if t is not None:
         med, lru = t["median"], t["median"]["lru"]
         lines += [f"### TPOT over the emulated link ({t['model']}, {t['budget']}, batch 1)", "",
-                  f"`python benchmarks/precision.py --tpot` on a quiet machine: link {t['link']} (a layer computes in "
+                  f"`python benchmarks/precision.py --tpot`{' at commit ' + t['commit'] if t.get('commit') else ''}"
+                  f"{', started ' + t['started'] if t.get('started') else ''}, on a quiet machine: link {t['link']} (a layer computes in "
                   f"{t['t_layer_ms']:.2f} ms here), {len(t['runs'])} interleaved runs of {t['tokens']} held-out "
                   "tokens, the median per policy; ratios to lru's.", "",
                   "| policy | TPOT ms | x lru | hit | loads/token | x lru |", "|---|---|---|---|---|---|"]
