@@ -163,13 +163,14 @@ class OffloadExecutor:
         ticket = self.tickets.pop((layer, e), None)
         if ticket is None:
             return
-        if not ticket.landed:
+        if ticket.landed:
+            ticket.wait()                        # raises a failed copy's error; on CUDA, orders the compute stream
+        else:
             t0 = time.perf_counter()
             try:
                 ticket.wait()
             finally:
                 self.stats.layer(layer).stall_s += time.perf_counter() - t0
-        ticket.wait()                            # raises a failed copy's error; on CUDA, orders the compute stream
         self.c_load.add(ticket.t_end - ticket.t_start)
         if self.events is not None:
             self.events.append(("load", ticket.t_start, ticket.t_end, layer, e))
