@@ -84,6 +84,7 @@ SHAPES = (Shape("mixtral-8x7b", "Mixtral-8x7B", "mixtral", 32, 8, 2),
 class OverheadConfig:
     models: tuple[str, ...] = tuple(s.key for s in SHAPES)
     policies: tuple[str, ...] = ("resident", "lru", "lfu", "lfru", "smoe")   # resident first: the reference
+    thread_variant: bool = True  # also lru with every copy on the loader thread (`THREAD`): what inline copies save
     batches: tuple[int, ...] = (1, 3)
     cache: str = "50%"
     tokens: int = 32            # new tokens per timed decode (tokens - 1 timed steps)
@@ -315,10 +316,12 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
                "hf-eager": AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
                                                                 experts_implementation="eager").eval()}
     try:
-        for p in cfg.policies:
+        for p in (*cfg.policies, *([THREAD] if cfg.thread_variant else [])):
             t0 = time.perf_counter()
-            rts[p] = Runtime.load(model_dir, policy=p, cache=None if p == "resident" else cfg.cache,
-                                  record_events=p != "resident")
+            rts[p] = Runtime.load(model_dir, policy="lru" if p == THREAD else p,
+                                  cache=None if p == "resident" else cfg.cache, record_events=p != "resident")
+            if p == THREAD:
+                rts[p].loader.inline = False
             probes[p] = Probe(rts[p])
             log(f"{shape.key}: loaded {p} in {time.perf_counter() - t0:.1f} s")
         cells = []
@@ -376,6 +379,7 @@ def table(cells: list[Cell]) -> list[str]:
 
 
 HF_ROWS = {"hf": "HF generate", "hf-eager": "HF generate, eager experts"}
+THREAD = "lru-thread"                 # lru with its copies forced onto the loader thread (a diagnostic row)
 GOAL_OVER_MS = {1: 0.050, 3: 0.100}   # issue #13: the runtime's own time per MoE layer call, 128-expert shape
 GOAL_X_HF = 1.05                      # issue #13: resident's step time over HF generate's, every shape
 
@@ -387,7 +391,7 @@ def goals(cells: list[Cell]) -> list[str]:
     ref = {(c.model, c.batch): c for c in cells if c.policy == "resident"}
     for c in cells:
         r = ref.get((c.model, c.batch))
-        if c.model == "qwen3-30b-a3b" and c.policy not in ("resident", *HF_ROWS) and r is not None \
+        if c.model == "qwen3-30b-a3b" and c.policy not in ("resident", THREAD, *HF_ROWS) and r is not None \
                 and c.batch in GOAL_OVER_MS:
             over, goal = c.m.own_ms - r.m.own_ms, GOAL_OVER_MS[c.batch]
             out.append(f"- {c.policy}, Qwen3-30B-A3B shape, batch {c.batch}: {over * 1e3:+.0f} us per MoE layer call "
@@ -435,6 +439,14 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                    f"ms per MoE layer call ({worst_load.model}, {worst_load.policy}, batch {worst_load.batch}); the "
                    f"compute thread waited for them at most {f3(worst_stall.m.per_call_ms(worst_stall.m.stall_s))} ms "
                    f"per call ({worst_stall.model}, {worst_stall.policy}, batch {worst_stall.batch}).")
+    pairs = [(c, t) for c in cells for t in cells if c.policy == "lru" and t.policy == THREAD
+             and (c.model, c.batch) == (t.model, t.batch)]
+    if pairs:
+        out.append("- lru with its copies on the loader thread against inline on the compute thread (same run): "
+                   + "; ".join(f"{c.model} batch {c.batch} {t.m.step_ms:.2f} vs {c.m.step_ms:.2f} ms/step "
+                               f"({t.m.step_ms / c.m.step_ms:.2f}x), expert function {f3(t.m.per_call_ms(t.m.expert_s))} "
+                               f"vs {f3(c.m.per_call_ms(c.m.expert_s))} ms per MoE layer call" for c, t in pairs)
+                   + ". The thread's Python contends with the compute thread for the GIL.")
     q = {c.policy: c.m for c in cells if c.model == "qwen3-30b-a3b" and c.batch == 1}
     if "resident" in q and {"lru", "smoe"} <= set(q):
         lo, hi = ISSUE_RANGE_MS
