@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --write    # and the section "overhead" of docs/BENCHMARKS.md
     python benchmarks/overhead.py --quick    # smoke run, ~1 min (4 decoder layers, 16 tokens, 2 repeats; not with --write)
     python benchmarks/overhead.py --models qwen3-30b-a3b   # a subset of SHAPES
+    python benchmarks/overhead.py --from-json --write      # the text again from the last run's figures (its json)
 
 Models (built once into out/benchmarks/overhead-models, random weights saved in bf16 as the real checkpoints ship
 theirs): the real decoder-layer counts, expert counts, top-k, shared experts and routing rules of Mixtral-8x7B,
@@ -50,7 +51,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -412,7 +413,8 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
     out = []
     ref = {(c.model, c.batch): c.m for c in cells if c.policy == "resident"}
     for (model, batch), r in ref.items():
-        off = [c for c in cells if (c.model, c.batch) == (model, batch) and c.policy not in ("resident", *HF_ROWS)]
+        off = [c for c in cells if (c.model, c.batch) == (model, batch)
+               and c.policy not in ("resident", THREAD, *HF_ROWS)]
         if not off:
             continue
         over = sorted(((c.m.own_ms - r.own_ms, c.policy) for c in off))
@@ -498,6 +500,9 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="write the section into docs/BENCHMARKS.md")
     ap.add_argument("--quick", action="store_true", help="smoke run (~1 min): 4 decoder layers, 16 tokens, 2 repeats")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(s.key for s in SHAPES))
+    ap.add_argument("--json", default=None, help="where the run's figures are kept and --from-json reads them "
+                    "(default out/benchmarks/overhead.json; overhead-quick.json with --quick)")
+    ap.add_argument("--from-json", action="store_true", help="write the text from the figures of a finished run")
     args = ap.parse_args()
     if args.quick and args.write:
         ap.error("--quick is a smoke run with fewer layers and tokens; its figures do not go into BENCHMARKS.md")
@@ -507,6 +512,7 @@ def main() -> int:
     from sections import write_section
 
     cfg = QUICK if args.quick else OverheadConfig()
+    args.json = args.json or str(ROOT / "out" / "benchmarks" / f"overhead{'-quick' if args.quick else ''}.json")
     if args.models:
         cfg = replace(cfg, models=tuple(args.models.split(",")))
     known = {s.key: s for s in SHAPES}
@@ -518,18 +524,29 @@ def main() -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    shapes = {k: known[k] for k in cfg.models}
-    cells, layers = [], {}
-    from runtime.families import resolve_arch
+    if args.from_json:
+        saved = json.loads(Path(args.json).read_text())
+        cfg = OverheadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["cfg"].items()})
+        shapes = {k: known[k] for k in cfg.models}
+        cells = [Cell(c["model"], c["batch"], c["policy"], Measure(**c["m"]), tuple(c["step_ms_all"]), c["copies"])
+                 for c in saved["cells"]]
+        layers, info = saved["layers"], saved["info"]
+    else:
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        shapes = {k: known[k] for k in cfg.models}
+        cells, layers = [], {}
+        from runtime.families import resolve_arch
 
-    for key, shape in shapes.items():
-        model_dir = build_model(shape, cfg)
-        layers[key] = len(resolve_arch(hf_config(shape, cfg)).moe_layers)
-        cells += run_model(shape, cfg, model_dir, log)
-    info = {"command": shlex.join(["python", "benchmarks/overhead.py"] + sys.argv[1:]), "commit": git_commit(),
-            "machine": machine()["summary"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "run_s": time.perf_counter() - t0, "load": (load0, os.getloadavg()[0])}
+        for key, shape in shapes.items():
+            model_dir = build_model(shape, cfg)
+            layers[key] = len(resolve_arch(hf_config(shape, cfg)).moe_layers)
+            cells += run_model(shape, cfg, model_dir, log)
+        info = {"command": shlex.join(["python", "benchmarks/overhead.py"] + sys.argv[1:]), "commit": git_commit(),
+                "machine": machine()["summary"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "run_s": time.perf_counter() - t0, "load": (load0, os.getloadavg()[0])}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"cfg": asdict(cfg), "layers": layers, "info": info,
+                                               "cells": [asdict(c) for c in cells]}, indent=1))
     text = section(cells, cfg, shapes, layers, info)
     print(f"{HEADING}\n\n{text}")
     if args.write:
