@@ -134,10 +134,11 @@ def dequant_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[in
 
 
 def materialize(w: Mapping[str, torch.Tensor], packed: PackedFormat | None,
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One expert as `ExpertFormat.shapes()` in `dtype`, ready to compute, from what a store or cache slot holds.
+                dtype: torch.dtype) -> Mapping[str, torch.Tensor]:
+    """One expert as `ExpertFormat.shapes()` in `dtype`, ready to compute, from what a store or cache slot holds
+    (read only: callers compute with it, never write into it).
 
-    packed None: the tensors as they are when already `dtype`, else converted into fresh (aligned) workspace tensors
+    packed None: `w` itself when already `dtype` (no copy on the decode path), else converted into fresh (aligned) workspace tensors
       (widening bf16 -> float32 is exact, so lossless stays bit-exact);
     mxfp4: gate_up = dequant(gate_up_blocks, gate_up_scales)^T [H, 2I], down = dequant(down_*)^T [I, H];
     fp8:   gate_up = [dequant(gate); dequant(up)] [2I, H], down = dequant(down) [H, I].
@@ -145,7 +146,7 @@ def materialize(w: Mapping[str, torch.Tensor], packed: PackedFormat | None,
     """
     if packed is None:
         if next(iter(w.values())).dtype == dtype:
-            return dict(w)
+            return w
         return {k: v.to(dtype) for k, v in w.items()}
     if packed.kind == "mxfp4":
         return {"gate_up": dequant_mxfp4(w["gate_up_blocks"], w["gate_up_scales"], dtype).t().contiguous(),
