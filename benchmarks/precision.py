@@ -120,7 +120,7 @@ def measure(args, t0: float) -> dict:
                 pools = plan_pools(plan.precision, lm.arch.moe_layers, plan.expert_bytes)
                 schemes = {n: scheme_from({"name": n, **d}) for n, d in plan.precision["schemes"].items()}
                 t = time.perf_counter()
-                ps = PooledStore(store, pools, schemes, kernels=True)   # as the runtime on the CPU
+                ps = PooledStore(store, pools, schemes, compute=(lm.device, lm.dtype))   # as the runtime
                 startup = {"seconds": time.perf_counter() - t, "copies": ps.copies, "bytes": ps.copy_bytes}
             log(t0, f"{name}: evaluating {pct} ({args.tokens} tokens)")
             cfg = EvalConfig(policies=POLICIES + PLANS, cache=pct, max_tokens=args.tokens, tasks="none", prompts=0,

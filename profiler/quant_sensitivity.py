@@ -46,9 +46,8 @@ from profiler.sensitivity import executor_swapped
 from runtime.expert_compute import make_expert_fn, routed_output
 from runtime.expert_store import ExpertStore
 from runtime.families.arch import ExpertFormat
-from runtime.quantize import (SCHEMES, Scheme, dequantize_expert, expert_matrices, expert_packed_bytes, KERNEL_DTYPES,
-                              kernel_copy,
-                              kernel_expert, kernels_fit, quantize_expert)
+from runtime.quantize import (SCHEMES, Scheme, dequantize_expert, expert_matrices, expert_packed_bytes, kernel_copy,
+                              kernel_expert, kernels_apply, quantize_expert)
 from runtime.router import Routing
 
 CLASSES = ("high", "mid", "low")
@@ -82,7 +81,7 @@ def as_computed(w: dict[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -
     """One expert quantized by `scheme` as the runtime computes it on w's device (runtime.pooled_store): on the CPU
     from its codes with the weight-only kernels where they fit and pay (bf16/fp16), else dequantized (`roundtrip`)."""
     m = w[next(iter(expert_matrices(fmt)))]
-    if m.device.type == "cpu" and m.dtype in KERNEL_DTYPES and kernels_fit(fmt, scheme):
+    if kernels_apply(fmt, scheme, m.device, m.dtype):
         return kernel_expert(kernel_copy(quantize_expert(w, fmt, scheme), fmt, scheme), fmt, scheme)
     return roundtrip(w, fmt, scheme)
 

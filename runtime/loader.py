@@ -13,8 +13,8 @@ experts the hand-off costs more than the copy. The loader thread's Python (queue
 compute thread for the GIL, which every torch op of the compute thread releases and takes again; on the
 random-weight Qwen3-30B-A3B shape of benchmarks/overhead.py (12 KiB experts) that contention, not the copies, made
 most of lru's time over resident's (`OffloadExecutor`'s waits and the expert function both slowed). So experts of at
-most `INLINE_MAX_BYTES` are copied on the calling thread when they are submitted: a copy of 1 MiB takes on the order
-of 0.1 ms at host memory bandwidth, about what one hand-off costs on 2 cores. Larger experts (a real model's are
+most `INLINE_MAX_BYTES` are copied on the calling thread when they are submitted (the threshold is a judgement, not
+a measured break-even: the benchmark's experts are 12 KiB, a real model's MBs). Larger experts (a real model's are
 MBs: 9 MiB for Qwen3-30B-A3B in bf16), an emulated link and CUDA keep the thread, whose copies overlap compute.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ from artifacts.errors import UserError
 from runtime.expert_store import ExpertStore
 from runtime.formats import TensorSpec, materialize
 from runtime.policy.pools import Pools
-from runtime.quantize import (Scheme, dequantize_expert, expert_specs, kernel_copy, kernel_expert, kernels_fit,
+from runtime.quantize import (Scheme, dequantize_expert, expert_specs, kernel_copy, kernel_expert, kernels_apply,
                               quantize_expert)
 
 
@@ -39,13 +39,15 @@ class PooledStore:
     (`copy_into`) and the executor (`read`, `materialize`)."""
 
     def __init__(self, store: ExpertStore, pools: Pools, schemes: Mapping[str, Scheme], pin: bool = False,
-                 kernels: bool = False):
+                 compute: tuple[torch.device, torch.dtype] | None = None):
         assert store.held is None, "precision pools quantize float experts"
         self.base, self.pools, self.arch = store, pools, store.arch
         self.held = None
         self.schemes = {n: schemes[n] for n in pools.names[1:]}
-        # per scheme: whether its experts compute from their codes (CPU kernels) rather than dequantized
-        self.kernels = {n: kernels and kernels_fit(self.arch.experts, s) for n, s in self.schemes.items()}
+        # per scheme: whether its experts compute from their codes (CPU kernels) on `compute` (device, dtype), rather
+        # than dequantized
+        self.kernels = {n: compute is not None and kernels_apply(self.arch.experts, s, *compute)
+                        for n, s in self.schemes.items()}
         bias = store.dtype
         self.pool_specs: tuple[dict[str, TensorSpec], ...] = (dict(store.specs),) + tuple(
             expert_specs(self.arch.experts, self.schemes[n], bias) for n in pools.names[1:])

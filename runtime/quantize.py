@@ -225,9 +225,11 @@ def kernel_expert(packed: Mapping[str, torch.Tensor], fmt: ExpertFormat, scheme:
     return {name: KernelMatrix(packed[f"{name}_q"], packed[f"{name}_scale"], scheme) for name in expert_matrices(fmt)}
 
 
-def kernels_fit(fmt: ExpertFormat, scheme: Scheme) -> bool:
-    """Whether every matrix of a GLU expert computes with the kernels (GPT-OSS's biased x @ W experts do not)."""
-    return fmt.kind != "gptoss" and all(kernel_fits(fmt.shapes()[n], scheme) for n in expert_matrices(fmt))
+def kernels_apply(fmt: ExpertFormat, scheme: Scheme, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an expert of `scheme` computes from its codes (`KernelMatrix`) on `device` in `dtype`: on the CPU, in
+    KERNEL_DTYPES, a GLU expert every matrix of which the kernels take (GPT-OSS's biased x @ W experts: no)."""
+    return (device.type == "cpu" and dtype in KERNEL_DTYPES and fmt.kind != "gptoss"
+            and all(kernel_fits(fmt.shapes()[n], scheme) for n in expert_matrices(fmt)))
 
 
 def kernel_copy(packed: Mapping[str, torch.Tensor], fmt: ExpertFormat, scheme: Scheme) -> dict[str, torch.Tensor]:

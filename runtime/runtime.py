@@ -34,7 +34,7 @@ from runtime.policy.static import static_pins
 from runtime.policy.plan_params import plan_policy, plan_pools, substitution_params
 from runtime.policy.pools import native_slots
 from runtime.pooled_store import PooledStore
-from runtime.quantize import KERNEL_DTYPES, scheme_from
+from runtime.quantize import scheme_from
 from runtime.resident import ResidentExecutor
 from runtime.stats import RunStats
 
@@ -146,7 +146,7 @@ class Runtime:
                 pools = plan_pools(the_plan.precision, lm.arch.moe_layers, experts.expert_bytes)
                 schemes = {n: scheme_from({"name": n, **d}) for n, d in the_plan.precision["schemes"].items()}
                 experts = PooledStore(experts, pools, schemes, pin=lm.device.type == "cuda",
-                                      kernels=lm.device.type == "cpu" and lm.dtype in KERNEL_DTYPES)
+                                      compute=(lm.device, lm.dtype))
             budget = CacheBudget(sum(slots.values()), experts.expert_bytes, experts.format_name, _name(lm.dtype),
                                  the_plan.cache_budget_bytes, "the plan",
                                  pools=() if pools is None else tuple(
