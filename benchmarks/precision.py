@@ -326,11 +326,11 @@ def section(res: dict) -> str:
     rv = res.get("resolve")
     if rv is not None and rv["cells"]:
         at = f" at commit {rv['commit']}" if rv.get("commit") else ""
-        lines += [f"### Perplexity cells rerun on more tokens", "",
+        lines += ["### Perplexity cells rerun on more tokens", "",
                   f"`python benchmarks/precision.py --resolve {rv['tokens']}`{at}, started {rv['started']}, "
                   f"{rv['seconds'] / 60:.0f} min: only the cells whose plan perplexity was not resolved on "
                   f"{res['tokens']} tokens, resident and plan on the first {rv['tokens']} held-out tokens (the same "
-                  "plans; the {res['tokens']}-token windows are among them). Their goal verdicts above are the rerun's.", "",
+                  f"plans; the {res['tokens']}-token windows are among them). Their goal verdicts above are the rerun's.", "",
                   "| model | budget | hit | ppl vs resident |", "|---|---|---|---|"]
         for name, cells in rv["cells"].items():
             for pct, c in cells.items():
