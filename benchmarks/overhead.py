@@ -21,21 +21,23 @@ c = (n - 1) x L MoE layer calls:
     T  = wall time of the steps (from the first token's `on_step` to the last one's)
     E  = time inside the expert function f_e (the GLU), summed over every expert computed
     S  = time the compute thread waited for a load to land (the executor's `stall_s`)
+    C  = time the compute thread spent copying experts inline (the runtime's `copy_s`: the link's work, done on the
+         compute thread where there is no link; 0 when the loader thread copies)
     X  = time inside the MoE blocks' executor calls (the block routes before the call; shared experts after it)
-    own per MoE layer call            = (T - E - S) / c   everything but expert compute and waits: attention, norms,
-                                                          routers, sampling, and the executor's own work
-    executor own per MoE layer call   = (X - E - S) / c   decisions, bookkeeping, row gathers, mixing, load issue
+    own per MoE layer call            = (T - E - S - C) / c   everything but expert compute and the link (waits and
+                                                              inline copies): attention, norms, routers, sampling,
+                                                              and the executor's own work
+    executor own per MoE layer call   = (X - E - S - C) / c   decisions, bookkeeping, row gathers, mixing, load issue
     overhead over resident            = own(policy) - own(resident)   (same model, batch and prompts)
-    load per MoE layer call           = loads x mean copy time / c    (the loader's "load" events, t_end - t_start;
-                                        on the loader thread it overlaps compute and only its waits S are
-                                        subtracted; an inline copy is not subtracted: it counts in own)
+    load per MoE layer call           = C / c inline; on the loader thread loads x mean copy time / c (its "load"
+                                        events, t_end - t_start; it overlaps compute: only its waits S are
+                                        subtracted)
     loads per token                   = loads / (rows x (n - 1))
 
 E and X come from wrapping the loaded Runtime's `executor.expert_fn` and each MoE block's `executor` (public
-attributes of our own objects; nothing in torch or transformers is touched), because `ResidentExecutor` records no
-events and `OffloadExecutor`'s compute events ("compute_start"/"compute_end", `record_events=True`) also span the
-gathers of rows and weights and `materialize`, work that resident does outside its expert calls; their excess over E
-is reported. S is the runtime's own `stall_s`. A cell's figures come from the repeat with the median step time.
+attributes of our own objects; nothing in torch or transformers is touched); S and C are the runtime's own
+statistics. Only the loader-thread row records events (`record_events=True`), for its copy times: the policies are
+timed as a user runs them. A cell's figures come from the repeat with the median step time.
 HF generate is timed by a stopping criterion that stamps each new token (`hf_decode`): its step time only. Goals
 (issue #13, `goals`): over resident <= 50 us per MoE layer call at batch 1 and <= 100 us at batch 3 on the
 Qwen3-30B-A3B shape; resident's step time <= 1.05x HF generate's on every shape.
@@ -211,8 +213,8 @@ class Measure:
     expert_s: float     # E
     executor_s: float   # X
     stall_s: float      # S
-    window_s: float     # the OffloadExecutor's compute events (0 for resident)
-    copy_s: float       # mean loader copy time per load
+    inline_copy_s: float  # C
+    copy_s: float       # mean copy time per load (inline, or on the loader thread)
     loads: int
     hit_rate: float
 
@@ -225,11 +227,11 @@ class Measure:
 
     @property
     def own_ms(self) -> float:
-        return self.per_call_ms(self.wall_s - self.expert_s - self.stall_s)
+        return self.per_call_ms(self.wall_s - self.expert_s - self.stall_s - self.inline_copy_s)
 
     @property
     def executor_own_ms(self) -> float:
-        return self.per_call_ms(self.executor_s - self.expert_s - self.stall_s)
+        return self.per_call_ms(self.executor_s - self.expert_s - self.stall_s - self.inline_copy_s)
 
     @property
     def load_ms(self) -> float:
@@ -244,7 +246,7 @@ def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int) -> Measure:
     """Greedy decode of `tokens` new tokens for prompts ids [B, P], measured over its steps after the first."""
     rt.stats.reset()
     probe.clear()
-    events = getattr(rt.executor, "events", None)   # OffloadExecutor with record_events; resident: none
+    events = getattr(rt.executor, "events", None)   # the loader-thread row's (record_events); else none
     if events is not None:
         events.clear()
     stamps: list[float] = []
@@ -252,23 +254,15 @@ def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int) -> Measure:
                           on_step=lambda _: stamps.append(time.perf_counter()))
     assert out.shape[1] == tokens and len(stamps) == tokens, f"decode stopped after {out.shape[1]} of {tokens} tokens"
     lo, hi = stamps[0], stamps[-1]
-    window = copies = 0.0
-    n_copies = 0
+    d, total = rt.stats.to_dict(), rt.stats.total()       # decode phase: the timed steps
+    copies, n_copies = total.copy_s, d["loads"]           # inline copies; else the loader thread's, from its events
     if events is not None:
-        starts = {}
-        for ev in events:
-            if ev[0] == "compute_start" and lo <= ev[1] <= hi:
-                starts[(ev[2], ev[3])] = ev[1]
-            elif ev[0] == "compute_end" and (ev[2], ev[3]) in starts:
-                window += ev[1] - starts.pop((ev[2], ev[3]))
-            elif ev[0] == "load" and lo <= ev[1] <= hi:
-                copies += ev[2] - ev[1]
-                n_copies += 1
-    d = rt.stats.to_dict()
+        loads = [ev[2] - ev[1] for ev in events if ev[0] == "load" and lo <= ev[1] <= hi]
+        copies, n_copies = sum(loads), len(loads)
     steps = tokens - 1
     return Measure(steps=steps, calls=steps * len(rt.lm.arch.moe_layers), rows=ids.shape[0], wall_s=hi - lo,
                    expert_s=inside(probe.expert, lo, hi), executor_s=inside(probe.executor, lo, hi),
-                   stall_s=rt.stats.total().stall_s, window_s=window, copy_s=copies / max(n_copies, 1),
+                   stall_s=total.stall_s, inline_copy_s=total.copy_s, copy_s=copies / max(n_copies, 1),
                    loads=d["loads"], hit_rate=d["hit_rate"])
 
 
@@ -291,7 +285,7 @@ def hf_decode(model, ids: torch.Tensor, tokens: int) -> Measure:
     assert out.shape[1] - ids.shape[1] == tokens and len(stamps) == tokens, "HF generate stopped early"
     steps = tokens - 1
     return Measure(steps=steps, calls=0, rows=ids.shape[0], wall_s=stamps[-1] - stamps[0], expert_s=0.0,
-                   executor_s=0.0, stall_s=0.0, window_s=0.0, copy_s=0.0, loads=0, hit_rate=1.0)
+                   executor_s=0.0, stall_s=0.0, inline_copy_s=0.0, copy_s=0.0, loads=0, hit_rate=1.0)
 
 
 @dataclass(frozen=True)
@@ -320,7 +314,7 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
         for p in (*cfg.policies, *([THREAD] if cfg.thread_variant else [])):
             t0 = time.perf_counter()
             rts[p] = Runtime.load(model_dir, policy="lru" if p == THREAD else p,
-                                  cache=None if p == "resident" else cfg.cache, record_events=p != "resident")
+                                  cache=None if p == "resident" else cfg.cache, record_events=p == THREAD)
             if p == THREAD:
                 rts[p].loader.inline = False
             probes[p] = Probe(rts[p])
@@ -430,12 +424,8 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                    f"{100 * max(step_over) / r.step_ms:.0f}% of resident's {r.step_ms:.2f} ms).")
     off = [c for c in cells if c.policy not in ("resident", *HF_ROWS)]
     if off:
-        excess = [(c.m.window_s - c.m.expert_s) * 1e3 / c.m.calls for c in off]
         worst_load = max(off, key=lambda c: c.m.load_ms)
         worst_stall = max(off, key=lambda c: c.m.stall_s / c.m.calls)
-        out.append(f"- The OffloadExecutor's compute events span {min(excess):.3f}-{max(excess):.3f} ms per MoE layer "
-                   "call more than the expert function itself (row and weight gathers, `materialize`): a split on "
-                   "the events alone would count that as expert compute.")
         where = sorted({c.copies for c in off if c.copies})
         out.append(f"- Loads (copies {' and '.join({'inline': 'inline, on the compute thread', 'thread': 'on the loader thread, overlapping compute'}[w] for w in where)}) take at most {f3(worst_load.m.load_ms)} "
                    f"ms per MoE layer call ({worst_load.model}, {worst_load.policy}, batch {worst_load.batch}); the "
@@ -481,11 +471,13 @@ def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], la
                 "implementation, and its eager one, which lossless mode reproduces bit for bit) " if cfg.hf else "")
              + "taking turns; the figures are the repeat with the median step time; x HF = ms/step over HF "
              "generate's (default experts implementation).", "",
-             "Per MoE layer call, over the timed steps: own = (step time - expert compute - load waits) / MoE "
-             "layers (the whole model but the experts and the waits); executor own = (time in the executor - expert "
-             "compute - waits) / MoE layers; over resident = own - resident's own (same model, batch and prompts); "
-             "load = loads x mean copy time on the loader thread / MoE layer calls (it overlaps compute: only the "
-             "waits, stall, are subtracted). Expert compute is the time inside the expert function (the GLU). "
+             "Per MoE layer call, over the timed steps: own = (step time - expert compute - load waits - inline "
+             "copies) / MoE layers (the whole model but the experts and the link's work: with no link the compute "
+             "thread makes small experts' copies itself, column load); executor own = (time in the executor - expert "
+             "compute - waits - inline copies) / MoE layers; over resident = own - resident's own (same model, "
+             "batch and prompts); load = copy time per MoE layer call, inline or on the loader thread (there it "
+             "overlaps compute: only the waits, stall, are subtracted). Expert compute is the time inside the expert "
+             "function (the GLU). "
              "`plan` and `static` need a profile of calibration text and are not run.", ""]
     lines += table(cells)
     lines += [""] + findings(cells, shapes, layers)

@@ -30,6 +30,7 @@ class ExpertCache:
         self.expert_bytes = self._bytes[0]                                        # bytes (the native format)
         self.capacity_bytes = sum(n * self._bytes[p] for ns in per_pool.values() for p, n in enumerate(ns))
         self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot in its pool
+        self.held: dict[int, dict[int, dict[str, torch.Tensor]]] = {l: {} for l in slots}   # layer -> expert -> its slot
         self._free = {key: list(range(len(b)))[::-1] for key, b in self._buf.items()}
         self.used_bytes = 0
         self.peak_bytes = 0
@@ -50,10 +51,14 @@ class ExpertCache:
         slot = self._free[key].pop()
         self.where[layer][expert] = slot
         self.used_bytes += self._bytes[key[1]]
-        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
-        return self._buf[key][slot]
+        if self.used_bytes > self.peak_bytes:
+            self.peak_bytes = self.used_bytes
+        w = self.held[layer][expert] = self._buf[key][slot]
+        return w
 
     def evict(self, layer: int, expert: int) -> None:
         slot = self.where[layer].pop(expert)
-        self._free[(layer, self._pool(layer, expert))].append(slot)
-        self.used_bytes -= self.bytes_of(layer, expert)
+        del self.held[layer][expert]
+        p = self._pool(layer, expert)
+        self._free[(layer, p)].append(slot)
+        self.used_bytes -= self._bytes[p]

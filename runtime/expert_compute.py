@@ -6,7 +6,7 @@ freshly read expert are interchangeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -115,25 +115,30 @@ class PairGroups:
         return mix_pairs(x, self.tok, y * self.weights[:, None], self.span)
 
 
-def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, experts: np.ndarray | None = None,
-                counts: np.ndarray | None = None) -> PairGroups:
+def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, experts: Sequence[int] | None = None,
+                counts: Sequence[int] | None = None) -> PairGroups:
     """Group the pairs of chosen [T, k] (expert ids; weights [T, k] on x's device) by expert. `experts` (ascending)
     and `counts` (pairs per expert) when the caller has them (the cache model's schedule), else computed."""
     t_n, k = chosen.shape
     if experts is None:
         if t_n == 1:
-            experts, counts = np.sort(chosen[0]), np.ones(k, dtype=np.int64)
+            experts, counts = sorted(chosen[0].tolist()), [1] * k
         else:
-            experts, counts = np.unique(chosen, return_counts=True)
+            u, n = np.unique(chosen, return_counts=True)
+            experts, counts = u.tolist(), n.tolist()
+    span, b = {}, 0
+    for e, n in zip(experts, counts):
+        span[e] = (b, b + n)
+        b += n
+    if t_n == 1 and x.is_contiguous():                              # one token: its k distinct experts, x as is
+        order = np.argsort(chosen[0])                               # [k] positions by expert id
+        return PairGroups(np.zeros(k, dtype=np.int64), span, weights[0][torch.from_numpy(order).to(x.device)], x,
+                          True)
     by_pos = chosen.T.reshape(-1)                                   # [k*T], pair j*T + t
     order = np.argsort(by_pos, kind="stable")                       # [N] pairs by (expert, position, token)
-    ends = np.cumsum(counts).tolist()
-    span = {e: (b - n, b) for e, n, b in zip(experts.tolist(), counts.tolist(), ends)}
     tok = order % t_n                                               # [N]
     w = weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
-    whole = t_n == 1 and x.is_contiguous()
-    xs = x if whole else x[torch.from_numpy(tok).to(x.device)]      # [N, H]
-    return PairGroups(tok, span, w, xs, whole)
+    return PairGroups(tok, span, w, x[torch.from_numpy(tok).to(x.device)], False)   # xs [N, H]
 
 
 def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]]
@@ -147,9 +152,8 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
     rank when every token has the same number of pairs: c_r = the token's r-th pair by expert id. Elsewhere (CUDA adds
     repeated rows atomically, in any order) `mix` runs per expert."""
     t_n = x.shape[0]
-    rows = torch.from_numpy(tok).to(x.device)                        # [N]
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return torch.zeros_like(x).index_add_(0, rows, weighted.to(x.dtype))
+        return torch.zeros_like(x).index_add_(0, torch.from_numpy(tok), weighted.to(x.dtype))
     k, rem = divmod(len(tok), t_n)
     if x.device.type == "cpu" and rem == 0 and (t_n == 1 or (np.bincount(tok, minlength=t_n) == k).all()):
         by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(np.argsort(tok, kind="stable"))]
@@ -157,6 +161,7 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
         for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
             out.add_(c)
         return out
+    rows = torch.from_numpy(tok).to(x.device)                        # [N]
     return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
 
 

@@ -84,6 +84,11 @@ class ExpertStore:
         `slot` only matters to a precision plan's store (runtime.pooled_store)."""
         return materialize(w, self.held, dtype)
 
+    def computes_as_held(self, dtype: torch.dtype) -> bool:
+        """Whether an expert as held is already the weights to compute with in `dtype` (`materialize` would return it
+        as it is): unpacked and held in `dtype`."""
+        return self.held is None and self.dtype == dtype
+
     def copy_into(self, layer: int, e: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Copy expert e into preallocated tensors `dst` (a cache slot); returns the bytes moved."""
         if self.mode == "host" or self._unpack:

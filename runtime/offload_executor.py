@@ -109,9 +109,12 @@ class OffloadExecutor:
                 self.tickets.pop((l, victim), None)
             jobs.append((l, e, self.cache.assign(l, e), kind == "prefetch"))
             i += 1
+        inline = self.loader.inline
         for t in self.loader.submit_many(jobs):
             self.tickets[(t.layer, t.expert)] = t
             c = self.stats.layer(t.layer)
+            if inline:                           # copied on this thread, already
+                c.copy_s += t.t_end - t.t_start
             c.loads += 1
             c.load_bytes += self.cache.bytes_of(t.layer, t.expert)
             c.prefetch_issued += int(t.prefetch)
@@ -123,17 +126,32 @@ class OffloadExecutor:
         """The lean path of lossless lru/lfu/lfru (`FastCacheModel`): routing as arrays, no per-token dicts, every
         pair exact; each expert's output is computed unweighted, and the weighting and mixing are done once.
 
-        out[t] = sum over t's experts e in ascending id of (w[t, e] * f_e(x_t)), added in that order (`mix_pairs`)."""
-        idx = routing.idx                                               # [T, k]
-        t_n, k = idx.shape
-        chosen = idx.cpu().numpy()                                      # [T, k]
-        scores = routing.score.gather(1, idx).cpu().numpy()             # [T, k] float32
-        sched = self.model.schedule_arrays(layer, chosen, scores)
-        self._count(layer, sched)
-
+        out[t] = sum over t's experts e in ascending id of (w[t, e] * f_e(x_t)), added in that order (`mix_pairs`).
+        A direct call (every needed expert fits the slots: `FastSchedule.direct`) makes its loads, then computes the
+        cached experts and the loaded ones, with no op list; otherwise the schedule's ops are carried out in order."""
+        chosen = routing.idx.cpu().numpy()                              # [T, k]
+        sched = self.model.schedule_arrays(layer, chosen, table=lambda: routing.score.cpu().numpy())   # [T, E]
+        c = self.stats.layer(layer)
+        c.pairs += sched.hits + sched.misses
+        c.hits += sched.hits
+        c.misses += sched.misses
         g = group_pairs(x, chosen, routing.weights, sched.experts, sched.pairs)
-
+        as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
+        if sched.direct:
+            if sched.loads:
+                self._load_direct(layer, sched.loads, c)
+            held, fn, ev, tickets = self.cache.held[layer], self.expert_fn, self.events, self.tickets
+            for e in (sched.cached + [e for e, _ in sched.loads]) if sched.loads else sched.cached:
+                if tickets:                      # a copy on the loader thread: wait for it to land
+                    self._wait(layer, e)
+                w = held[e] if as_held else self.store.materialize(layer, e, held[e], x.dtype)
+                if ev is not None:
+                    ev.append(("compute_start", time.perf_counter(), layer, e))
+                ys[e] = fn(g.rows(e), w)
+                if ev is not None:
+                    ev.append(("compute_end", time.perf_counter(), layer, e))
+            return g.mix(x, ys)                  # slots live on x's device: no .to()
         ops, i = sched.ops, 0
         while i < len(ops):
             kind, l, e, _ = ops[i]
@@ -149,6 +167,29 @@ class OffloadExecutor:
             if self.events is not None:
                 self.events.append(("compute_end", time.perf_counter(), l, e))
         return g.mix(x, ys)
+
+    def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
+        """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies: inline, timed
+        into the layer's `copy_s`, or handed to the loader thread in one run."""
+        cache, jobs = self.cache, []
+        for e, v in loads:
+            if v is not None:
+                if self.tickets:
+                    self._wait(layer, v)         # never overwrite a slot whose copy is still landing
+                cache.evict(layer, v)
+            jobs.append((layer, e, cache.assign(layer, e), False))
+        if self.loader.inline:
+            t0 = time.perf_counter()
+            for _, e, dst, _ in jobs:
+                self.store.copy_into(layer, e, dst)
+            c.copy_s += time.perf_counter() - t0
+        else:
+            for t in self.loader.submit_many(jobs):
+                self.tickets[(layer, t.expert)] = t
+        c.loads += len(jobs)
+        c.load_bytes += len(jobs) * cache.expert_bytes       # a slot's bytes: what each copy moves (no pools here)
+        if cache.used_bytes > self.stats.peak_cache_bytes:
+            self.stats.peak_cache_bytes = cache.used_bytes
 
     def _count(self, layer: int, sched: LayerSchedule) -> None:
         """The schedule's pair counts; loads are counted as they are issued (with their bytes)."""

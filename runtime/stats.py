@@ -25,6 +25,7 @@ class LayerCounters(Counts):
 
     load_bytes: int = 0
     stall_s: float = 0.0
+    copy_s: float = 0.0         # copying experts on the compute thread (inline loads: CPU, no link; runtime.loader)
 
 
 @dataclass
@@ -47,7 +48,10 @@ class RunStats:
 
     def layer(self, l: int) -> LayerCounters:
         layers = self.prefill_layers if self.phase == "prefill" else self.layers
-        return layers.setdefault(l, LayerCounters())
+        c = layers.get(l)
+        if c is None:
+            c = layers[l] = LayerCounters()
+        return c
 
     def total(self, prefill: bool = False) -> LayerCounters:
         t = LayerCounters()
@@ -75,7 +79,7 @@ class RunStats:
              "pairs": t.pairs, "hits": t.hits, "misses": t.misses, "host": t.host, "drops": t.drops,
              "understudies": dict(t.understudies), "loads": t.loads, "bytes_loaded": t.load_bytes,
              "prefetch_issued": t.prefetch_issued, "prefetch_used": t.prefetch_used,
-             "stall_s": round(t.stall_s, 6), "hit_rate": served / pairs, **t.rates(),
+             "stall_s": round(t.stall_s, 6), "inline_copy_s": round(t.copy_s, 6), "hit_rate": served / pairs, **t.rates(),
              "precision_mix": t.precision_mix(self.native),
              "loads_per_token": t.loads / steps,
              "bytes_per_token": t.load_bytes / steps, "ttft_ms": self.ttft_s * 1e3, "tpot_ms": self.tpot_s * 1e3,

@@ -1,5 +1,5 @@
-"""The lean cache model of the lossless slot caches (lru, lfu, lfru at alpha = 0): state in arrays, decisions over
-arrays.
+"""The lean cache model of the lossless slot caches (lru, lfu, lfru at alpha = 0): small state, few operations per
+layer call.
 
 It makes exactly the decisions `runtime.policy.schedule.CacheModel` makes for these policies (the reference; the
 tests replay traces through both, op for op), without per-token dicts: with alpha = 0 every routed pair is exact,
@@ -22,12 +22,24 @@ Keys do not change during a call (the clock c ticks once at its start; last and 
 expert's u is 0 from its load), so the victims are the resident non-needed experts in key order (one sort), merged
 with the experts freed by their compute (a small heap).
 
+Direct calls: when the slots hold every needed expert (n <= slots, every call of a real cache at decode), every miss
+is loaded at the start, its victim (if the cache is full) the next resident non-needed expert in key order; the ops
+are then the loads, the cached experts' computes in ascending id and the loaded ones' in load order. Such a call is
+returned as (cached, loads) without building ops, counts or decisions (built only when read). For lru the resident
+experts are also kept in key order in an insertion-ordered dict (least recent first; the needed experts move to its
+end in ascending id after each call, as (c, e) sorts them), so its victims are its first non-needed entries, no sort.
+
+Why Python sets, lists and dicts, not numpy arrays: a decode call touches k (8) of E (128) experts, and a numpy call
+costs microseconds of dispatch whatever its size; on the Qwen3-30B-A3B shape of benchmarks/overhead.py the array
+version spent about 0.1 ms per layer call deciding, most of it in ~25 such calls.
+
 `make_cache_model` is the one place that chooses between this model and `CacheModel`.
 """
 from __future__ import annotations
 
 import heapq
-from typing import Mapping, Sequence
+from itertools import islice
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -66,21 +78,56 @@ class _LayerState:
 
     def __init__(self, num_experts: int, slots: int):
         self.slots = slots
-        self.resident = np.zeros(num_experts, dtype=bool)          # [E]
-        self.last_used = np.full(num_experts, -1, dtype=np.int64)  # [E] the call that last used e (-1: never)
-        self.uses = np.zeros(num_experts, dtype=np.int64)          # [E] calls using e since its load
-        self.count = 0                                             # resident experts
+        self.res: set[int] = set()                                 # resident experts
+        self.last_used = [-1] * num_experts                        # [E] the call that last used e (-1: never)
+        self.uses = [0] * num_experts                              # [E] calls using e since its load
         self.calls = 0                                             # the clock c
+        self.recency: dict[int, None] = {}                         # lru: the resident experts by (last, e)
+
+    def sort_recency(self) -> None:
+        last = self.last_used
+        self.recency = dict.fromkeys(sorted(self.res, key=lambda e: (last[e], e)))
+
+
+def rule_key(rule: str, st: _LayerState) -> Callable[[int], tuple | int]:
+    """The eviction key of `rule` on this state (the least is evicted first). lru's and lfu's integer tuples are packed
+    into one int that orders the same, (a, b, e) -> (a * 2^40 + b + 1) * 2^20 + e (b + 1 < 2^40 calls, e < 2^20)."""
+    last, uses, c = st.last_used, st.uses, st.calls
+    if rule == "lru":
+        return lambda e: ((last[e] + 1) << 20) | e
+    if rule == "lfu":
+        return lambda e: (((uses[e] << 40) | (last[e] + 1)) << 20) | e
+    return lambda e: (uses[e] / (c - last[e] + 1), last[e], e)
 
 
 class FastSchedule(LayerSchedule):
-    """A `LayerSchedule` whose per-token decisions (all exact) are built only when read.
+    """A `LayerSchedule` whose per-token decisions (all exact), and for a direct call its ops and counts, are built
+    only when read.
 
-    experts [n] ascending ids of the needed experts; pairs [n] the (token, expert) pairs routed to each."""
+    experts: ascending ids of the needed experts; pairs: the (token, expert) pairs routed to each; direct: the loads
+    come first (`loads`: (expert, victim or None) in load order), then the computes of `cached` (ascending) and of the
+    loaded experts (load order); hits, misses: pair counts."""
 
-    def __init__(self, chosen: np.ndarray, ops: list[Op], counts: Counts, experts: np.ndarray, pairs: np.ndarray):
-        self.ops, self.counts, self.experts, self.pairs = ops, counts, experts, pairs
-        self._chosen = chosen           # [T, k]
+    def __init__(self, chosen: np.ndarray, experts: list[int], pairs: list[int], hits: int,
+                 ops: list[Op] | None = None, cached: list[int] | None = None,
+                 loads: list[tuple[int, int | None]] | None = None, layer: int = 0):
+        self.experts, self.pairs, self.hits, self.misses = experts, pairs, hits, chosen.size - hits
+        self.direct = ops is None
+        self.cached, self.loads, self.layer = cached, loads, layer
+        self._chosen, self._ops = chosen, ops           # [T, k]
+
+    @property
+    def ops(self) -> list[Op]:
+        if self._ops is None:
+            l = self.layer
+            self._ops = ([("load", l, e, v) for e, v in self.loads] + [("compute", l, e, None) for e in self.cached]
+                         + [("compute", l, e, None) for e, _ in self.loads])
+        return self._ops
+
+    @property
+    def counts(self) -> Counts:
+        loads = len(self.loads) if self.direct else sum(op[0] == "load" for op in self._ops)
+        return Counts(pairs=self._chosen.size, hits=self.hits, misses=self.misses, loads=loads)
 
     @property
     def decisions(self) -> list[TokenDecision]:
@@ -91,29 +138,11 @@ class _Victims:
     """The victims of one layer call in key order: the initial candidates sorted once, merged with the experts freed
     during the call (a heap keyed the same way)."""
 
-    def __init__(self, st: _LayerState, rule: str, busy: np.ndarray):
-        self.st, self.rule = st, rule
-        cand = np.flatnonzero(st.resident & ~busy)                 # [m] resident, not needed this call
-        last = st.last_used[cand]
-        if rule == "lru":
-            order = np.lexsort((cand, last))
-        elif rule == "lfu":
-            order = np.lexsort((cand, last, st.uses[cand]))
-        else:
-            order = np.lexsort((cand, last, st.uses[cand] / (st.calls - last + 1)))
-        self.order: list[int] = cand[order].tolist()
+    def __init__(self, st: _LayerState, rule: str, busy: set[int]):
+        self.key = rule_key(rule, st)
+        self.order = sorted((e for e in st.res if e not in busy), key=self.key)
         self.i = 0
-        self.freed: list[tuple[tuple, int]] = []
-
-    def key(self, e: int) -> tuple:
-        st = self.st
-        last = int(st.last_used[e])
-        if self.rule == "lru":
-            return (last, e)
-        uses = int(st.uses[e])
-        if self.rule == "lfu":
-            return (uses, last, e)
-        return (uses / (st.calls - last + 1), last, e)
+        self.freed: list[tuple[tuple | int, int]] = []
 
     def free(self, e: int) -> None:
         heapq.heappush(self.freed, (self.key(e), e))
@@ -128,7 +157,7 @@ class _Victims:
 
 
 class FastCacheModel:
-    """`CacheModel`'s contract for lossless lru/lfu/lfru, with per-layer state in arrays (see the module doc)."""
+    """`CacheModel`'s contract for lossless lru/lfu/lfru, with small per-layer state (see the module doc)."""
 
     def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
                  params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None):
@@ -140,14 +169,14 @@ class FastCacheModel:
         self.state = {l: _LayerState(num_experts, n) for l, n in self.slots.items()}
         for l, st in self.state.items():
             for e in (initial or {}).get(l, ()):
-                if st.count < st.slots and not st.resident[e]:
-                    st.resident[e] = True
-                    st.count += 1
+                if len(st.res) < st.slots:
+                    st.res.add(int(e))
+            st.sort_recency()
 
     @property
     def resident(self) -> dict[int, set[int]]:
         """Per layer the resident experts (a fresh copy)."""
-        return {l: set(np.flatnonzero(st.resident).tolist()) for l, st in self.state.items()}
+        return {l: set(st.res) for l, st in self.state.items()}
 
     def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
                  prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
@@ -157,72 +186,122 @@ class FastCacheModel:
         ids = np.asarray(chosen, dtype=np.int64).reshape(len(chosen), -1)   # [T, k]
         scores = np.array([[r.get(e, 0.0) for e in c] for r, c in zip(rows, ids.tolist())],
                           dtype=np.float64).reshape(ids.shape)                # [T, k]
-        return self.schedule_arrays(layer, ids, scores)
+        return self.schedule_arrays(layer, ids, scores=scores)
 
-    def schedule_arrays(self, layer: int, chosen: np.ndarray, scores: np.ndarray) -> FastSchedule:
-        """One layer call from chosen [T, k] (expert ids) and scores [T, k] (each chosen expert's score)."""
+    def schedule_arrays(self, layer: int, chosen: np.ndarray, scores: np.ndarray | None = None,
+                        table: Callable[[], np.ndarray] | None = None) -> FastSchedule:
+        """One layer call from chosen [T, k] (expert ids) and either scores [T, k] (each chosen expert's score) or
+        `table`, which returns every expert's score [T, E] (called only when two or more experts miss: the order of
+        the misses)."""
         st = self.state[layer]
         st.calls += 1
-        flat = chosen.reshape(-1)                                          # [T*k]
-        if chosen.shape[0] == 1:                                           # one token: k distinct experts
-            order = np.argsort(flat, kind="stable")
-            experts, pairs = flat[order], np.ones(len(flat), dtype=np.int64)
-            best = scores.reshape(-1)[order].astype(np.float64)
+        res = st.res
+        rows = chosen.tolist()
+        if len(rows) == 1:                                                 # one token: k distinct experts
+            experts = sorted(rows[0])
+            pairs = [1] * len(experts)
+            cached = [e for e in experts if e in res]
+            hits = len(cached)
         else:
-            experts, inverse, pairs = np.unique(flat, return_inverse=True, return_counts=True)   # [n] ascending
-            best = np.zeros(len(experts), dtype=np.float64)               # scores are >= 0
-            np.maximum.at(best, inverse.reshape(-1), scores.reshape(-1))
-        hit = st.resident[experts]                                         # [n]
-        hits = int(pairs[hit].sum())
-        counts = Counts(pairs=chosen.shape[0] * self.k, hits=hits, misses=int(flat.size) - hits)
-        missing = experts[~hit]
-        misses = missing[np.lexsort((missing, -best[~hit]))].tolist()    # by (-best, e)
-        ops: list[Op] = []
+            n_of: dict[int, int] = {}
+            for row in rows:
+                for e in row:
+                    n_of[e] = n_of.get(e, 0) + 1
+            experts = sorted(n_of)
+            pairs = [n_of[e] for e in experts]
+            cached = [e for e in experts if e in res]
+            hits = sum(n_of[e] for e in cached)
+        misses = [e for e in experts if e not in res] if len(cached) < len(experts) else []
+        if len(misses) > 1:                                                # by (-best(e), e)
+            if len(rows) == 1 and scores is None:                          # the token's score of each miss
+                row = table()[0]                                           # [E]
+                misses.sort(key=lambda e: (-row[e], e))
+            else:
+                vals = scores.tolist() if scores is not None else np.take_along_axis(table(), chosen, 1).tolist()
+                miss = set(misses)       # best(e): the max over e's pairs (from 0 for a batch: scores are >= 0)
+                best = dict.fromkeys(misses, 0.0 if len(rows) > 1 else float("-inf"))
+                for row_ids, v in zip(rows, vals):                         # [k] ids, [k] their scores
+                    for e, sc in zip(row_ids, v):
+                        if e in miss and sc > best[e]:
+                            best[e] = sc
+                misses.sort(key=lambda e: (-best[e], e))
+        if len(experts) > st.slots:                                        # a slot is freed by a compute: ops
+            ops: list[Op] = []
+            self._run(layer, st, experts, cached, misses, ops)
+            self._after(st, [e for e in experts if e in res])
+            if self.rule == "lru":
+                st.sort_recency()
+            return FastSchedule(chosen, experts, pairs, hits, ops=ops)
+        loads: list[tuple[int, int | None]] = []
         if misses:
-            self._run(layer, st, experts, experts[hit].tolist(), misses, ops)
-        else:
-            ops = [("compute", layer, e, None) for e in experts.tolist()]
-        counts.loads = len(misses)
-        kept = experts[st.resident[experts]]
-        st.last_used[kept] = st.calls
-        st.uses[kept] += 1
-        return FastSchedule(chosen, ops, counts, experts, pairs)
+            free = st.slots - len(res)
+            victims = self._victims(st, experts, len(misses) - free) if len(misses) > free else []
+            loads = [(e, None) for e in misses[:free]] + list(zip(misses[free:], victims))
+            rec = st.recency
+            for v in victims:
+                res.discard(v)
+                if self.rule == "lru":
+                    del rec[v]
+            uses = st.uses
+            for e in misses:
+                res.add(e)
+                uses[e] = 0
+        self._after(st, experts)
+        if self.rule == "lru":
+            rec = st.recency
+            for e in experts:                                              # key (c, e): ascending id at the end
+                rec.pop(e, None)
+                rec[e] = None
+        return FastSchedule(chosen, experts, pairs, hits, cached=cached, loads=loads, layer=layer)
 
-    def _run(self, layer: int, st: _LayerState, experts: np.ndarray, cached: list[int], misses: list[int],
+    @staticmethod
+    def _after(st: _LayerState, kept: list[int]) -> None:
+        """The end of a call: each needed expert still resident was used at c."""
+        last, uses, c = st.last_used, st.uses, st.calls
+        for e in kept:
+            last[e] = c
+            uses[e] += 1
+
+    def _victims(self, st: _LayerState, needed: list[int], m: int) -> list[int]:
+        """The m resident experts not needed this call that the rule evicts first, in its key order."""
+        busy = set(needed)
+        if self.rule == "lru":
+            return list(islice((v for v in st.recency if v not in busy), m))
+        return heapq.nsmallest(m, (e for e in st.res if e not in busy), key=rule_key(self.rule, st))
+
+    def _run(self, layer: int, st: _LayerState, experts: list[int], cached: list[int], misses: list[int],
              ops: list[Op]) -> None:
         """The ops of a call with misses: loads as slots allow, cached computes, then the loaded experts' computes."""
-        busy = np.zeros(self.e, dtype=bool)
-        busy[experts] = True
+        busy = set(experts)
         victims: _Victims | None = None
         q = 0                                                              # next miss to load
+        res, uses = st.res, st.uses
 
         def issue(q: int, victims: _Victims | None) -> tuple[int, _Victims | None]:
             while q < len(misses):
                 e, v = misses[q], None
-                if st.count >= st.slots:
+                if len(res) >= st.slots:
                     if victims is None:
                         victims = _Victims(st, self.rule, busy)
                     v = victims.pop()
                     if v is None:
                         break
-                    st.resident[v] = False
-                    st.uses[v] = 0
-                    st.count -= 1
-                st.resident[e] = True
-                st.uses[e] = 0
-                st.count += 1
+                    res.discard(v)
+                    uses[v] = 0
+                res.add(e)
+                uses[e] = 0
                 ops.append(("load", layer, e, v))
                 q += 1
             return q, victims
 
         q, victims = issue(q, victims)
         for e in cached + misses:
-            if not st.resident[e]:
+            if e not in res:
                 raise RuntimeError(f"layer {layer}: no slot can be freed for expert {e}")
             ops.append(("compute", layer, e, None))
             if q < len(misses):                                            # e is a candidate from now on
                 if victims is None:
                     victims = _Victims(st, self.rule, busy)
-                busy[e] = False
+                busy.discard(e)
                 victims.free(e)
                 q, victims = issue(q, victims)

@@ -68,6 +68,31 @@ def test_fast_model_decides_as_the_cache_model(rule, e, k, batch):
                 _same(ref, fast, n % 2, rows, chosen)
 
 
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fast_model_reads_the_score_table_only_for_misses(rule, batch):
+    """The executor passes every expert's score [T, E] as a callable: the decisions equal the reference's, and the
+    table is read only when two or more experts miss (their order)."""
+    e, k = 32, 4
+    rng = np.random.default_rng(7 + batch)
+    ref, _ = _models(rule, 8, e, k)
+    fast = _models(rule, 8, e, k)[1]
+    reads = []
+    for n, (rows, chosen) in enumerate(_trace(rng, 40, batch, e, k, hot=k + 2)):
+        table = rng.random((batch, e)).astype(np.float32) + 2.0         # not the scores, off the chosen pairs
+        for t, r in enumerate(rows):
+            for i, v in r.items():
+                table[t, i] = v
+        table = table.astype(np.float64).astype(np.float32)
+        rows = [{i: float(table[t, i]) for i in r} for t, r in enumerate(rows)]
+        a = ref.schedule(0, rows, chosen)
+        b = fast.schedule_arrays(0, np.asarray(chosen), table=lambda: reads.append(1) or table)
+        assert b.ops == a.ops and b.counts == a.counts and fast.resident == ref.resident
+        misses = sum(op[0] == "load" for op in a.ops)
+        assert len(reads) == (1 if misses > 1 else 0), (n, misses)
+        reads.clear()
+
+
 def test_fast_model_on_a_recorded_trace(small_profile):
     """The routing the profiler recorded on the shared fixture, replayed through both models."""
     from artifacts import Profile
@@ -181,6 +206,8 @@ def test_inline_and_threaded_loads_agree(fixture_model):
             rt.loader.inline = inline
             logits = rt.forward(ids)
             d = rt.stats.to_dict()
+            # the compute thread's copying is counted when it copies (inline), and only then
+            assert (d["inline_copy_s"] > 0) if inline else d["inline_copy_s"] == 0
             out[inline] = (logits, d["loads"], d["bytes_loaded"], d["hit_rate"])
     assert torch.equal(out[True][0], out[False][0]) and out[True][1:] == out[False][1:] and out[True][1] > 0
     with Runtime.load(fixture_model, policy="lru", cache=4, link="1GB/s,1us") as rt:
