@@ -140,6 +140,10 @@ class Checkpoint:
             flat = flat.clone()
         return flat.view(t.dtype).view(shape)
 
+    def byte_range(self, file: str, start: int, end: int) -> torch.Tensor:
+        """A read-only zero-copy uint8 view of bytes [start, end) of a mapped file (`TensorInfo.file`, `.offset`)."""
+        return self._bytes[file][start:end]
+
     def tensor(self, name: str) -> torch.Tensor:
         """A private copy of a whole tensor."""
         return self.view(name).clone()

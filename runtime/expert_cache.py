@@ -3,7 +3,8 @@
 Mechanism only: the executor decides what to load and what to evict. Every slot is allocated once, at start, as
 its own tensors (64-byte aligned) with the shapes and dtypes of one expert as the store holds it (`ExpertStore.specs`:
 float tensors, or a quantized checkpoint's packed ones), so bytes on the device never exceed `capacity_bytes` =
-slots x expert bytes. With a precision plan's pools (runtime.policy.pools) a layer's slots are split by precision:
+slots x expert bytes. Where the checkpoint keeps each expert's tensors back to back (`ExpertStore.flat_layout`), a
+slot is one buffer and its tensors are views of it in the file's order, so a load is one copy, not one per tensor. With a precision plan's pools (runtime.policy.pools) a layer's slots are split by precision:
 pool p's slots are allocated with that precision's tensors (`pool_specs[p]`) and hold only experts of pool p, so
   capacity_bytes = sum over layers and pools of slots(l, p) x bytes(p).
 """
@@ -17,16 +18,44 @@ from runtime.formats import TensorSpec
 from runtime.policy.pools import Pools
 
 
+class Slot(dict):
+    """One slot's tensors by key. `flat`: the one uint8 buffer they are views of, in the store's `flat_layout` (so an
+    expert lands in one copy), or None (a tensor each)."""
+
+    __slots__ = ("flat",)
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], flat: torch.Tensor | None = None):
+        super().__init__(tensors)
+        self.flat = flat
+
+
+def _slot(specs: Mapping[str, TensorSpec], device: torch.device,
+          flat: Sequence[tuple[str, int]] | None = None) -> Slot:
+    """A slot's tensors: each its own (64-byte aligned) tensor, or views of one buffer laid out as `flat` (keys and
+    bytes in order; the store checked that every key starts at a 64-byte multiple)."""
+    if flat is None:
+        return Slot({k: torch.empty(s.shape, dtype=s.dtype, device=device) for k, s in specs.items()})
+    buf = torch.empty(sum(n for _, n in flat), dtype=torch.uint8, device=device)
+    views, at = {}, 0
+    for k, n in flat:
+        views[k] = buf[at:at + n].view(specs[k].dtype).view(specs[k].shape)
+        at += n
+    return Slot({k: views[k] for k in specs}, buf)
+
+
 class ExpertCache:
     def __init__(self, specs: Mapping[str, TensorSpec], slots: dict[int, int], device: torch.device,
-                 pools: Pools | None = None, pool_specs: Sequence[Mapping[str, TensorSpec]] | None = None):
+                 pools: Pools | None = None, pool_specs: Sequence[Mapping[str, TensorSpec]] | None = None,
+                 flat: Sequence[tuple[str, int]] | None = None):
+        """`flat`: the store's `flat_layout` (slots as one buffer each; not with pools), or None."""
         self.slots = dict(slots)
         self.pools = pools
         specs_of = list(pool_specs) if pools is not None else [specs]
         per_pool = ({l: pools.slots[l] for l in slots} if pools is not None else {l: (n,) for l, n in slots.items()})
         self._bytes = [sum(s.nbytes for s in sp.values()) for sp in specs_of]          # bytes per expert, per pool
-        self._buf = {(l, p): [{k: torch.empty(s.shape, dtype=s.dtype, device=device) for k, s in specs_of[p].items()}
-                              for _ in range(n)] for l, ns in per_pool.items() for p, n in enumerate(ns)}
+        flat = flat if pools is None else None
+        self._buf = {(l, p): [_slot(specs_of[p], device, flat) for _ in range(n)]
+                     for l, ns in per_pool.items() for p, n in enumerate(ns)}
         self.expert_bytes = self._bytes[0]                                        # bytes (the native format)
         self.capacity_bytes = sum(n * self._bytes[p] for ns in per_pool.values() for p, n in enumerate(ns))
         self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot in its pool

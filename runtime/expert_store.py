@@ -45,6 +45,10 @@ class ExpertStore:
         self._unpack = self.packed is not None and self.held is None
         self.specs: dict[str, TensorSpec] = (self.held.specs() if self.held else
                                              {k: TensorSpec(s, self.dtype) for k, s in arch.experts.shapes().items()})
+        self._spans: dict[tuple[int, int], torch.Tensor | None] = {}    # (layer, e) -> `_span`, made on first use
+        # one copy per expert where the checkpoint keeps an expert's tensors back to back (`_layout_of`)
+        self.flat_layout: tuple[tuple[str, int], ...] | None = (
+            self._layout_of(arch.moe_layers[0], 0) if mode == "mmap" and not self._unpack else None)
         self._host: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         if mode == "host":
             for l in arch.moe_layers:
@@ -95,9 +99,75 @@ class ExpertStore:
             src = self.read(layer, e)
             for k, t in dst.items():
                 t.copy_(src[k], non_blocking=non_blocking)
-        else:
+            return sum(t.numel() * t.element_size() for t in dst.values())
+        flat = getattr(dst, "flat", None)          # a slot laid out as `flat_layout` (runtime.expert_cache.Slot)
+        span = self._span(layer, e) if flat is not None else None
+        if span is None:
             self._copy_from_disk(layer, e, dst)
-        return sum(t.numel() * t.element_size() for t in dst.values())
+            return sum(t.numel() * t.element_size() for t in dst.values())
+        flat.copy_(span, non_blocking=non_blocking)   # the expert's bytes in one copy
+        return span.numel()
+
+    def _names(self, layer: int, e: int) -> list[tuple[str, slice | None, str, int | None]]:
+        """(held key, its rows or None for all, checkpoint tensor, row of a stacked tensor or None) per source of
+        expert e (a fused_transposed source is copied transposed)."""
+        fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
+        if layout in PACKED_LAYOUTS:
+            return [(key, None, name, row) for key, name, row in self._sources(layer, e)]
+        if layout == "per_expert":
+            i = fmt.intermediate
+            gate, up, down = (prefix + n.format(e=e) for n in fmt.per_expert)
+            return [("gate_up", slice(0, i), gate, None), ("gate_up", slice(i, None), up, None),
+                    ("down", None, down, None)]                            # [I, H] x2, [H, I]
+        return [(k, None, prefix + name, e) for k, name in fmt.fused.items()]
+
+    def _layout_of(self, layer: int, e: int) -> tuple[tuple[str, int], ...] | None:
+        """The held keys and their bytes in file order when expert e's tensors lie back to back in one file, each held
+        key's parts in row order, in the held dtype (no conversion) and at 64-byte multiples from the expert's first
+        byte (the alignment fresh tensors have: BLAS kernels may round differently on misaligned operands); else
+        None. A checkpoint saved by `save_pretrained` keeps a per-expert layout so (down, gate, up)."""
+        if self._layout[layer] == "fused_transposed":
+            return None
+        parts = []
+        for key, rows, name, row in self._names(layer, e):
+            t = self.ckpt.info(name)
+            n = t.nbytes // t.shape[0] if row is not None else t.nbytes
+            if t.dtype != self.specs[key].dtype:
+                return None
+            parts.append((t.offset + (row * n if row is not None else 0), n, t.file, key, rows.start if rows else 0))
+        parts.sort()
+        if len({p[2] for p in parts}) != 1 or any(a[0] + a[1] != b[0] for a, b in zip(parts, parts[1:])):
+            return None
+        order: list[list] = []                    # [key, bytes, last row start]
+        for off, n, _, key, start in parts:
+            if order and order[-1][0] == key and start > order[-1][2]:
+                order[-1][1] += n
+                order[-1][2] = start
+            elif any(o[0] == key for o in order):
+                return None
+            else:
+                if (off - parts[0][0]) % 64:
+                    return None
+                order.append([key, n, start])
+        layout = tuple((k, n) for k, n, _ in order)
+        if {k: n for k, n in layout} != {k: s.nbytes for k, s in self.specs.items()}:
+            return None
+        return layout
+
+    def _span(self, layer: int, e: int) -> torch.Tensor | None:
+        """Expert e's bytes in the mapping (a uint8 view) when they are laid out as `flat_layout`, else None; made on
+        first use and kept."""
+        if (layer, e) in self._spans:
+            return self._spans[(layer, e)]
+        span = None
+        if self.flat_layout is not None and self._layout_of(layer, e) == self.flat_layout:
+            names = self._names(layer, e)
+            infos = [(self.ckpt.info(name), row) for _, _, name, row in names]
+            starts = [t.offset + (row * (t.nbytes // t.shape[0]) if row is not None else 0) for t, row in infos]
+            start = min(starts)
+            span = self.ckpt.byte_range(infos[0][0].file, start, start + self.expert_bytes)
+        self._spans[(layer, e)] = span
+        return span
 
     def _disk_dtype(self) -> torch.dtype:
         """dtype of the (unquantized) routed experts in the checkpoint file."""
@@ -177,18 +247,11 @@ class ExpertStore:
         got = self._sources_of.get((layer, e))
         if got is not None:
             return got
-        fmt, prefix, layout = self.arch.experts, self.arch.expert_key_prefix(layer), self._layout[layer]
-        if layout in PACKED_LAYOUTS:
-            got = [(key, None, self.ckpt.view(name, row=row)) for key, name, row in self._sources(layer, e)]
-        elif layout == "per_expert":
-            gate, up, down = (self.ckpt.view(prefix + n.format(e=e)) for n in fmt.per_expert)
-            i = fmt.intermediate
-            got = [("gate_up", slice(0, i), gate), ("gate_up", slice(i, None), up), ("down", None, down)]  # [I, H] x2, [H, I]
-        else:
-            got = []
-            for k, name in fmt.fused.items():
-                src = self.ckpt.view(prefix + name, row=e)
-                got.append((k, None, src.t() if layout == "fused_transposed" and src.dim() == 2 else src))
+        transposed = self._layout[layer] == "fused_transposed"
+        got = []
+        for key, rows, name, row in self._names(layer, e):
+            src = self.ckpt.view(name, row=row)
+            got.append((key, rows, src.t() if transposed and src.dim() == 2 else src))
         self._sources_of[(layer, e)] = got
         return got
 

@@ -159,7 +159,7 @@ class Runtime:
         if budget.limit_bytes is not None and budget.capacity_bytes > budget.limit_bytes:
             raise UserError(f"{budget.describe()} exceeds the plan's budget; re-run moe-compile")
         kv = (ExpertCache(experts.base.specs, slots, lm.device, pools=pools, pool_specs=experts.pool_specs)
-              if pools is not None else ExpertCache(experts.specs, slots, lm.device))
+              if pools is not None else ExpertCache(experts.specs, slots, lm.device, flat=experts.flat_layout))
         loader = Loader(experts, lm.device, the_link)
         stats = RunStats(policy=cfg.name + (" (lossless)" if lossless else ""), cache_capacity_bytes=kv.capacity_bytes,
                          native=experts.format_name)

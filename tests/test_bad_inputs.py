@@ -18,7 +18,6 @@ from artifacts import Plan, Profile, UserError
 from compiler.compile_plan import CompileConfig, compile_plan
 from helpers import sample_texts, write_jsonl
 from profiler.profile_model import ProfileConfig, profile
-from tiny_models import build_tiny
 
 
 @dataclass

@@ -5,7 +5,6 @@ import io
 import os
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 

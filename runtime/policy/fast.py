@@ -45,7 +45,7 @@ import numpy as np
 
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
-from runtime.policy.schedule import CacheModel, LayerSchedule, Scores
+from runtime.policy.schedule import CacheModel, Scores
 from runtime.policy.substitution import SubstitutionParams, TokenDecision
 
 FAST_RULES = ("lru", "lfu", "lfru")
@@ -80,7 +80,7 @@ class _LayerState:
         self.slots = slots
         self.res: set[int] = set()                                 # resident experts
         self.last_used = [-1] * num_experts                        # [E] the call that last used e (-1: never)
-        self.uses = [0] * num_experts                              # [E] calls using e since its load
+        self.uses = [0] * num_experts                              # [E] calls using e since its load (lfu, lfru)
         self.calls = 0                                             # the clock c
         self.recency: dict[int, None] = {}                         # lru: the resident experts by (last, e)
 
@@ -100,13 +100,15 @@ def rule_key(rule: str, st: _LayerState) -> Callable[[int], tuple | int]:
     return lambda e: (uses[e] / (c - last[e] + 1), last[e], e)
 
 
-class FastSchedule(LayerSchedule):
-    """A `LayerSchedule` whose per-token decisions (all exact), and for a direct call its ops and counts, are built
-    only when read.
+class FastSchedule:
+    """`LayerSchedule`'s contract (decisions, ops, counts), with the per-token decisions (all exact), and for a direct
+    call its ops and counts, built only when read.
 
     experts: ascending ids of the needed experts; pairs: the (token, expert) pairs routed to each; direct: the loads
     come first (`loads`: (expert, victim or None) in load order), then the computes of `cached` (ascending) and of the
     loaded experts (load order); hits, misses: pair counts."""
+
+    __slots__ = ("experts", "pairs", "hits", "misses", "direct", "cached", "loads", "layer", "_chosen", "_ops")
 
     def __init__(self, chosen: np.ndarray, experts: list[int], pairs: list[int], hits: int,
                  ops: list[Op] | None = None, cached: list[int] | None = None,
@@ -216,14 +218,15 @@ class FastCacheModel:
             if len(rows) == 1 and scores is None:                          # the token's score of each miss
                 row = table()[0]                                           # [E]
                 misses.sort(key=lambda e: (-row[e], e))
-            else:
-                vals = scores.tolist() if scores is not None else np.take_along_axis(table(), chosen, 1).tolist()
-                miss = set(misses)       # best(e): the max over e's pairs (from 0 for a batch: scores are >= 0)
+            else:                        # best(e): the max over e's pairs (from 0 for a batch: scores are >= 0)
+                miss = set(misses)
                 best = dict.fromkeys(misses, 0.0 if len(rows) > 1 else float("-inf"))
-                for row_ids, v in zip(rows, vals):                         # [k] ids, [k] their scores
-                    for e, sc in zip(row_ids, v):
-                        if e in miss and sc > best[e]:
-                            best[e] = sc
+                per_token = table() if scores is None else None            # [T, E]
+                for t, row_ids in enumerate(rows):
+                    sc = per_token[t] if per_token is not None else dict(zip(row_ids, scores[t].tolist()))
+                    for e in row_ids:
+                        if e in miss and sc[e] > best[e]:
+                            best[e] = sc[e]
                 misses.sort(key=lambda e: (-best[e], e))
         if len(experts) > st.slots:                                        # a slot is freed by a compute: ops
             ops: list[Op] = []
@@ -233,30 +236,40 @@ class FastCacheModel:
                 st.sort_recency()
             return FastSchedule(chosen, experts, pairs, hits, ops=ops)
         loads: list[tuple[int, int | None]] = []
+        lru = self.rule == "lru"
         if misses:
             free = st.slots - len(res)
-            victims = self._victims(st, experts, len(misses) - free) if len(misses) > free else []
-            loads = [(e, None) for e in misses[:free]] + list(zip(misses[free:], victims))
+            if len(misses) > free:
+                victims = self._victims(st, experts, len(misses) - free)
+                loads = [(e, None) for e in misses[:free]] + list(zip(misses[free:], victims))
+                res.difference_update(victims)
+                if lru:
+                    for v in victims:
+                        del st.recency[v]
+            else:
+                loads = [(e, None) for e in misses]
+            res.update(misses)
+            if not lru:
+                uses = st.uses
+                for e in misses:
+                    uses[e] = 0
+        last, c = st.last_used, st.calls
+        if lru:                                  # key (c, e): the needed experts go last, in ascending id
             rec = st.recency
-            for v in victims:
-                res.discard(v)
-                if self.rule == "lru":
-                    del rec[v]
-            uses = st.uses
-            for e in misses:
-                res.add(e)
-                uses[e] = 0
-        self._after(st, experts)
-        if self.rule == "lru":
-            rec = st.recency
-            for e in experts:                                              # key (c, e): ascending id at the end
+            for e in experts:
+                last[e] = c
                 rec.pop(e, None)
                 rec[e] = None
+        else:
+            uses = st.uses
+            for e in experts:
+                last[e] = c
+                uses[e] += 1
         return FastSchedule(chosen, experts, pairs, hits, cached=cached, loads=loads, layer=layer)
 
     @staticmethod
     def _after(st: _LayerState, kept: list[int]) -> None:
-        """The end of a call: each needed expert still resident was used at c."""
+        """The end of a call: each needed expert still resident was used at c (uses: read by lfu and lfru only)."""
         last, uses, c = st.last_used, st.uses, st.calls
         for e in kept:
             last[e] = c

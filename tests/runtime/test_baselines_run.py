@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-from helpers import DATA
 from runtime import Runtime
 from runtime.cli import main
 from runtime.policy.static import static_pins

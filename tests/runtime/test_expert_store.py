@@ -73,3 +73,31 @@ def test_missing_weights_file_is_user_error(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(UserError, match="no model.safetensors"):
         Checkpoint(tmp_path / "m")
+
+
+def test_an_expert_back_to_back_on_disk_lands_in_one_copy(fixture_model, tiny_model, tmp_path):
+    """Where a checkpoint keeps an expert's tensors back to back (save_pretrained's per-expert order: down, gate,
+    up), a cache slot is one buffer and a load is one copy of the expert's bytes; the slot then holds exactly what
+    the store reads. Elsewhere (Mixtral's w1, w2, w3 put down between gate and up; a fused layout; a dtype
+    conversion) the slot keeps a tensor per key and the copies go per tensor, with the same result."""
+    from runtime.expert_cache import ExpertCache
+
+    def check(path, dtype=None, flat=True):
+        lm = load_model(path, dtype=torch.float32 if dtype == torch.float32 else None)
+        store = ExpertStore(lm.ckpt, lm.arch, dtype)
+        assert (store.flat_layout is not None) == flat, store.flat_layout
+        layer = lm.arch.moe_layers[-1]
+        cache = ExpertCache(store.specs, {layer: 2}, torch.device("cpu"), flat=store.flat_layout)
+        for e in (0, lm.arch.num_experts - 1):
+            dst = cache.assign(layer, e)
+            assert (dst.flat is not None) == flat
+            assert store.copy_into(layer, e, dst) == store.expert_bytes
+            ref = store.read(layer, e)
+            assert all(torch.equal(dst[k], ref[k]) for k in ref)
+            for t in dst.values():                    # every key starts 64-byte aligned, as fresh tensors do
+                assert t.data_ptr() % 64 == 0
+
+    check(fixture_model)                               # bf16, per expert, back to back
+    check(fixture_model, torch.float32, flat=False)    # held as float32: each tensor converted on its copy
+    check(tiny_model("mixtral"), flat=False)           # w1 (gate), w2 (down), w3 (up): gate_up not contiguous
+    check(_fuse_qwen_checkpoint(tiny_model("qwen2_moe"), tmp_path / "fused"), flat=False)

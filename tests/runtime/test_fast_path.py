@@ -47,10 +47,12 @@ def _same(ref, fast, layer, rows, chosen):
     assert b.counts == a.counts
     assert [d.exact for d in b.decisions] == [d.exact for d in a.decisions]
     assert fast.resident == ref.resident
-    for e in range(ref.e):   # the rules' state: last use and uses since the load, of every resident expert
+    for e in range(ref.e):   # the rules' state: last use (and uses since the load, which lru does not read)
         if e in ref.resident[layer]:
             st = fast.state[layer]
-            assert (st.last_used[e], st.uses[e]) == (ref.last_used[layer].get(e, -1), ref.uses[layer].get(e, 0))
+            assert st.last_used[e] == ref.last_used[layer].get(e, -1)
+            if fast.rule != "lru":
+                assert st.uses[e] == ref.uses[layer].get(e, 0)
 
 
 @pytest.mark.parametrize("rule", RULES)

@@ -2,14 +2,12 @@
 
 Servers run in-process (uvicorn on a thread, a real socket) so each test gets a fresh runtime; one test starts
 the `moe-serve` command itself."""
-import json
 import socket
 import subprocess
 import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
