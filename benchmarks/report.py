@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from emulated_link import TARGET, target_ratio
-from figures import BASELINE, OFFLOADED, PLANS, REFERENCE, Run, r2, r3, ratio, shares, signed_ci, HITS_MAX_ERROR
+from figures import BASELINE, OFFLOADED, REFERENCE, Run, r2, r3, ratio, shares, signed_ci, HITS_MAX_ERROR
 from findings import readme_block, shows_section
 from goals import all_goals, goals_section
 from sections import kept_sections
