@@ -48,6 +48,25 @@ def make_expert_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, ExpertWeights],
     return glu
 
 
+def make_grouped_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                                                   torch.Tensor] | None:
+    """f(xs [N, H], gate_up [E, 2I, H], down [E, H, I], offs [E] int32) -> [N, H]: every expert's GLU on its rows,
+    with xs grouped by expert in ascending id and offs the cumulative row counts over all E experts (empty groups
+    included), as two grouped matmuls (torch.nn.functional.grouped_mm, what HF's default "grouped_mm" experts
+    implementation calls). On the CPU each group's rows equal F.linear's on them bit for bit
+    (tests/runtime/test_exactness.py), so a layer call with several tokens computes in two kernel calls what the
+    per-expert loop does in 2 x n; None where experts are not a plain GLU (GPT-OSS's clamped, biased one)."""
+    if fmt.kind != "glu" or not hasattr(F, "grouped_mm"):
+        return None
+    act = ACT2FN[fmt.activation]
+
+    def grouped_glu(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)    # [N, I] each
+        return F.grouped_mm(act(gate) * up, down.transpose(-2, -1), offs=offs)                # [N, H]
+
+    return grouped_glu
+
+
 def expert_rows(idx: torch.Tensor, num_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """For each expert chosen in idx [T, k]: (token rows, top-k positions), ascending by expert id.
 
@@ -113,6 +132,17 @@ class PairGroups:
         """out[t] = sum over t's experts e in ascending id of w[t, e] * ys[e][t's row], as `mix` adds them."""
         y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
         return mix_pairs(x, self.tok, y * self.weights[:, None], self.span)
+
+    def mix_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`mix` of the unweighted outputs of every pair at once, y [N, H] in the groups' row order."""
+        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span)
+
+    def offsets(self, num_experts: int, device: torch.device) -> torch.Tensor:
+        """[E] int32: the cumulative pair count of experts 0..e (grouped_mm's offs; empty groups included)."""
+        n = np.zeros(num_experts, dtype=np.int32)
+        for e, (a, b) in self.span.items():
+            n[e] = b - a
+        return torch.from_numpy(np.cumsum(n, dtype=np.int32)).to(device)
 
 
 def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, experts: Sequence[int] | None = None,
