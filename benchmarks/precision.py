@@ -29,9 +29,10 @@ Goals (issue #13), on each fixture and budget: plan's measured hit rate >= the b
 (lru, lfu, lfru, static) + 0.10, and at 25% and 50% plan's predicted hit rate >= oracle's, at <= +0.5%.
 A perplexity goal is met when the 95% paired-bootstrap interval's upper end is <= the limit, missed when its lower end
 is above it, otherwise not resolved; every sentence below the tables is computed from the run's figures.
-Resolve (`--resolve N`, after the main run): each cell whose plan perplexity was not resolved is measured again on the
-first N held-out tokens (resident and plan only; the same profile and plan, recompiled where WORK lacks them and
-checked against the run's predicted figures), and its verdict is the one of the larger sample; both are shown.
+Resolve (`--resolve N`, after the main run, repeatable): each cell whose plan perplexity is still not resolved (by its
+latest measurement) is measured again on the first N held-out tokens (resident and plan only; the same profile and
+plan, recompiled where WORK lacks them and checked against the run's predicted figures); its verdict is the one of its
+largest sample, and every sample is shown.
 """
 from __future__ import annotations
 
@@ -148,8 +149,23 @@ def measure(args, t0: float) -> dict:
     return out
 
 
+def resolve_runs(res: dict) -> list[dict]:
+    """The `--resolve` runs of a results file, oldest first (a file of one run keeps it as a dict)."""
+    rv = res.get("resolve") or []
+    return [rv] if isinstance(rv, dict) else rv
+
+
+def latest_ci(res: dict, name: str, pct: str) -> list:
+    """A cell's plan perplexity interval from its largest sample: the latest --resolve run that measured it, else the
+    main run."""
+    ci = res["models"][name]["cells"][pct]["eval"]["policies"]["plan"]["ppl_ci"]
+    for run in resolve_runs(res):
+        ci = run["cells"].get(name, {}).get(pct, {}).get("ppl_ci", ci)
+    return ci
+
+
 def measure_resolve(args, res: dict, t0: float) -> dict:
-    """Plan vs resident on args.resolve tokens for each cell of `res` whose plan perplexity is not resolved."""
+    """Plan vs resident on args.resolve tokens for each cell of `res` whose plan perplexity is still not resolved."""
     import torch
 
     from artifacts.plan import Plan
@@ -162,8 +178,8 @@ def measure_resolve(args, res: dict, t0: float) -> dict:
     work, data = Path(args.work), SHARED / "data"
     out = {"tokens": args.resolve, "commit": git_commit(), "cells": {},
            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    todo = [(name, pct) for name, m in res["models"].items() for pct, c in m["cells"].items()
-            if verdict_ppl(c["eval"]["policies"]["plan"]["ppl_ci"]) == "not resolved"]
+    todo = [(name, pct) for name, m in res["models"].items() for pct in m["cells"]
+            if verdict_ppl(latest_ci(res, name, pct)) == "not resolved"]
     for name, pct in todo:
         model, pdir, d = SHARED / name, work / name / "profile", work / name / f"plan-{pct}"
         if not (pdir / "profile.json").exists():
@@ -243,16 +259,17 @@ def ci_text(ci, digits: int = 2) -> str:
     return f"{d:+.{digits}f}% [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
-def goals(name: str, cells: dict, resolved: dict | None = None) -> list[tuple[str, str, str, str]]:
-    """(scope, figure, goal, verdict) per goal, from the displayed (rounded) figures. `resolved`: the `--resolve`
-    rerun's {budget: figures} of this model and its token count; a rerun cell's perplexity verdict is the rerun's."""
+def goals(name: str, cells: dict, resolved: list[dict] | None = None, tokens: int = 0
+          ) -> list[tuple[str, str, str, str]]:
+    """(scope, figure, goal, verdict) per goal, from the displayed (rounded) figures. `resolved`: the `--resolve` runs
+    (`resolve_runs`); a cell they measured again takes the verdict of its largest sample, `tokens` the main run's."""
     out = []
-    rerun = (resolved or {}).get("cells", {}).get(name, {})
     for pct, c in cells.items():
         pol = c["eval"]["policies"]
         p, nat = pol["plan"], pol["plan-native"]
         ppl = verdict_ppl(p["ppl_ci"])
-        again = rerun.get(pct)
+        again = [(run["tokens"], run["cells"][name][pct]) for run in resolved or ()
+                 if pct in run["cells"].get(name, {})]
         if pct in ("12.5%", "25%"):
             hr = r2(p["hit_rate"] / max(nat["hit_rate"], 1e-9))
             br = r2(p["bytes_per_token"] / max(nat["bytes_per_token"], 1e-9))
@@ -265,10 +282,11 @@ def goals(name: str, cells: dict, resolved: dict | None = None) -> list[tuple[st
             out.append((f"#12, {pct}", f"hit rate {r3(p['hit_rate']):.3f}", f">= {HIT_50}",
                         "met" if r3(p["hit_rate"]) >= HIT_50 else "missed"))
         fig = f"perplexity {ci_text(p['ppl_ci'], 3)} vs resident"   # 3 decimals: the verdict compares the interval
-        if again is not None:                                        # itself, not its 2-decimal display
-            ppl = verdict_ppl(again["ppl_ci"])
-            fig += (f" on {resolved['of_tokens']} tokens, not resolved there; rerun on {resolved['tokens']} tokens: "
-                    f"{ci_text(again['ppl_ci'], 3)}")
+        if again:                                                    # itself, not its 2-decimal display
+            fig += f" on {tokens} tokens"
+            for n, rerun in again:
+                fig += f", not resolved there; rerun on {n} tokens: {ci_text(rerun['ppl_ci'], 3)}"
+            ppl = verdict_ppl(again[-1][1]["ppl_ci"])
         out.append((f"#12/#13, {pct}", fig, f"<= +{PPL_LIMIT}%", ppl))
         best = max(LOSSLESS, key=lambda b: (r3(pol[b]["hit_rate"]), b))
         need = r3(pol[best]["hit_rate"]) + MARGIN
@@ -319,22 +337,26 @@ def section(res: dict) -> str:
                          f"{c['predicted_native']['hit_rate']:.3f} | "
                          + " | ".join(f"{pr[b]['hit_rate']:.3f}" for b in (*LOSSLESS, "oracle")) + f" | {start} |")
         lines += ["", f"Goals on {name}:", ""]
-        for scope, fig, goal, v in goals(name, m["cells"], res.get("resolve")):
+        for scope, fig, goal, v in goals(name, m["cells"], resolve_runs(res), res["tokens"]):
             tally[v] += 1
             lines.append(f"- {scope}: {fig}; goal {goal}: **{v}**")
         lines.append("")
-    rv = res.get("resolve")
-    if rv is not None and rv["cells"]:
-        at = f" at commit {rv['commit']}" if rv.get("commit") else ""
+    runs = [rv for rv in resolve_runs(res) if rv["cells"]]
+    if runs:
         lines += ["### Perplexity cells rerun on more tokens", "",
-                  f"`python benchmarks/precision.py --resolve {rv['tokens']}`{at}, started {rv['started']}, "
-                  f"{rv['seconds'] / 60:.0f} min: only the cells whose plan perplexity was not resolved on "
-                  f"{res['tokens']} tokens, resident and plan on the first {rv['tokens']} held-out tokens (the same "
-                  f"plans; the {res['tokens']}-token windows are among them). Their goal verdicts above are the rerun's.", "",
-                  "| model | budget | hit | ppl vs resident |", "|---|---|---|---|"]
-        for name, cells in rv["cells"].items():
-            for pct, c in cells.items():
-                lines.append(f"| {name} | {pct} | {c['hit_rate']:.3f} | {ci_text(c['ppl_ci'], 3)} |")
+                  f"Only the cells whose plan perplexity was not resolved on {res['tokens']} tokens (then on the "
+                  "previous rerun's), resident and plan on the first N held-out tokens (the same plans; the earlier "
+                  "windows are among them). Their goal verdicts above are their largest sample's.", ""]
+        for rv in runs:
+            at = f" at commit {rv['commit']}" if rv.get("commit") else ""
+            lines.append(f"- `python benchmarks/precision.py --resolve {rv['tokens']}`{at}, started {rv['started']}, "
+                         f"{rv['seconds'] / 60:.0f} min.")
+        lines += ["", "| model | budget | tokens | hit | ppl vs resident |", "|---|---|---|---|---|"]
+        for rv in runs:
+            for name, cells in rv["cells"].items():
+                for pct, c in cells.items():
+                    lines.append(f"| {name} | {pct} | {rv['tokens']} | {c['hit_rate']:.3f} | "
+                                 f"{ci_text(c['ppl_ci'], 3)} |")
         lines.append("")
     t = res.get("tpot")
     if t is not None:
@@ -396,7 +418,7 @@ def main() -> int:
     if args.tpot or args.resolve:
         res = json.loads(Path(args.json).read_text())
         if args.resolve:
-            res["resolve"] = {**measure_resolve(args, res, t0), "of_tokens": res["tokens"]}
+            res["resolve"] = resolve_runs(res) + [measure_resolve(args, res, t0)]
         if args.tpot:
             res["tpot"] = measure_tpot(args, t0)
         Path(args.json).write_text(json.dumps(res, indent=1))
