@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from runtime.formats import TensorSpec
+from runtime.formats import TensorSpec, carve
 from runtime.policy.pools import Pools
 
 
@@ -36,11 +36,7 @@ def _slot(specs: Mapping[str, TensorSpec], device: torch.device,
     if flat is None:
         return Slot({k: torch.empty(s.shape, dtype=s.dtype, device=device) for k, s in specs.items()})
     buf = torch.empty(sum(n for _, n in flat), dtype=torch.uint8, device=device)
-    views, at = {}, 0
-    for k, n in flat:
-        views[k] = buf[at:at + n].view(specs[k].dtype).view(specs[k].shape)
-        at += n
-    return Slot({k: views[k] for k in specs}, buf)
+    return Slot(carve(buf, flat, specs), buf)
 
 
 class ExpertCache:

@@ -17,7 +17,7 @@ import torch
 from artifacts.errors import UserError
 from runtime.checkpoint import Checkpoint
 from runtime.families.arch import MoEArch
-from runtime.formats import (FP8_DTYPES, PackedFormat, TensorSpec, fp8_block, fp8_format, materialize,
+from runtime.formats import (FP8_DTYPES, carve, PackedFormat, TensorSpec, fp8_block, fp8_format, materialize,
                              mxfp4_format, scale_inv_name)
 
 STORED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,13 +48,21 @@ class ExpertStore:
         self._spans: dict[tuple[int, int], torch.Tensor | None] = {}    # (layer, e) -> `_span`, made on first use
         # one copy per expert where the checkpoint keeps an expert's tensors back to back (`_layout_of`)
         self.flat_layout: tuple[tuple[str, int], ...] | None = (
-            self._layout_of(arch.moe_layers[0], 0) if mode == "mmap" and not self._unpack else None)
+            None if self._unpack else self._layout_of(arch.moe_layers[0], 0))
         self._host: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._host_flat: dict[tuple[int, int], torch.Tensor] = {}     # host mode: an expert's bytes as one buffer
         if mode == "host":
             for l in arch.moe_layers:
                 for e in range(arch.num_experts):
-                    w = self._read_disk(l, e)
-                    self._host[(l, e)] = {k: (v.pin_memory() if pin else v) for k, v in w.items()}
+                    span = self._span(l, e)
+                    if span is not None:         # one (pinned) buffer per expert, its tensors views: one copy a load
+                        buf = span.pin_memory() if pin else span.clone()
+                        self._host_flat[(l, e)] = buf
+                        self._host[(l, e)] = carve(buf, self.flat_layout, self.specs)
+                    else:
+                        w = self._read_disk(l, e)
+                        self._host[(l, e)] = {k: (v.pin_memory() if pin else v) for k, v in w.items()}
+            self._spans.clear()
 
     @property
     def expert_bytes(self) -> int:
@@ -95,12 +103,16 @@ class ExpertStore:
 
     def copy_into(self, layer: int, e: int, dst: dict[str, torch.Tensor], non_blocking: bool = False) -> int:
         """Copy expert e into preallocated tensors `dst` (a cache slot); returns the bytes moved."""
+        flat = getattr(dst, "flat", None)          # a slot laid out as `flat_layout` (runtime.expert_cache.Slot)
         if self.mode == "host" or self._unpack:
+            src_flat = self._host_flat.get((layer, e)) if flat is not None else None
+            if src_flat is not None:
+                flat.copy_(src_flat, non_blocking=non_blocking)
+                return src_flat.numel()
             src = self.read(layer, e)
             for k, t in dst.items():
                 t.copy_(src[k], non_blocking=non_blocking)
             return sum(t.numel() * t.element_size() for t in dst.values())
-        flat = getattr(dst, "flat", None)          # a slot laid out as `flat_layout` (runtime.expert_cache.Slot)
         span = self._span(layer, e) if flat is not None else None
         if span is None:
             self._copy_from_disk(layer, e, dst)

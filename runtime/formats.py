@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -40,6 +40,17 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def carve(buf: torch.Tensor, layout: Sequence[tuple[str, int]], specs: Mapping[str, TensorSpec]
+          ) -> dict[str, torch.Tensor]:
+    """One expert's tensors as views of one uint8 buffer laid out as `layout` (keys and their bytes, in order;
+    `ExpertStore.flat_layout`), keyed in `specs`' order."""
+    views, at = {}, 0
+    for k, n in layout:
+        views[k] = buf[at:at + n].view(specs[k].dtype).view(specs[k].shape)
+        at += n
+    return {k: views[k] for k in specs}
 
 
 @dataclass(frozen=True)

@@ -79,12 +79,13 @@ def test_an_expert_back_to_back_on_disk_lands_in_one_copy(fixture_model, tiny_mo
     """Where a checkpoint keeps an expert's tensors back to back (save_pretrained's per-expert order: down, gate,
     up), a cache slot is one buffer and a load is one copy of the expert's bytes; the slot then holds exactly what
     the store reads. Elsewhere (Mixtral's w1, w2, w3 put down between gate and up; a fused layout; a dtype
-    conversion) the slot keeps a tensor per key and the copies go per tensor, with the same result."""
+    conversion) the slot keeps a tensor per key and the copies go per tensor, with the same result. A host store
+    keeps each such expert as one buffer too."""
     from runtime.expert_cache import ExpertCache
 
-    def check(path, dtype=None, flat=True):
+    def check(path, dtype=None, flat=True, mode="mmap"):
         lm = load_model(path, dtype=torch.float32 if dtype == torch.float32 else None)
-        store = ExpertStore(lm.ckpt, lm.arch, dtype)
+        store = ExpertStore(lm.ckpt, lm.arch, dtype, mode=mode)
         assert (store.flat_layout is not None) == flat, store.flat_layout
         layer = lm.arch.moe_layers[-1]
         cache = ExpertCache(store.specs, {layer: 2}, torch.device("cpu"), flat=store.flat_layout)
@@ -98,6 +99,7 @@ def test_an_expert_back_to_back_on_disk_lands_in_one_copy(fixture_model, tiny_mo
                 assert t.data_ptr() % 64 == 0
 
     check(fixture_model)                               # bf16, per expert, back to back
+    check(fixture_model, mode="host")                  # host copies: one buffer per expert, one copy a load
     check(fixture_model, torch.float32, flat=False)    # held as float32: each tensor converted on its copy
     check(tiny_model("mixtral"), flat=False)           # w1 (gate), w2 (down), w3 (up): gate_up not contiguous
     check(_fuse_qwen_checkpoint(tiny_model("qwen2_moe"), tmp_path / "fused"), flat=False)
