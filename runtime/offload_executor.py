@@ -12,13 +12,13 @@ Per MoE layer call (x [T, H], routing):
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from typing import Callable
 
+import numpy as np
 import torch
 
 from runtime.expert_cache import ExpertCache
-from runtime.expert_compute import expert_rows, group_pairs, make_expert_fn, mix
+from runtime.expert_compute import PairGroups, group_pairs, make_expert_fn
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
@@ -59,7 +59,7 @@ class OffloadExecutor:
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if isinstance(self.model, FastCacheModel):
             return self._call_lossless(layer, x, routing)
-        rows, chosen = score_rows(routing, self.width)
+        rows, chosen = score_rows(routing, self.width)                  # per token: top-W scores, k experts
         prediction = None
         if self.policy.prefetch and self.next_router is not None:
             nxt = self.next_router(layer, x)
@@ -67,34 +67,81 @@ class OffloadExecutor:
                 prediction, _ = score_rows(nxt[1], self.width)
         sched = self.model.schedule(layer, rows, chosen, prediction, self.c_load.value, self.c_host.value)
         self._count(layer, sched)
-
-        # who computes which rows: exact pairs keep HF's (position, token) order
-        skip: set[tuple[int, int]] = set()
-        subs: dict[int, list[tuple[int, int, str]]] = defaultdict(list)   # j -> [(token, replaced i, reason)]
-        for t, d in enumerate(sched.decisions):
-            for i, (j, reason) in d.understudy.items():
-                skip.add((t, i))
-                subs[j].append((t, i, reason))
-            for i in d.dropped:
-                skip.add((t, i))
-        exact = expert_rows(routing.idx, self.num_experts)
-        if skip:
-            exact = _without(exact, skip)
-
-        contributions: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        g = self._groups(x, routing, chosen, sched.decisions)
+        ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
         ops, i = sched.ops, 0
         while i < len(ops):
             kind, l, e, victim = ops[i]
             if kind in LOADS:                    # a run of loads: one handoff to the loader thread
                 i = self._load_run(ops, i)
                 continue
-            w = self._slot(l, e) if kind == "compute" else self.store.read(l, e)
+            host = kind == "host"
+            w = self.store.read(l, e) if host else self._slot(l, e)
             t0 = time.perf_counter()
-            contributions[e] = self._compute(l, e, w, x, routing, exact, subs, host=kind == "host")
-            if kind == "host":
+            if self.events is not None:
+                self.events.append(("compute_start", t0, l, e))
+            xin = g.rows(e)
+            if host and x.device.type != "cpu":
+                xin = xin.cpu()
+            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype, slot=not host)).to(x.device)
+            if self.events is not None:
+                self.events.append(("compute_end", time.perf_counter(), l, e))
+            if host:
                 self.c_host.add(time.perf_counter() - t0)
             i += 1
-        return mix(x, [(e, *contributions[e]) for e in sorted(contributions)])
+        return g.mix(x, ys)
+
+    def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
+        """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs
+        not served otherwise, in HF's (position, token) order, then the tokens it stands in for, in token order; each
+        with its weight: the routing weight, or an understudy's (its own gate, coef x gate_j, or with
+        `understudy_weight` "replaced" / "auto" for a near-twin, the replaced expert's weight)."""
+        t_n, k = routing.idx.shape
+        skip = [set(d.understudy) | set(d.dropped) for d in decisions]
+        own: dict[int, list[int]] = {}                                  # e -> flat pair index t * k + p
+        for p in range(k):
+            for t in range(t_n):
+                e = chosen[t][p]
+                if e not in skip[t]:
+                    own.setdefault(e, []).append(t * k + p)
+        subs: dict[int, list[tuple[int, int, str]]] = {}                # j -> [(token, replaced i, reason)]
+        for t, d in enumerate(decisions):
+            for i, (j, reason) in d.understudy.items():
+                subs.setdefault(j, []).append((t, i, reason))
+        flat_w = routing.weights.reshape(-1)
+        tok, src, span, at = [], [], {}, 0                              # src: index into cat(own weights, sub's)
+        n_own = sum(len(v) for v in own.values())
+        sub_list = [(t, i, j, reason) for j in sorted(subs) for t, i, reason in subs[j]]
+        sub_at = {}
+        for n, (_, _, j, _) in enumerate(sub_list):
+            sub_at.setdefault(j, n)
+        own_idx: list[int] = []
+        for e in sorted(set(own) | set(subs)):
+            a = at
+            for f in own.get(e, ()):
+                tok.append(f // k)
+                src.append(len(own_idx))
+                own_idx.append(f)
+            for m, (t, _, _) in enumerate(subs.get(e, ())):
+                tok.append(t)
+                src.append(n_own + sub_at[e] + m)
+            at = len(tok)
+            span[e] = (a, at)
+        dev = x.device
+        w = flat_w[torch.tensor(own_idx, dtype=torch.long, device=dev)]                   # [n_own]
+        if sub_list:
+            toks = torch.tensor([t for t, _, _, _ in sub_list], dtype=torch.long, device=dev)
+            js = torch.tensor([j for _, _, j, _ in sub_list], dtype=torch.long, device=dev)
+            sw = (routing.coef[toks] * routing.gate[toks, js]).to(routing.weights.dtype)    # own gate
+            mode = self.policy.understudy_weight
+            flags = [mode == "replaced" or (mode == "auto" and reason == "similarity") for *_, reason in sub_list]
+            if any(flags):   # the replaced expert's weight (near-twins; or every understudy with "replaced")
+                pos = torch.tensor([chosen[t].index(i) for t, i, _, _ in sub_list], device=dev)
+                sw = torch.where(torch.tensor(flags, device=dev), routing.weights[toks, pos], sw)
+            w = torch.cat([w, sw])
+        tok_np = np.asarray(tok, dtype=np.int64)
+        rows = torch.from_numpy(tok_np).to(dev)
+        return PairGroups(tok_np, span, w[torch.tensor(src, dtype=torch.long, device=dev)], x[rows], False)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns
@@ -219,50 +266,3 @@ class OffloadExecutor:
     def _slot(self, layer: int, e: int) -> dict[str, torch.Tensor]:
         self._wait(layer, e)
         return self.cache.weights(layer, e)
-
-    def _compute(self, layer, e, w, x, routing, exact, subs, host: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, weighted output) of expert e: its own rows, then the rows it stands in for."""
-        if self.events is not None:
-            self.events.append(("compute_start", time.perf_counter(), layer, e))
-        r_list, w_list = [], []
-        if e in exact:
-            r, p = exact[e]
-            r_list.append(r)
-            w_list.append(routing.weights[r, p])
-        if e in subs:
-            toks = torch.tensor([t for t, _, _ in subs[e]], dtype=torch.long, device=x.device)
-            mode = self.policy.understudy_weight
-            flags = [mode == "replaced" or (mode == "auto" and reason == "similarity") for _, _, reason in subs[e]]
-            sw = (routing.coef[toks] * routing.gate[toks, e]).to(routing.weights.dtype)   # own gate
-            if any(flags):   # the replaced expert's weight (near-twins; or every understudy with "replaced")
-                pos = torch.tensor([routing.idx[t].tolist().index(i) for t, i, _ in subs[e]], device=x.device)
-                sw = torch.where(torch.tensor(flags, device=x.device), routing.weights[toks, pos], sw)
-            r_list.append(toks)
-            w_list.append(sw)
-        r_all = r_list[0] if len(r_list) == 1 else torch.cat(r_list)
-        w_all = w_list[0] if len(w_list) == 1 else torch.cat(w_list)
-        xin = x[r_all]
-        if host and x.device.type != "cpu":
-            xin = xin.cpu()
-        y = self.expert_fn(xin, self.store.materialize(layer, e, w, xin.dtype, slot=not host)).to(x.device)
-        if self.events is not None:
-            self.events.append(("compute_end", time.perf_counter(), layer, e))
-        return r_all, y * w_all[:, None]
-
-
-def _without(rows, skip):
-    """Expert rows minus the (token, expert) pairs served otherwise (understudy or drop)."""
-    by_expert: dict[int, set[int]] = defaultdict(set)                 # e -> tokens it does not serve exactly
-    for t, e in skip:
-        by_expert[e].add(t)
-    out = {}
-    for e, (r, p) in rows.items():
-        gone = by_expert.get(e)
-        if not gone:
-            out[e] = (r, p)
-            continue
-        keep = [n for n, t in enumerate(r.tolist()) if t not in gone]
-        if keep:
-            idx = torch.tensor(keep, dtype=torch.long, device=r.device)
-            out[e] = (r[idx], p[idx])
-    return out

@@ -33,6 +33,7 @@ belady: Belady's MIN with bypass, for the simulator's oracle only (it reads the 
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import deque
 from typing import Iterable, Mapping, Sequence
 
@@ -44,7 +45,11 @@ def lru_victim(candidates: Iterable[int], last_used: Mapping[int, int]) -> int:
 
 
 def score_victim(candidates: Iterable[int], mean_score: Mapping[int, float]) -> int:
-    return min(candidates, key=lambda e: (mean_score.get(e, 0.0), e))
+    """argmin (mean_score(e), e); two passes without a key tuple per candidate (it runs per eviction)."""
+    cands = list(candidates)
+    vals = [mean_score.get(e, 0.0) for e in cands]
+    low = min(vals)
+    return min(e for e, v in zip(cands, vals) if v == low)
 
 
 def lfu_victim(candidates: Iterable[int], uses: Mapping[int, int], last_used: Mapping[int, int]) -> int:
@@ -104,16 +109,18 @@ class ScoreWindow:
         self.n, self.e = n, num_experts
         self._steps: deque[list[float]] = deque(maxlen=n)
         self._sum = [0.0] * num_experts
+        self._mean: dict[int, float] | None = None     # made on first read after a push (read per victim)
 
     def push(self, step_scores: list[float]) -> None:
+        """sum_e -= the oldest step's score (when n are held), then += this step's; elementwise, in that order."""
         if len(self._steps) == self.n:
-            old = self._steps[0]
-            for e in range(self.e):
-                self._sum[e] -= old[e]
+            self._sum = list(map(operator.sub, self._sum, self._steps[0]))
         self._steps.append(step_scores)
-        for e in range(self.e):
-            self._sum[e] += step_scores[e]
+        self._sum = list(map(operator.add, self._sum, step_scores))
+        self._mean = None
 
     def mean(self) -> dict[int, float]:
-        m = max(len(self._steps), 1)
-        return {e: self._sum[e] / m for e in range(self.e)}
+        if self._mean is None:
+            m = max(len(self._steps), 1)
+            self._mean = dict(enumerate(s / m for s in self._sum))
+        return self._mean
