@@ -4,7 +4,8 @@ compute-ready once, at start (a packed store's are dequantized then).
 Plain GLU experts are held stacked per layer (gate_up [E, 2I, H], down [E, H, I], as HF holds them) and each expert's
 weights are views of the stack: a call of one token runs the per-expert loop (k small matmuls beat one grouped call
 over E groups there), a call of several tokens runs two grouped matmuls over all E experts
-(`expert_compute.make_grouped_fn`, bit-equal per row on the CPU), then the same weighting and mixing."""
+(`expert_compute.make_grouped_fn`, bit-equal per row on the CPU), then the same weighting and mixing. Only on the
+CPU: CUDA's grouped_mm takes bf16 only, wants recent GPUs, and its bits against F.linear's are untested here."""
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,7 @@ class ResidentExecutor:
             c.pairs += routing.idx.numel()
             c.hits += routing.idx.numel()
         g = group_pairs(x, routing.idx.cpu().numpy(), routing.weights)      # as the offloading lean path groups
-        if x.shape[0] > 1 and self.grouped_fn is not None:
+        if x.shape[0] > 1 and self.grouped_fn is not None and x.device.type == "cpu":
             gu, dn = self.stacks[layer]
             return g.mix_rows(x, self.grouped_fn(g.xs, gu, dn, g.offsets(self.num_experts, x.device)))
         return g.mix(x, {e: self.expert_fn(g.rows(e), self.experts[(layer, e)]) for e in g.span})
