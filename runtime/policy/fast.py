@@ -280,7 +280,7 @@ class FastCacheModel:
         busy = set(needed)
         if self.rule == "lru":
             return list(islice((v for v in st.recency if v not in busy), m))
-        return heapq.nsmallest(m, (e for e in st.res if e not in busy), key=rule_key(self.rule, st))
+        return sorted([e for e in st.res if e not in busy], key=rule_key(self.rule, st))[:m]   # C sort: ~60 keys
 
     def _run(self, layer: int, st: _LayerState, experts: list[int], cached: list[int], misses: list[int],
              ops: list[Op]) -> None:
