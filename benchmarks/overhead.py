@@ -452,8 +452,8 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                    f"{f3(over[0][0])} ms ({over[0][1]}) to {f3(over[-1][0])} ms ({over[-1][1]}) per call (medians "
                    f"over the repeats), the executor's own time changing by {f3(ex_over[0])} to {f3(ex_over[-1])} ms; "
                    f"per decode step that is "
-                   f"from {min(step_over):.2f} to {max(step_over):.2f} ms ({100 * min(step_over) / r.step_ms:.0f}% to "
-                   f"{100 * max(step_over) / r.step_ms:.0f}% of resident's {r.step_ms:.2f} ms).")
+                   f"from {min(step_over):.2f} to {max(step_over):.2f} ms ({round(100 * min(step_over) / r.step_ms)}% to "
+                   f"{round(100 * max(step_over) / r.step_ms)}% of resident's {r.step_ms:.2f} ms).")
     off = [c for c in cells if c.policy not in ("resident", *HF_ROWS)]
     if off:
         worst_load = max(off, key=lambda c: c.m.load_ms)
