@@ -108,27 +108,9 @@ class OffloadExecutor:
         for t, d in enumerate(decisions):
             for i, (j, reason) in d.understudy.items():
                 subs.setdefault(j, []).append((t, i, reason))
-        flat_w = routing.weights.reshape(-1)
-        tok, src, span, at = [], [], {}, 0                              # src: index into cat(own weights, sub's)
-        n_own = sum(len(v) for v in own.values())
-        sub_list = [(t, i, j, reason) for j in sorted(subs) for t, i, reason in subs[j]]
-        sub_at = {}
-        for n, (_, _, j, _) in enumerate(sub_list):
-            sub_at.setdefault(j, n)
-        own_idx: list[int] = []
-        for e in sorted(set(own) | set(subs)):
-            a = at
-            for f in own.get(e, ()):
-                tok.append(f // k)
-                src.append(len(own_idx))
-                own_idx.append(f)
-            for m, (t, _, _) in enumerate(subs.get(e, ())):
-                tok.append(t)
-                src.append(n_own + sub_at[e] + m)
-            at = len(tok)
-            span[e] = (a, at)
         dev = x.device
-        w = flat_w[torch.tensor(own_idx, dtype=torch.long, device=dev)]                   # [n_own]
+        sub_list = [(t, i, j, reason) for j in sorted(subs) for t, i, reason in subs[j]]   # understudy pairs, grouped
+        w_all = routing.weights.reshape(-1)                             # [T*k] then the understudies' [len(sub_list)]
         if sub_list:
             toks = torch.tensor([t for t, _, _, _ in sub_list], dtype=torch.long, device=dev)
             js = torch.tensor([j for _, _, j, _ in sub_list], dtype=torch.long, device=dev)
@@ -138,10 +120,23 @@ class OffloadExecutor:
             if any(flags):   # the replaced expert's weight (near-twins; or every understudy with "replaced")
                 pos = torch.tensor([chosen[t].index(i) for t, i, _, _ in sub_list], device=dev)
                 sw = torch.where(torch.tensor(flags, device=dev), routing.weights[toks, pos], sw)
-            w = torch.cat([w, sw])
+            w_all = torch.cat([w_all, sw])
+        first: dict[int, int] = {}                                      # j -> its first pair in sub_list
+        for n, (_, _, j, _) in enumerate(sub_list):
+            first.setdefault(j, n)
+        tok, src, span = [], [], {}                                     # src: each pair's index into w_all
+        for e in sorted(set(own) | set(subs)):
+            a = len(tok)
+            for f in own.get(e, ()):
+                tok.append(f // k)
+                src.append(f)
+            for m, (t, _, _) in enumerate(subs.get(e, ())):
+                tok.append(t)
+                src.append(t_n * k + first[e] + m)
+            span[e] = (a, len(tok))
         tok_np = np.asarray(tok, dtype=np.int64)
         rows = torch.from_numpy(tok_np).to(dev)
-        return PairGroups(tok_np, span, w[torch.tensor(src, dtype=torch.long, device=dev)], x[rows], False)
+        return PairGroups(tok_np, span, w_all[torch.tensor(src, dtype=torch.long, device=dev)], x[rows], False)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns
@@ -216,8 +211,8 @@ class OffloadExecutor:
         return g.mix(x, ys)
 
     def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
-        """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies: inline, timed
-        into the layer's `copy_s`, or handed to the loader thread in one run."""
+        """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies through the
+        loader: made inline (their time into the layer's `copy_s`), or handed to the loader thread in one run."""
         cache, jobs = self.cache, []
         for e, v in loads:
             if v is not None:
@@ -225,13 +220,12 @@ class OffloadExecutor:
                     self._wait(layer, v)         # never overwrite a slot whose copy is still landing
                 cache.evict(layer, v)
             jobs.append((layer, e, cache.assign(layer, e), False))
-        if self.loader.inline:
-            t0 = time.perf_counter()
-            for _, e, dst, _ in jobs:
-                self.store.copy_into(layer, e, dst)
-            c.copy_s += time.perf_counter() - t0
-        else:
-            for t in self.loader.submit_many(jobs):
+        inline = self.loader.inline
+        for t in self.loader.submit_many(jobs):
+            if inline:                           # copied already: a failed copy raises its one-line error here
+                t.wait()
+                c.copy_s += t.t_end - t.t_start
+            else:
                 self.tickets[(layer, t.expert)] = t
         c.loads += len(jobs)
         c.load_bytes += len(jobs) * cache.expert_bytes       # a slot's bytes: what each copy moves (no pools here)

@@ -75,27 +75,36 @@ def test_moe_run_prints_the_budget(bf16_plan, capsys):
     assert "(bfloat16)" in line and "within the plan's" in line
 
 
-def test_a_failed_load_reaches_the_caller_as_one_line(bf16_plan, monkeypatch):
-    """An I/O error in the loader thread mid-decode is raised in the decoding thread: no hang, no traceback."""
+@pytest.mark.parametrize("how", ["plan", "lru"])
+def test_a_failed_load_reaches_the_caller_as_one_line(bf16_plan, monkeypatch, how):
+    """An I/O error in a load mid-decode is raised in the decoding thread as one line: no hang, no traceback. plan:
+    from its first load (the general path, the loader thread); lru: from the second token on, one token per call,
+    so the failing copies are the lean path's, made inline on the decoding thread."""
     import errno
     import threading
 
     from artifacts import UserError
 
     model, plan_dir = bf16_plan
-    with Runtime.load(model, plan=plan_dir) as rt:
+    with (Runtime.load(model, plan=plan_dir) if how == "plan" else Runtime.load(model, policy="lru", cache="50%")) as rt:
         def broken(layer, e, dst, non_blocking=False):
             raise OSError(errno.EIO, "Input/output error")
-        monkeypatch.setattr(rt.store, "copy_into", broken)
         result = {}
 
         def decode():
             try:
-                rt.generate(["the expert cache", "router score"], max_new_tokens=12)
+                if how == "plan":
+                    monkeypatch.setattr(rt.store, "copy_into", broken)
+                    rt.generate(["the expert cache", "router score"], max_new_tokens=12)
+                else:
+                    ids = torch.tensor([[104, 101, 32]])
+                    rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=24,
+                                    on_step=lambda _: setattr(rt.store, "copy_into", broken))
             except UserError as exc:
                 result["error"] = str(exc)
         t = threading.Thread(target=decode)
         t.start()
         t.join(timeout=60)
         assert not t.is_alive(), "decoding hung on a failed load"
+        assert how == "plan" or rt.loader.inline
     assert "failed (Input/output error)" in result["error"] and "\n" not in result["error"]
