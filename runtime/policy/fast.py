@@ -253,18 +253,14 @@ class FastCacheModel:
                 uses = st.uses
                 for e in misses:
                     uses[e] = 0
-        last, c = st.last_used, st.calls
         if lru:                                  # key (c, e): the needed experts go last, in ascending id
-            rec = st.recency
+            last, c, rec = st.last_used, st.calls, st.recency
             for e in experts:
                 last[e] = c
                 rec.pop(e, None)
                 rec[e] = None
         else:
-            uses = st.uses
-            for e in experts:
-                last[e] = c
-                uses[e] += 1
+            self._after(st, experts)
         return FastSchedule(chosen, experts, pairs, hits, cached=cached, loads=loads, layer=layer)
 
     @staticmethod
