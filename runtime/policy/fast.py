@@ -30,8 +30,7 @@ experts are also kept in key order in an insertion-ordered dict (least recent fi
 end in ascending id after each call, as (c, e) sorts them), so its victims are its first non-needed entries, no sort.
 
 Why Python sets, lists and dicts, not numpy arrays: a decode call touches k (8) of E (128) experts, and a numpy call
-costs microseconds of dispatch whatever its size; on the Qwen3-30B-A3B shape of benchmarks/overhead.py the array
-version spent about 0.1 ms per layer call deciding, most of it in ~25 such calls.
+costs microseconds of dispatch whatever its size; the array version made about 25 of them per call.
 
 `make_cache_model` is the one place that chooses between this model and `CacheModel`.
 """
