@@ -31,8 +31,9 @@ REPEATS = 5
 TOKENS, PROMPT = 32, 16
 
 
-def record(model_dir: Path, batch: int, seed: int = 0) -> list[tuple]:
-    """Per decode layer call, in order: (layer, routing, next layer's routing or None)."""
+def record(model_dir: Path, batch: int, seed: int = 0) -> tuple[list[tuple], dict[int, int], int, int]:
+    """(calls, slots, E, k): per decode layer call in order (layer, routing, next layer's routing or None), and
+    the 50% slots per MoE layer."""
     from runtime import Runtime
     from runtime.model_loader import next_layer_router
 
