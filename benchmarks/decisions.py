@@ -58,7 +58,7 @@ def record(model_dir: Path, batch: int, seed: int = 0) -> tuple[list[tuple], dic
 
 def replay(calls, slots, e, k, policy: str, reference: bool) -> float:
     """Seconds per layer call of the fastest of REPEATS replays."""
-    from runtime.offload_executor import score_rows
+    from runtime.router import score_rows
     from runtime.policy.config import preset
     from runtime.policy.fast import make_cache_model
     from runtime.policy.plan_params import substitution_params

@@ -26,17 +26,10 @@ from runtime.policy.counts import Counts
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
-from runtime.router import Routing, top_view
+from runtime.router import Routing, score_rows
 from runtime.stats import RunStats
 
 LOADS = ("load", "prefetch")
-
-
-def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], list[list[int]]]:
-    """Per token: its top-`width` scores as a dict, and its chosen experts."""
-    ids, scores = top_view(routing, width)
-    rows = [dict(zip(i, s)) for i, s in zip(ids.tolist(), scores.tolist())]
-    return rows, routing.idx.tolist()
 
 
 class OffloadExecutor:

@@ -92,12 +92,39 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
 
 
 def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids, scores [T, width]: the chosen experts by descending score, then the best `width - k` of the rest.
-    This is what the routing trace stores and what cache decisions see (other experts count as score 0)."""
+    """ids, scores [T, width]: the chosen experts by descending score (ties: routing order), then the first
+    `width - k` unchosen experts of topk(score, width) (the best of the rest). This is what the routing trace stores
+    and what cache decisions see (other experts count as score 0); `score_rows` is the same view as Python rows."""
     score, idx = routing.score, routing.idx
     k = idx.shape[1]
     order = torch.argsort(score.gather(1, idx), dim=1, descending=True, stable=True)
     chosen = idx.gather(1, order)
-    extra = torch.topk(score.scatter(1, idx, float("-inf")), width - k, dim=1).indices if width > k else idx[:, :0]
-    ids = torch.cat([chosen, extra], dim=1)
+    if width > k:
+        top = torch.topk(score, width, dim=1).indices                                  # [T, width]
+        is_chosen = (top.unsqueeze(2) == idx.unsqueeze(1)).any(dim=2)                   # [T, width]
+        rest = torch.argsort(is_chosen.to(torch.uint8), dim=1, stable=True)[:, :width - k]
+        ids = torch.cat([chosen, top.gather(1, rest)], dim=1)
+    else:
+        ids = chosen
     return ids, score.gather(1, ids)
+
+
+def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], list[list[int]]]:
+    """`top_view` as per token a dict {expert: score} (chosen first, by descending score) and the chosen experts in
+    routing order: one topk and three host copies, then a few Python operations per token (a decode call has 1-3)."""
+    idx = routing.idx.tolist()
+    k = len(idx[0]) if idx else 0
+    score = routing.score.tolist()                                                      # [T][E]
+    top = torch.topk(routing.score, width, dim=1).indices.tolist() if width > k else [[] for _ in idx]
+    rows = []
+    for s, ch, tp in zip(score, idx, top):
+        row = {e: s[e] for e in sorted(ch, key=lambda e: -s[e])}      # stable: ties keep the routing order
+        n = width - k
+        for e in tp:
+            if n == 0:
+                break
+            if e not in row:
+                row[e] = s[e]
+                n -= 1
+        rows.append(row)
+    return rows, idx

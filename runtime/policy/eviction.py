@@ -33,7 +33,6 @@ belady: Belady's MIN with bypass, for the simulator's oracle only (it reads the 
 from __future__ import annotations
 
 import bisect
-import operator
 from collections import deque
 from typing import Iterable, Mapping, Sequence
 
@@ -44,10 +43,10 @@ def lru_victim(candidates: Iterable[int], last_used: Mapping[int, int]) -> int:
     return min(candidates, key=lambda e: (last_used.get(e, -1), e))
 
 
-def score_victim(candidates: Iterable[int], mean_score: Mapping[int, float]) -> int:
-    """argmin (mean_score(e), e); two passes without a key tuple per candidate (it runs per eviction)."""
+def score_victim(candidates: Iterable[int], mean_score: Sequence[float]) -> int:
+    """argmin (mean_score[e], e); two passes without a key tuple per candidate (it runs per eviction)."""
     cands = list(candidates)
-    vals = [mean_score.get(e, 0.0) for e in cands]
+    vals = [mean_score[e] for e in cands]
     low = min(vals)
     return min(e for e, v in zip(cands, vals) if v == low)
 
@@ -103,24 +102,31 @@ class NextUse:
 
 
 class ScoreWindow:
-    """Mean gate score of every expert over the last n steps (a ring of per-step score vectors)."""
+    """Mean gate score of every expert over the last n steps: a ring of sparse per-step scores and their running sum.
+
+    A step is {e: s_t(e)} for the experts with a score (the others score 0). push: sum[e] -= the oldest step's s(e)
+    for its experts (when n are held), then sum[e] += this step's s(e) for its experts, in that order; mean[e] =
+    sum[e] / (steps held). Sparse, a push costs the steps' sizes, not E."""
 
     def __init__(self, num_experts: int, n: int):
         self.n, self.e = n, num_experts
-        self._steps: deque[list[float]] = deque(maxlen=n)
-        self._sum = [0.0] * num_experts
-        self._mean: dict[int, float] | None = None     # made on first read after a push (read per victim)
+        self._steps: deque[Mapping[int, float]] = deque(maxlen=n)
+        self._sum = [0.0] * num_experts                # [E] sum of the held steps' scores
+        self._mean: list[float] | None = None          # [E] made on first read after a push (read per victim)
 
-    def push(self, step_scores: list[float]) -> None:
-        """sum_e -= the oldest step's score (when n are held), then += this step's; elementwise, in that order."""
+    def push(self, step: Mapping[int, float]) -> None:
+        total = self._sum
         if len(self._steps) == self.n:
-            self._sum = list(map(operator.sub, self._sum, self._steps[0]))
-        self._steps.append(step_scores)
-        self._sum = list(map(operator.add, self._sum, step_scores))
+            for e, s in self._steps[0].items():
+                total[e] -= s
+        self._steps.append(step)
+        for e, s in step.items():
+            total[e] += s
         self._mean = None
 
-    def mean(self) -> dict[int, float]:
+    def mean(self) -> list[float]:
+        """[E] the mean score of every expert over the held steps."""
         if self._mean is None:
             m = max(len(self._steps), 1)
-            self._mean = dict(enumerate(s / m for s in self._sum))
+            self._mean = [s / m for s in self._sum]
         return self._mean

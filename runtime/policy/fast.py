@@ -32,7 +32,8 @@ end in ascending id after each call, as (c, e) sorts them), so its victims are i
 Why Python sets, lists and dicts, not numpy arrays: a decode call touches k (8) of E (128) experts, and a numpy call
 costs microseconds of dispatch whatever its size; the array version made about 25 of them per call.
 
-`make_cache_model` is the one place that chooses between this model and `CacheModel`.
+`make_cache_model` is the one place that chooses between this model, the lean model of the other policies
+(runtime.policy.lean) and `CacheModel`.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import numpy as np
 
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
+from runtime.policy.lean import LeanCacheModel, is_lean
 from runtime.policy.schedule import CacheModel, Scores
 from runtime.policy.substitution import SubstitutionParams, TokenDecision
 
@@ -63,12 +65,16 @@ def make_cache_model(slots: Mapping[int, int], num_experts: int, top_k: int, pol
                      params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None,
                      pinned: Mapping[int, Sequence[int]] | None = None, pools=None, **kw):
     """The cache model for `policy`: `FastCacheModel` for lossless lru/lfu/lfru with no pinned experts, no precision
-    `pools` and no future (Belady), else `CacheModel` with the same arguments (`pools` only when given)."""
+    `pools` and no future (Belady); else `LeanCacheModel` (runtime.policy.lean) for every policy but the oracle;
+    else the reference `CacheModel`; with the same arguments (`pools` only when given)."""
     if is_fast(policy, params) and pinned is None and pools is None and kw.get("future") is None \
             and set(kw) <= {"future", "host_batch_max"}:
         return FastCacheModel(slots, num_experts, top_k, policy, params, initial=initial)
     if pools is not None:
         kw["pools"] = pools
+    if kw.get("future") is None and is_lean(policy, params):
+        kw.pop("future", None)
+        return LeanCacheModel(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned, **kw)
     return CacheModel(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned, **kw)
 
 

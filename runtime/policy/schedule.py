@@ -51,6 +51,16 @@ def predicted_top(scores: Scores, k: int, alpha: float) -> dict[int, float]:
 
 
 
+def step_scores(rows: Sequence[Scores]) -> dict[int, float]:
+    """A call's step of the score window: per expert the mean over its tokens, sum_t s_t(e) / T, added in token
+    order (experts no token scores are absent: 0)."""
+    n, step = len(rows), {}
+    for r in rows:
+        for e, s in r.items():
+            step[e] = step.get(e, 0.0) + s / n
+    return step
+
+
 @dataclass
 class LayerSchedule:
     decisions: list[TokenDecision]
@@ -160,11 +170,7 @@ class CacheModel:
         resident_at_start = set(self.resident[layer])
         decisions = decide_layer(rows, chosen, resident_at_start, params)
         if cfg.eviction == "score":
-            step_scores = [0.0] * self.e
-            for r in rows:
-                for ex, s in r.items():
-                    step_scores[ex] += s / len(rows)
-            self.windows[layer].push(step_scores)
+            self.windows[layer].push(step_scores(rows))
 
         c = Counts(pairs=len(chosen) * self.k)
         exact: dict[int, int] = {}                       # expert -> exact pairs

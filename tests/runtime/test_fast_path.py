@@ -7,6 +7,7 @@ import torch
 from runtime import Runtime
 from runtime.policy.config import preset
 from runtime.policy.fast import FastCacheModel, make_cache_model
+from runtime.policy.lean import LeanCacheModel
 from runtime.policy.plan_params import substitution_params
 from runtime.policy.schedule import CacheModel
 from runtime.policy.static import static_pins
@@ -116,18 +117,20 @@ def test_the_factory_picks_the_model():
     for rule in RULES:
         pol = preset(rule, host_compute=False)
         assert isinstance(make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1])), FastCacheModel)
-        # a precision plan's pools go to the reference model
+        # a precision plan's pools go to another model
         with pytest.raises(Exception):
             make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]), pools=object())
     for name, kw in [("smoe", {}), ("plan", {}), ("lru", {"host_compute": True}), ("lru", {"prefetch": True}),
                      ("lru", {"alpha": 0.3})]:
         pol = preset(name, **kw)
         m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]))
-        assert type(m) is CacheModel, (name, kw)
+        assert type(m) is LeanCacheModel, (name, kw)
     pol = preset("static", host_compute=False)
     m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]),
                          pinned=static_pins({0: list(range(e)), 1: list(range(e))}, slots))
-    assert type(m) is CacheModel
+    assert type(m) is LeanCacheModel
+    pol = preset("smoe", alpha=1.5)            # a band below 0: experts the token does not score are in it
+    assert type(make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]))) is CacheModel
     pol = preset("oracle")
     from runtime.policy.eviction import NextUse
     m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]), future=NextUse({0: [[1]], 1: [[1]]}))

@@ -95,11 +95,11 @@ def test_lru_and_score_eviction_order():
     assert lru_victim([3, 5, 7], {3: 10, 5: 2, 7: 9}) == 5
     assert lru_victim([3, 5], {}) == 3
     w = ScoreWindow(num_experts=4, n=2)
-    w.push([0.1, 0.5, 0.2, 0.0])
-    w.push([0.1, 0.0, 0.2, 0.4])
-    assert w.mean() == pytest.approx({0: 0.1, 1: 0.25, 2: 0.2, 3: 0.2})
+    w.push({0: 0.1, 1: 0.5, 2: 0.2})
+    w.push({0: 0.1, 2: 0.2, 3: 0.4})
+    assert w.mean() == pytest.approx([0.1, 0.25, 0.2, 0.2])
     assert score_victim([1, 2, 3], w.mean()) == 2                     # ties broken by id
-    w.push([0.9, 0.0, 0.0, 0.0])                                      # the oldest step leaves the window
+    w.push({0: 0.9})                                                  # the oldest step leaves the window
     assert w.mean()[1] == pytest.approx(0.0) and score_victim([0, 1, 2, 3], w.mean()) == 1
 
 

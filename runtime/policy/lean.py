@@ -1,0 +1,314 @@
+"""The lean cache model of every policy the lossless fast model (runtime.policy.fast) does not run and that does not
+read the future: smoe and plan (substitution, score eviction, prefetch, the host/transfer split, precision pools),
+static (pinned experts), and lru/lfu/lfru with prefetch or host compute.
+
+It is `CacheModel` (the reference, runtime.policy.schedule), with the same state, and decides exactly as it does
+(the tests replay random and recorded traces through both, op for op, with the plan's near-twins, protected experts,
+drops, pool depth, pools and prefetch guard). It is lean where calls are direct, which is every decode call of a
+real cache: the slots free for this call's loads (free slots plus candidates, the resident experts the call does not
+need and that are not pinned, per pool) hold all of its misses. Then:
+
+  victims  = the rule's first m candidates in its key order, one sort: the keys do not change during a call (the
+             clock and the score window move at its start, last use and uses at its end; a loaded expert is busy)
+               lru   (last(e), e)          lfu  (u(e), last(e), e)
+               lfru  (u(e) / (c - last(e) + 1), last(e), e)              score (mean_n(e), e)
+  prefetch = the next layer's predicted experts in (-score, e) order, each evicting that layer's next candidate in
+             key order (with the guard: only one of lower mean score than the prediction)
+  decide   = the substitution rule per token (runtime.policy.substitution) over the token's own top-W scores: with
+             0 < alpha <= 1 the band's lower edge (1 - alpha) S(k+1) is >= 0, so an expert the token does not score
+             (0) is never in it, and only the W scored experts are looked at, not every cached one; the band pool is
+             built only for a token with a low-score miss
+A call that is not direct (a batch whose misses outnumber the free slots: loads wait for computes to free slots) is
+decided by the reference itself, on the same state.
+
+Why Python sets and dicts, not arrays: as for the fast model, a call touches k of E experts, and each numpy call
+costs microseconds of dispatch whatever its size.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Mapping, Sequence
+
+from runtime.policy.config import PolicyConfig
+from runtime.policy.counts import Counts
+from runtime.policy.eviction import lfru_score
+from runtime.policy.host_split import split_misses
+from runtime.policy.schedule import CacheModel, LayerSchedule, Scores, predicted_top, step_scores
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, _understudy
+
+
+def is_lean(policy: PolicyConfig, params: Mapping[int, SubstitutionParams]) -> bool:
+    """Whether the lean model runs `policy`: any rule but Belady's (the oracle reads the future), alpha <= 1 (in the
+    policy and in every layer's parameters)."""
+    return policy.eviction != "belady" and policy.alpha <= 1.0 and all(p.alpha <= 1.0 for p in params.values())
+
+
+def decide_lean(rows: Sequence[Scores], chosen: Sequence[Sequence[int]], cached: set[int],
+                params: SubstitutionParams) -> list[TokenDecision]:
+    """`substitution.decide_layer`'s decisions (alpha <= 1), looking only at each token's scored experts."""
+    if params.alpha <= 0.0:
+        return [TokenDecision(exact=list(c)) for c in chosen]
+    alpha = params.alpha
+    edges = []                                                   # per token: S(k+1), its top-score experts
+    for r, ch in zip(rows, chosen):
+        vals = sorted(r.values(), reverse=True)
+        s_next = vals[len(ch)] if len(vals) > len(ch) else 0.0
+        hi = (1.0 + alpha) * s_next
+        edges.append((s_next, {e for e in ch if r.get(e, 0.0) > hi}))
+    if len(rows) > 1:
+        count = Counter(e for _, top in edges for e in top)
+    protected, use_batch = params.protected, params.use_batch
+    out = []
+    for r, ch, (s_next, top) in zip(rows, chosen, edges):
+        batch_top = {e for e, n in count.items() if n - (e in top) > 0} if len(rows) > 1 else set()
+        hi = (1.0 + alpha) * s_next
+        d = TokenDecision()
+        out.append(d)
+        pool = None
+        used: set[int] = set()
+        chosen_set = set(ch)
+        for i in sorted(ch, key=lambda e: (-r.get(e, 0.0), e)):
+            if r.get(i, 0.0) > hi or i in protected or i in cached or (use_batch and i in batch_top):
+                d.exact.append(i)
+                continue
+            if pool is None:
+                pool = _band(r, chosen_set, s_next, alpha, cached, batch_top if use_batch else (), params.pool_depth)
+            j, reason = _understudy(i, pool, cached, batch_top, used, chosen_set, params)
+            if j is not None:
+                d.understudy[i] = (j, reason)
+                used.add(j)
+            elif i in params.drop_ok:
+                d.dropped.append(i)
+            else:
+                d.exact.append(i)
+    return out
+
+
+def _band(r: Scores, chosen_set: set[int], s_next: float, alpha: float, cached: set[int], batch_top,
+          depth: int | None) -> list[int]:
+    """E_s: the token's scored, unchosen experts with (1 - alpha) S < s <= S that are cached or batch-top, best
+    score first (ties: lower id); with a pool depth, only among its `depth` best unchosen experts."""
+    lo = (1.0 - alpha) * s_next
+    pool = sorted((e for e, s in r.items() if e not in chosen_set and lo < s <= s_next
+                   and (e in cached or e in batch_top)), key=lambda e: (-r[e], e))
+    if depth is not None and pool:
+        allowed = set(sorted((e for e in r if e not in chosen_set), key=lambda e: (-r[e], e))[:depth])
+        pool = [e for e in pool if e in allowed]
+    return pool
+
+
+class _Order:
+    """A layer's victims for one call: its candidates in the rule's key order, taken in that order, per pool."""
+
+    def __init__(self, order: list[int], pool_of: Sequence[int] | None):
+        if pool_of is None:
+            self.by_pool = {0: order}
+        else:
+            self.by_pool: dict[int, list[int]] = {}
+            for e in order:
+                self.by_pool.setdefault(pool_of[e], []).append(e)
+        self.next = dict.fromkeys(self.by_pool, 0)
+
+    def peek(self, pool: int) -> int | None:
+        lst = self.by_pool.get(pool, ())
+        i = self.next.get(pool, 0)
+        return lst[i] if i < len(lst) else None
+
+    def take(self, pool: int) -> None:
+        self.next[pool] += 1
+
+
+class LeanCacheModel(CacheModel):
+    """`CacheModel`, lean on direct calls (see the module doc)."""
+
+    def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
+                 params: Mapping[int, SubstitutionParams], **kw):
+        assert is_lean(policy, params) and kw.get("future") is None, f"policy {policy.name}: not a lean policy"
+        super().__init__(slots, num_experts, top_k, policy, params, **kw)
+
+    def _sorted(self, layer: int, candidates: list[int]) -> list[int]:
+        """The candidates in the eviction rule's key order (the least is evicted first; runtime.policy.eviction).
+        score's key (mean_n(e), e) is two C sorts: by id, then stably by mean (no key tuple per candidate)."""
+        rule, last = self.policy.eviction, self.last_used[layer]
+        if rule == "score":
+            candidates.sort()
+            candidates.sort(key=self.windows[layer].mean().__getitem__)
+            return candidates
+        if rule == "lru":
+            return sorted(candidates, key=lambda e: (last.get(e, -1), e))
+        uses = self.uses[layer]
+        if rule == "lfu":
+            return sorted(candidates, key=lambda e: (uses.get(e, 0), last.get(e, -1), e))
+        assert rule == "lfru", f"unknown eviction rule {rule!r}"
+        now = self.calls[layer]
+        return sorted(candidates, key=lambda e: (lfru_score(uses.get(e, 0), last.get(e, -1), now), last.get(e, -1), e))
+
+    def _order(self, layer: int, busy) -> _Order:
+        pinned = self.pinned[layer]
+        cands = [e for e in self.resident[layer] if e not in busy and e not in pinned]
+        return _Order(self._sorted(layer, cands), self.pools.of[layer] if self.pools is not None else None)
+
+    def _direct(self, layer: int, to_load: list[int], busy: set[int]) -> bool:
+        """Whether the slots free for this call's loads (free ones and candidates, per pool) hold all of them."""
+        pools, resident, pinned = self.pools, self.resident[layer], self.pinned[layer]
+        if pools is None:
+            free = self.slots[layer] - len(resident)
+            if len(to_load) <= free:
+                return True
+            held = sum(e in resident for e in busy) + sum(e not in busy for e in pinned)   # not candidates
+            return len(resident) - held >= len(to_load) - free
+        of = pools.of[layer]
+        room = [n - h for n, h in zip(pools.slots[layer], self.held[layer])]    # [P] free slots
+        for e in resident:
+            if e not in busy and e not in pinned:
+                room[of[e]] += 1
+        for e in to_load:
+            room[of[e]] -= 1
+        return min(room) >= 0
+
+    def _victims(self, layer: int, to_load: list[int], busy: set[int]) -> list[int | None]:
+        """Per load of a direct call, in order, its victim (None: a free slot of its pool); no state changes."""
+        pools, resident = self.pools, self.resident[layer]
+        if pools is None:
+            free = self.slots[layer] - len(resident)
+            if len(to_load) <= free:
+                return [None] * len(to_load)
+            pinned = self.pinned[layer]
+            cands = [e for e in resident if e not in busy and e not in pinned]
+            return [None] * free + self._sorted(layer, cands)[:len(to_load) - free]
+        of, slots, held = pools.of[layer], pools.slots[layer], list(self.held[layer])
+        order, out = None, []
+        for e in to_load:
+            p = of[e]
+            if held[p] < slots[p]:
+                held[p] += 1
+                out.append(None)
+                continue
+            if order is None:
+                order = self._order(layer, busy)
+            out.append(order.peek(p))
+            order.take(p)
+        return out
+
+    def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
+                 prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
+                 ) -> LayerSchedule:
+        """`CacheModel.schedule`, lean on a direct call (the reference decides the others)."""
+        cfg, resident = self.policy, self.resident[layer]
+        decisions = decide_lean(rows, chosen, resident, self.params[layer])
+        c = Counts(pairs=len(chosen) * self.k)
+        exact: dict[int, int] = {}                       # expert -> exact pairs
+        subs: dict[int, int] = {}                        # understudy -> pairs it stands in for
+        und = c.understudies
+        for d in decisions:
+            for e in d.exact:
+                exact[e] = exact.get(e, 0) + 1
+            if d.understudy:
+                for j, reason in d.understudy.values():
+                    subs[j] = subs.get(j, 0) + 1
+                    und[reason] += 1
+            c.drops += len(d.dropped)
+        needed = exact.keys() | subs.keys()
+        missing = [e for e in needed if e not in resident]
+        if len(missing) > 1:                             # by (-best(e), e): best over the tokens that chose e
+            best: dict[int, float] = {}
+            miss = set(missing)
+            for r, ch in zip(rows, chosen):
+                for e in ch:
+                    if e in miss:
+                        v = r.get(e, 0.0)
+                        if e not in best or v > best[e]:
+                            best[e] = v
+            missing.sort(key=lambda e: (-best.get(e, 0.0), e))
+        to_load, to_host = missing, []
+        if cfg.host_compute and missing and len(chosen) <= self.host_batch_max:
+            to_load, to_host = split_misses(missing, c_load, c_host)
+        host_set = set(to_host)
+        pending = needed - host_set if host_set else needed
+        if to_load and not self._direct(layer, to_load, pending):
+            return super().schedule(layer, rows, chosen, prediction, c_load, c_host)
+
+        self.calls[layer] += 1                           # the clock and the window move first: the victims' keys
+        if cfg.eviction == "score":
+            self.windows[layer].push(step_scores(rows))
+        victims = self._victims(layer, to_load, pending) if to_load else []
+        cached = sorted(e for e in needed if e in resident)
+        for e, n in exact.items():
+            if e in resident:
+                c.hits += n
+            elif e in host_set:
+                c.host += n
+            else:
+                c.misses += n
+        if self.pools is not None:
+            for e in pending:                            # computed from its cache slot, at its pool's precision
+                scheme = self.pools.quantized(layer, e)
+                if scheme is not None:
+                    c.quantized[scheme] = c.quantized.get(scheme, 0) + exact.get(e, 0) + subs.get(e, 0)
+        pf = self.prefetched[layer]
+        if pf:
+            for e in cached:
+                if e in pf:
+                    c.prefetch_used += 1
+                    pf.discard(e)
+        ops: list[tuple[str, int, int, int | None]] = []
+        uses = self.uses[layer]
+        for e, v in zip(to_load, victims):
+            if v is not None:
+                self._leave(layer, v)
+                pf.discard(v)
+                uses.pop(v, None)
+            self._enter(layer, e)
+            uses[e] = 0
+            ops.append(("load", layer, e, v))
+        c.loads += len(to_load)
+        sched = LayerSchedule(decisions=decisions, ops=ops, counts=c)
+        self._prefetch(layer, prediction, ops, sched)
+        ops.extend(("compute", layer, e, None) for e in cached)
+        ops.extend(("host", layer, e, None) for e in to_host)
+        ops.extend(("compute", layer, e, None) for e in to_load)
+        now, last = self.calls[layer], self.last_used[layer]
+        for e in cached + to_load:                       # the needed experts resident at the end
+            last[e] = now
+            uses[e] = uses.get(e, 0) + 1
+        return sched
+
+    def _prefetch(self, layer: int, prediction, ops, sched: LayerSchedule) -> None:
+        """`CacheModel._prefetch`: the victims of the next layer from one sort of its candidates."""
+        nxt = self.next_layer.get(layer)
+        if not self.policy.prefetch or prediction is None or nxt is None:
+            return
+        alpha = self.params[nxt].alpha
+        predicted: dict[int, float] = {}
+        for r in prediction:
+            for e, s in predicted_top(r, self.k, alpha).items():
+                predicted[e] = max(predicted.get(e, 0.0), s)
+        budget = self.policy.prefetch_max or self.k
+        res = self.resident[nxt]
+        want = [e for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget] if e not in res]
+        if not want:
+            return
+        guard = self.policy.prefetch_guard and self.policy.eviction == "score"
+        order: _Order | None = None
+        pf, uses, c = self.prefetched[nxt], self.uses[nxt], sched.counts
+        for e in want:
+            victim = None
+            if self._full(nxt, e):
+                if order is None:
+                    order = self._order(nxt, predicted)
+                p = self._pool_of(nxt, e)
+                victim = order.peek(p)
+                if guard and (victim is None or self.windows[nxt].mean()[victim] >= predicted[e]):
+                    continue
+                if victim is None:
+                    break
+                order.take(p)
+                self._leave(nxt, victim)
+                pf.discard(victim)
+                uses.pop(victim, None)
+            self._enter(nxt, e)
+            uses[e] = 0
+            pf.add(e)
+            ops.append(("prefetch", nxt, e, victim))
+            c.loads += 1
+            c.prefetch_issued += 1

@@ -1,0 +1,194 @@
+"""The lean cache model (runtime.policy.lean) decides exactly as the reference CacheModel for every policy it runs:
+substitution (smoe, plan with near-twins, protected experts, drops, pool depth), score eviction, prefetch with and
+without the guard, the host/transfer split, static's pinned experts, precision pools; on random and recorded traces,
+op for op, with the same state after every call."""
+import numpy as np
+import pytest
+
+from runtime.policy.config import preset
+from runtime.policy.fast import make_cache_model
+from runtime.policy.lean import LeanCacheModel, decide_lean
+from runtime.policy.plan_params import substitution_params
+from runtime.policy.pools import Pools
+from runtime.policy.schedule import CacheModel
+from runtime.policy.static import static_pins
+from runtime.policy.substitution import SubstitutionParams, decide_layer
+
+LAYERS = (0, 1, 2)
+
+
+def _plan_params(rng, e, alpha=0.3, pool_depth=None, use_batch=True):
+    """Plan parameters with random near-twins (some above tau, so only `error` knows them), protected experts and
+    drops, per layer."""
+    out = {}
+    for l in LAYERS:
+        similar, error = {}, {}
+        for i in range(e):
+            js = [int(j) for j in rng.choice(e, size=int(rng.integers(0, 4)), replace=False) if j != i]
+            errs = rng.random(len(js))
+            error[i] = dict(zip(js, errs.tolist()))
+            similar[i] = [(j, float(x)) for j, x in zip(js, errs) if x <= 0.6]
+        out[l] = SubstitutionParams(alpha=alpha, use_batch=use_batch, by_error=True, pool_depth=pool_depth,
+                                    similar=similar, error=error,
+                                    protected=frozenset(rng.choice(e, size=e // 8, replace=False).tolist()),
+                                    drop_ok=frozenset(rng.choice(e, size=e // 3, replace=False).tolist()))
+    return out
+
+
+def _rows(rng, batch, e, k, p):
+    """Per token a top-2k score dict (ties, zeros, and sometimes a chosen expert that is not in the top k, as a
+    biased router chooses) and its k chosen experts."""
+    rows, chosen = [], []
+    for _ in range(batch):
+        ids = rng.choice(e, size=min(2 * k, e), replace=False, p=p)
+        s = np.sort(rng.random(len(ids)))[::-1].copy()
+        s[rng.random(len(s)) < 0.15] = s[0]
+        s[rng.random(len(s)) < 0.05] = 0.0
+        ch = [int(i) for i in ids[:k]]
+        if rng.random() < 0.1:
+            ch[-1] = int(ids[-1])
+        rows.append({int(i): float(v) for i, v in zip(ids, s)})
+        chosen.append(ch)
+    return rows, chosen
+
+
+def _state(m):
+    return (m.resident, m.last_used, m.uses, m.prefetched, m.calls, m.held,
+            {l: w._sum for l, w in m.windows.items()}, {l: len(w._steps) for l, w in m.windows.items()})
+
+
+CASES = {   # name: (policy, plan-style params, pinned, pools)
+    "smoe": (preset("smoe"), False, False, False),
+    "smoe-no-batch": (preset("smoe", use_batch=False, prefetch_max=3), False, False, False),
+    "plan": (preset("plan"), True, False, False),
+    "plan-depth": (preset("plan", pool_depth=2), True, False, False),
+    "plan-alpha-1": (preset("plan", alpha=1.0), True, False, False),
+    "plan-lossless": (preset("plan", lossless=True), False, False, False),
+    "plan-pools": (preset("plan"), True, False, True),
+    "lru-prefetch-host": (preset("lru", prefetch=True, host_compute=True), False, False, False),
+    "lfu-host": (preset("lfu", host_compute=True), False, False, False),
+    "lfru-prefetch": (preset("lfru", prefetch=True), False, False, False),
+    "lru-pools": (preset("lru"), False, False, True),
+    "static": (preset("static"), False, True, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("e,k", [(16, 4), (64, 6)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lean_model_decides_as_the_cache_model(case, e, k, batch, monkeypatch):
+    pol, plan_style, pinned, pooled = CASES[case]
+    rng = np.random.default_rng(abs(hash((case, e, k, batch))) % 2**32)
+    params = (_plan_params(rng, e, pol.alpha, pol.pool_depth, pol.use_batch) if plan_style
+              else substitution_params(pol, list(LAYERS)))
+    weights = np.ones(e)
+    weights[rng.choice(e, size=k + 2, replace=False)] = 8.0
+    p = weights / weights.sum()
+    delegated = []
+    real = CacheModel.schedule
+
+    def counting(self, *a, **kw):
+        if isinstance(self, LeanCacheModel):
+            delegated.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(CacheModel, "schedule", counting)
+    calls = 0
+    for slots in sorted({1 + pinned, k - 1, k, k + 1, e // 4, e // 2, e - 1}):
+        kw = {}
+        if pinned:
+            kw["pinned"] = static_pins({l: rng.random(e).tolist() for l in LAYERS}, {l: slots for l in LAYERS})
+        if pooled:
+            of = {l: tuple(int(x) for x in rng.integers(0, 2, e)) for l in LAYERS}
+            kw["pools"] = Pools(("bfloat16", "int4"), (100, 28), of, {l: (max(1, slots // 2), slots) for l in LAYERS})
+        initial = {l: rng.choice(e, size=slots, replace=False).tolist() for l in LAYERS} if slots % 2 else None
+        ref = CacheModel({l: slots for l in LAYERS}, e, k, pol, params, initial=initial, **kw)
+        lean = make_cache_model({l: slots for l in LAYERS}, e, k, pol, params, initial=initial, **kw)
+        assert type(lean) is LeanCacheModel
+        assert _state(lean) == _state(ref)
+        for n in range(24):
+            layer = LAYERS[n % len(LAYERS)]
+            rows, chosen = _rows(rng, batch, e, k, p)
+            pred = _rows(rng, batch, e, k, p)[0] if rng.random() < 0.8 else None
+            c_load, c_host = float(rng.choice([0.5, 1.0, 3.0])), float(rng.choice([0.5, 1.0, 3.0]))
+            a = ref.schedule(layer, rows, chosen, pred, c_load, c_host)
+            b = lean.schedule(layer, rows, chosen, pred, c_load, c_host)
+            assert b.ops == a.ops, (slots, n)
+            assert b.counts == a.counts, (slots, n)
+            assert b.decisions == a.decisions, (slots, n)
+            assert _state(lean) == _state(ref), (slots, n)
+            calls += 1
+    assert len(delegated) < calls                      # most calls took the lean path
+    if batch == 3 and not pinned:
+        assert delegated                               # and some (misses outnumber the free slots) the reference
+
+
+def test_lean_decisions_equal_the_rule():
+    """decide_lean over random batches equals substitution.decide_layer, alpha from 0 to 1, with and without
+    batch-top understudies, pool depth, near-twins, protected experts and drops."""
+    rng = np.random.default_rng(3)
+    e, k = 32, 4
+    p = np.ones(e) / e
+    for alpha in (0.0, 0.1, 0.3, 0.7, 1.0):
+        for use_batch in (True, False):
+            for depth in (None, 1, 3):
+                params = _plan_params(rng, e, alpha, depth, use_batch)[0]
+                for plain in (False, True):
+                    if plain:
+                        params = SubstitutionParams(alpha=alpha, use_batch=use_batch, pool_depth=depth)
+                    for _ in range(40):
+                        rows, chosen = _rows(rng, int(rng.integers(1, 5)), e, k, p)
+                        cached = set(rng.choice(e, size=int(rng.integers(0, e)), replace=False).tolist())
+                        assert decide_lean(rows, chosen, cached, params) == decide_layer(rows, chosen, cached, params)
+
+
+def test_lean_model_on_a_recorded_trace(small_profile):
+    """The routing and next-layer prediction the profiler recorded on the shared fixture, through smoe and plan."""
+    from artifacts import Profile
+
+    prof = Profile.load(small_profile)
+    layers, e, k = prof.moe_layers, prof.num_experts, prof.top_k
+    tr = prof.trace
+    ids, scores = tr["ids"][:36], tr["scores"][:36]                         # [T, M, W]
+    pids, pscores = tr["pred_ids"][:36], tr["pred_scores"][:36]
+    for name in ("smoe", "plan"):
+        pol = preset(name)
+        params = substitution_params(pol, layers)
+        for slots in (k, e // 2):
+            ref = CacheModel({l: slots for l in layers}, e, k, pol, params)
+            lean = make_cache_model({l: slots for l in layers}, e, k, pol, params)
+            for start in range(0, len(ids), 2):                             # calls of 2 tokens, layer by layer
+                for m, l in enumerate(layers):
+                    sl = slice(start, start + 2)
+                    rows = [dict(zip(a, b)) for a, b in zip(ids[sl, m].tolist(), scores[sl, m].tolist())]
+                    pred = [dict(zip(a, b)) for a, b in zip(pids[sl, m].tolist(), pscores[sl, m].tolist())]
+                    chosen = [a[:k] for a in ids[sl, m].tolist()]
+                    a = ref.schedule(l, rows, chosen, pred)
+                    b = lean.schedule(l, rows, chosen, pred)
+                    assert (b.ops, b.counts, b.decisions) == (a.ops, a.counts, a.decisions)
+                    assert _state(lean) == _state(ref)
+
+
+def test_score_rows_are_the_top_view():
+    """The runtime's per-token rows (`score_rows`) are the trace's tensor view (`top_view`): the same experts in the
+    same order with the same scores, with tied scores, zero scores and chosen experts outside the top k."""
+    import torch
+
+    from runtime.router import Routing, score_rows, top_view
+
+    g = torch.Generator().manual_seed(0)
+    for t_n, e, k in [(1, 8, 2), (3, 128, 8), (5, 16, 4)]:
+        for trial in range(20):
+            score = torch.rand(t_n, e, generator=g)
+            score[torch.rand(t_n, e, generator=g) < 0.3] = 0.0                    # ties at zero
+            score[:, :3] = score[:, :1]                                           # ties among the best
+            idx = torch.topk(score, k, dim=1).indices
+            if trial % 3 == 0:                                                    # a biased router's choice
+                idx[:, -1] = torch.argmin(score, dim=1)
+            r = Routing(idx=idx, weights=torch.ones(t_n, k), score=score, coef=torch.ones(t_n), gate=score)
+            for width in (k, 2 * k):
+                ids, sc = top_view(r, width)
+                rows, chosen = score_rows(r, width)
+                assert chosen == idx.tolist()
+                assert [list(row.items()) for row in rows] == [list(zip(a, b)) for a, b in
+                                                               zip(ids.tolist(), sc.tolist())]
