@@ -60,7 +60,12 @@ class OffloadExecutor:
                 prediction, _ = score_rows(nxt[1], self.width)
         sched = self.model.schedule(layer, rows, chosen, prediction, self.c_load.value, self.c_host.value)
         self._count(layer, sched)
-        g = self._groups(x, routing, chosen, sched.decisions)
+        decisions = sched.decisions
+        if any(d.understudy or d.dropped for d in decisions):
+            g = self._groups(x, routing, chosen, decisions)
+        else:                                    # every pair exact: the lossless grouping
+            g = group_pairs(x, np.array(chosen, dtype=np.int64), routing.weights)
+        as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
         ops, i = sched.ops, 0
         while i < len(ops):
@@ -69,67 +74,82 @@ class OffloadExecutor:
                 i = self._load_run(ops, i)
                 continue
             host = kind == "host"
-            w = self.store.read(l, e) if host else self._slot(l, e)
+            if not host:                         # from its slot, on x's device
+                w = self._slot(l, e)
+                if self.events is not None:
+                    self.events.append(("compute_start", time.perf_counter(), l, e))
+                ys[e] = self.expert_fn(g.rows(e), w if as_held else self.store.materialize(l, e, w, x.dtype))
+                if self.events is not None:
+                    self.events.append(("compute_end", time.perf_counter(), l, e))
+                i += 1
+                continue
+            w = self.store.read(l, e)
             t0 = time.perf_counter()
             if self.events is not None:
                 self.events.append(("compute_start", t0, l, e))
             xin = g.rows(e)
-            if host and x.device.type != "cpu":
+            if x.device.type != "cpu":
                 xin = xin.cpu()
-            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype, slot=not host)).to(x.device)
+            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype, slot=False)).to(x.device)
             if self.events is not None:
                 self.events.append(("compute_end", time.perf_counter(), l, e))
-            if host:
-                self.c_host.add(time.perf_counter() - t0)
+            self.c_host.add(time.perf_counter() - t0)
             i += 1
         return g.mix(x, ys)
 
     def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
         """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs
         not served otherwise, in HF's (position, token) order, then the tokens it stands in for, in token order; each
-        with its weight: the routing weight, or an understudy's (its own gate, coef x gate_j, or with
-        `understudy_weight` "replaced" / "auto" for a near-twin, the replaced expert's weight)."""
-        t_n, k = routing.idx.shape
-        skip = [set(d.understudy) | set(d.dropped) for d in decisions]
-        own: dict[int, list[int]] = {}                                  # e -> flat pair index t * k + p
+        with its weight: the routing weight, or an understudy's (its own gate, coef x gate_j, a float32 product
+        rounded to the weights' dtype, or with `understudy_weight` "replaced" / "auto" for a near-twin, the replaced
+        expert's weight). The weights are gathered on the host in float32 (exact for the routing's float32 or
+        bfloat16 weights) and moved once."""
+        t_n, k = len(chosen), len(chosen[0])
+        skip: set[int] = set()                                          # pairs t * k + p served otherwise
+        subs: list[tuple[int, int, int, str]] = []                      # (j, token, position of the replaced i, reason)
+        for t, d in enumerate(decisions):
+            if d.understudy or d.dropped:
+                ch = chosen[t]
+                for i, (j, reason) in d.understudy.items():
+                    p = ch.index(i)
+                    skip.add(t * k + p)
+                    subs.append((j, t, p, reason))
+                for i in d.dropped:
+                    skip.add(t * k + ch.index(i))
+        subs.sort(key=lambda s: (s[0], s[1]))                           # by understudy, tokens in order
+        own: dict[int, list[int]] = {}                                  # e -> its pairs t * k + p, (p, t) order
         for p in range(k):
             for t in range(t_n):
-                e = chosen[t][p]
-                if e not in skip[t]:
-                    own.setdefault(e, []).append(t * k + p)
-        subs: dict[int, list[tuple[int, int, str]]] = {}                # j -> [(token, replaced i, reason)]
-        for t, d in enumerate(decisions):
-            for i, (j, reason) in d.understudy.items():
-                subs.setdefault(j, []).append((t, i, reason))
-        dev = x.device
-        sub_list = [(t, i, j, reason) for j in sorted(subs) for t, i, reason in subs[j]]   # understudy pairs, grouped
-        w_all = routing.weights.reshape(-1)                             # [T*k] then the understudies' [len(sub_list)]
-        if sub_list:
-            toks = torch.tensor([t for t, _, _, _ in sub_list], dtype=torch.long, device=dev)
-            js = torch.tensor([j for _, _, j, _ in sub_list], dtype=torch.long, device=dev)
-            sw = (routing.coef[toks] * routing.gate[toks, js]).to(routing.weights.dtype)    # own gate
+                if t * k + p not in skip:
+                    own.setdefault(chosen[t][p], []).append(t * k + p)
+        w = routing.weights.float().cpu().numpy().reshape(-1)           # [T*k] float32
+        if subs:
+            gate = routing.gate.cpu().numpy()                           # [T, E] float32
+            coef = routing.coef.cpu().numpy()                           # [T] float32
             mode = self.policy.understudy_weight
-            flags = [mode == "replaced" or (mode == "auto" and reason == "similarity") for *_, reason in sub_list]
-            if any(flags):   # the replaced expert's weight (near-twins; or every understudy with "replaced")
-                pos = torch.tensor([chosen[t].index(i) for t, i, _, _ in sub_list], device=dev)
-                sw = torch.where(torch.tensor(flags, device=dev), routing.weights[toks, pos], sw)
-            w_all = torch.cat([w_all, sw])
-        first: dict[int, int] = {}                                      # j -> its first pair in sub_list
-        for n, (_, _, j, _) in enumerate(sub_list):
-            first.setdefault(j, n)
-        tok, src, span = [], [], {}                                     # src: each pair's index into w_all
-        for e in sorted(set(own) | set(subs)):
+        by_j: dict[int, list[float]] = {}
+        for j, t, p, reason in subs:
+            if mode == "replaced" or (mode == "auto" and reason == "similarity"):
+                v = w[t * k + p]                                        # the replaced expert's weight
+            else:
+                v = coef[t] * gate[t, j]                                # own gate: float32 x float32
+            by_j.setdefault(j, []).append((t, v))
+        tok, wt, span = [], [], {}
+        for e in sorted(own.keys() | by_j.keys()):
             a = len(tok)
             for f in own.get(e, ()):
                 tok.append(f // k)
-                src.append(f)
-            for m, (t, _, _) in enumerate(subs.get(e, ())):
+                wt.append(w[f])
+            for t, v in by_j.get(e, ()):
                 tok.append(t)
-                src.append(t_n * k + first[e] + m)
+                wt.append(v)
             span[e] = (a, len(tok))
+        dev, dtype = x.device, routing.weights.dtype
+        weights = torch.from_numpy(np.array(wt, dtype=np.float32)).to(dev)
+        if dtype != torch.float32:
+            weights = weights.to(dtype)
         tok_np = np.asarray(tok, dtype=np.int64)
-        rows = torch.from_numpy(tok_np).to(dev)
-        return PairGroups(tok_np, span, w_all[torch.tensor(src, dtype=torch.long, device=dev)], x[rows], False)
+        return PairGroups(tok_np, span, weights, x[torch.from_numpy(tok_np).to(dev)], False)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns

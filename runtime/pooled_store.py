@@ -103,6 +103,10 @@ class PooledStore:
             t.copy_(src[k], non_blocking=non_blocking)
         return sum(t.numel() * t.element_size() for t in dst.values())
 
+    def computes_as_held(self, dtype: torch.dtype) -> bool:
+        """False: a slot may hold a quantized copy, so every compute goes through `materialize`."""
+        return False
+
     def materialize(self, layer: int, e: int, w: Mapping[str, torch.Tensor], dtype: torch.dtype,
                     slot: bool = True) -> dict[str, torch.Tensor]:
         """Weights to compute with: a slot of a quantized pool as kernel matrices or dequantized, else as the plain
