@@ -8,10 +8,11 @@ The runtime's own time per MoE layer call (benchmarks/overhead.py) is measured i
 of greedy decodes of the random-weight Qwen3-30B-A3B-shaped model of overhead.py (48 MoE layers, 128 experts, top-8)
 is recorded once (per layer call: the chosen experts, every expert's score, and the next layer's router on the same
 input, which prefetch reads), then replayed through a fresh cache model of each policy at 50% of the experts per
-layer, as the runtime makes it (`make_cache_model`: the lean model for lossless lru/lfu/lfru, else the reference
-`CacheModel`), and through the reference model for lru/lfu/lfru as well (same decisions, tests/runtime/
-test_fast_path.py). Inputs are what each model takes from the executor: arrays for the lean one (the score table read
-only when it asks), per-token top-2k score dicts for the reference one (their making, `score_rows`, is timed with it).
+layer, as the runtime makes it (`make_cache_model`: the fast model for lossless lru/lfu/lfru, the lean model for
+smoe), and through the reference `CacheModel` as well (same decisions: tests/runtime/test_fast_path.py and
+test_lean_model.py). Inputs are what each model takes from the executor: arrays for the fast one (the score table read
+only when it asks), per-token top-2k score dicts for the others (their making, `score_rows`, for the call and for the
+next layer's prediction, is timed with them).
 Per cell: the fastest of `REPEATS` replays of every decode call, in microseconds per layer call. Without torch ops
 between calls the caches stay warm, so the cost inside a decode is higher; the ratios between policies are the point.
 """
@@ -102,7 +103,7 @@ def main() -> int:
         calls, slots, e, k = record(model_dir, batch)
         for p in POLICIES:
             runtime_us = 1e6 * replay(calls, slots, e, k, p, reference=False)
-            ref_us = 1e6 * replay(calls, slots, e, k, p, reference=True) if p != "smoe" else None   # the same
+            ref_us = 1e6 * replay(calls, slots, e, k, p, reference=True)
             rows.append((batch, p, len(calls), runtime_us, ref_us))
     lines = [f"Made by `python benchmarks/decisions.py` at commit {git_commit() or 'unknown'} on "
              f"{machine()['summary']}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
@@ -112,8 +113,7 @@ def main() -> int:
              "| batch | policy | layer calls | as the runtime decides, us / call | reference CacheModel, us / call | "
              "reference / runtime |", "|---|---|---|---|---|---|"]
     for batch, p, n, run_us, ref_us in rows:
-        ref = ("the same model", "-") if ref_us is None else (f"{ref_us:.1f}", f"{ref_us / run_us:.1f}x")
-        lines.append(f"| {batch} | {p} | {n} | {run_us:.1f} | {ref[0]} | {ref[1]} |")
+        lines.append(f"| {batch} | {p} | {n} | {run_us:.1f} | {ref_us:.1f} | {ref_us / run_us:.1f}x |")
     lines.append("")
     for batch in (1, 3):
         cells = {p: (r, f) for b, p, _, r, f in rows if b == batch}
@@ -121,10 +121,9 @@ def main() -> int:
         lines.append(f"- Batch {batch}: the runtime decides a layer call in {min(c[0] for c in cells.values()):.1f} "
                      f"({fastest}) to {max(c[0] for c in cells.values()):.1f} us ("
                      + ", ".join(f"{p} {c[0]:.1f}" for p, c in cells.items())
-                     + "); the lean model takes lru's decisions "
-                     f"{cells['lru'][1] / cells['lru'][0]:.1f}x faster than the reference model, lfu's "
-                     f"{cells['lfu'][1] / cells['lfu'][0]:.1f}x, lfru's {cells['lfru'][1] / cells['lfru'][0]:.1f}x; "
-                     f"smoe (the reference model: substitution, score window, prefetch) takes "
+                     + "); the runtime's models take "
+                     + ", ".join(f"{p}'s decisions {c[1] / c[0]:.1f}x faster" for p, c in cells.items())
+                     + f" than the reference model; smoe (substitution, score window, prefetch) takes "
                      f"{cells['smoe'][0] / cells['lru'][0]:.1f}x lru's time.")
     text = "\n".join(lines)
     print(f"{HEADING}\n\n{text}")

@@ -299,6 +299,8 @@ class LeanCacheModel(CacheModel):
                 p = self._pool_of(nxt, e)
                 victim = order.peek(p)
                 if guard and (victim is None or self.windows[nxt].mean()[victim] >= predicted[e]):
+                    if self.pools is None:   # the same victim then faces every later, lower prediction
+                        break
                     continue
                 if victim is None:
                     break
