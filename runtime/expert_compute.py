@@ -120,6 +120,8 @@ class PairGroups:
     weights: torch.Tensor                    # [N] each pair's routing weight
     xs: torch.Tensor                         # [N, H] each pair's input row; x itself for one contiguous token
     whole: bool                              # one token: every expert's rows are x
+    by_token: np.ndarray | None = None       # [N] the pairs in (token, group) order, when every token has the same
+                                             # number of pairs (a lossless call: k each); mix_pairs' rank order
 
     def rows(self, e: int) -> torch.Tensor:
         """Expert e's input rows [n_e, H]."""
@@ -131,11 +133,11 @@ class PairGroups:
     def mix(self, x: torch.Tensor, ys: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """out[t] = sum over t's experts e in ascending id of w[t, e] * ys[e][t's row], as `mix` adds them."""
         y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
-        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span)
+        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span, self.by_token)
 
     def mix_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`mix` of the unweighted outputs of every pair at once, y [N, H] in the groups' row order."""
-        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span)
+        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span, self.by_token)
 
     def offsets(self, num_experts: int, device: torch.device) -> torch.Tensor:
         """[E] int32: the cumulative pair count of experts 0..e (grouped_mm's offs; empty groups included)."""
@@ -145,48 +147,69 @@ class PairGroups:
         return torch.from_numpy(np.cumsum(n, dtype=np.int32)).to(device)
 
 
+SMALL_CALL = 64          # pairs up to which a call is grouped in Python (decode), above with numpy (prefill)
+
+
 def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, experts: Sequence[int] | None = None,
                 counts: Sequence[int] | None = None) -> PairGroups:
     """Group the pairs of chosen [T, k] (expert ids; weights [T, k] on x's device) by expert. `experts` (ascending)
-    and `counts` (pairs per expert) when the caller has them (the cache model's schedule), else computed."""
+    and `counts` (pairs per expert) when the caller has them (the cache model's schedule), else computed. Pair
+    j * T + t is token t's j-th choice; the groups list them by (expert, j, t)."""
     t_n, k = chosen.shape
-    if experts is None:
-        if t_n == 1:
+    if t_n == 1:
+        if experts is None:
             experts, counts = sorted(chosen[0].tolist()), [1] * k
-        else:
+        span = {e: (i, i + 1) for i, e in enumerate(experts)}
+        if x.is_contiguous():                                       # one token: its k distinct experts, x as is
+            order = np.argsort(chosen[0])                           # [k] positions by expert id
+            return PairGroups(np.zeros(k, dtype=np.int64), span, weights[0][torch.from_numpy(order).to(x.device)],
+                              x, True)
+    if t_n * k <= SMALL_CALL:                                       # a few pairs: Python beats numpy's call costs
+        flat = chosen.T.reshape(-1).tolist()                        # [k*T], pair j * T + t
+        order_l = sorted(range(len(flat)), key=flat.__getitem__)    # stable: (expert, j, t)
+        tok_l = [i % t_n for i in order_l]
+        order, tok = np.array(order_l), np.array(tok_l, dtype=np.int64)
+        by_token = np.array(sorted(range(len(tok_l)), key=tok_l.__getitem__))
+        if experts is None:
+            n_of: dict[int, int] = {}
+            for i in order_l:
+                n_of[flat[i]] = n_of.get(flat[i], 0) + 1
+            experts, counts = list(n_of), list(n_of.values())
+    else:
+        by_pos = chosen.T.reshape(-1)                               # [k*T], pair j * T + t
+        order = np.argsort(by_pos, kind="stable")                   # [N] pairs by (expert, position, token)
+        tok = order % t_n                                           # [N]
+        by_token = np.argsort(tok, kind="stable")
+        if experts is None:
             u, n = np.unique(chosen, return_counts=True)
             experts, counts = u.tolist(), n.tolist()
     span, b = {}, 0
     for e, n in zip(experts, counts):
         span[e] = (b, b + n)
         b += n
-    if t_n == 1 and x.is_contiguous():                              # one token: its k distinct experts, x as is
-        order = np.argsort(chosen[0])                               # [k] positions by expert id
-        return PairGroups(np.zeros(k, dtype=np.int64), span, weights[0][torch.from_numpy(order).to(x.device)], x,
-                          True)
-    by_pos = chosen.T.reshape(-1)                                   # [k*T], pair j*T + t
-    order = np.argsort(by_pos, kind="stable")                       # [N] pairs by (expert, position, token)
-    tok = order % t_n                                               # [N]
     w = weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
-    return PairGroups(tok, span, w, x[torch.from_numpy(tok).to(x.device)], False)   # xs [N, H]
+    return PairGroups(tok, span, w, x[torch.from_numpy(tok).to(x.device)], False, by_token)   # xs [N, H]
 
 
-def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]]
-              ) -> torch.Tensor:
+def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]],
+              by_token: np.ndarray | None = None) -> torch.Tensor:
     """`mix` of the pairs weighted [N, H] (tokens tok [N]) grouped by expert in ascending id, expert e at rows
     span[e] = (a, b): out[t] = (((0 + c_1) + c_2) + ...) over t's pairs in that order, rounded to x's dtype at every
     step as `mix` adds them, bit for bit.
 
     On the CPU a float32/float64 output takes one index_add_ (repeated rows are added one after another in index
     order); a reduced-precision one (whose index_add_ would sum repeated rows at a wider precision) takes one add per
-    rank when every token has the same number of pairs: c_r = the token's r-th pair by expert id. Elsewhere (CUDA adds
-    repeated rows atomically, in any order) `mix` runs per expert."""
+    rank when every token has the same number of pairs (`by_token` given, or counted): c_r = the token's r-th pair by
+    expert id. Elsewhere (CUDA adds repeated rows atomically, in any order) `mix` runs per expert."""
     t_n = x.shape[0]
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return torch.zeros_like(x).index_add_(0, torch.from_numpy(tok), weighted.to(x.dtype))
     k, rem = divmod(len(tok), t_n)
-    if x.device.type == "cpu" and rem == 0 and (t_n == 1 or (np.bincount(tok, minlength=t_n) == k).all()):
-        by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(np.argsort(tok, kind="stable"))]
+    if x.device.type == "cpu" and rem == 0 and (t_n == 1 or by_token is not None
+                                                or (np.bincount(tok, minlength=t_n) == k).all()):
+        if by_token is None and t_n > 1:
+            by_token = np.argsort(tok, kind="stable")
+        by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(by_token)]
         out = torch.zeros_like(x)
         for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
             out.add_(c)

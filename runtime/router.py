@@ -2,15 +2,12 @@
 returning the full score table the policies and the profiler need, not only the top-k."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from runtime.families.arch import RouterRule
 
 
-@dataclass
 class Routing:
     """Routing of T tokens over E experts.
 
@@ -18,16 +15,27 @@ class Routing:
     weights [T, k]  their mixture weights (HF dtype)
     score   [T, E]  float32 ranking score: the gate (softmax or sigmoid), + correction bias where the family
                     ranks by it; experts in masked-out groups score 0. S(k+1) is the (k+1)-th largest per row.
-    coef    [T]     float32 weight per unit of gate: weight_i = coef * gate_i for every chosen i, so an
-                    understudy j gets coef * gate_j.
     gate    [T, E]  float32 gate of every expert (before renormalisation and scaling).
+    coef    [T]     float32 weight per unit of gate: weight_i = coef * gate_i for every chosen i, so an
+                    understudy j gets coef * gate_j:
+                        coef = sum_i weights_i / max(sum_i gate_i, 1e-30)   over the chosen i, the gate in its own dtype
+                    Computed on first read (only understudies and the profiler read it), unless given.
     """
 
-    idx: torch.Tensor
-    weights: torch.Tensor
-    score: torch.Tensor
-    coef: torch.Tensor
-    gate: torch.Tensor
+    __slots__ = ("idx", "weights", "score", "gate", "_coef", "_gate_raw")
+
+    def __init__(self, idx: torch.Tensor, weights: torch.Tensor, score: torch.Tensor, gate: torch.Tensor,
+                 coef: torch.Tensor | None = None, gate_raw: torch.Tensor | None = None):
+        self.idx, self.weights, self.score, self.gate = idx, weights, score, gate
+        self._coef, self._gate_raw = coef, gate_raw          # gate_raw: the gate in the router's dtype (for coef)
+
+    @property
+    def coef(self) -> torch.Tensor:
+        if self._coef is None:
+            gate = self._gate_raw if self._gate_raw is not None else self.gate
+            chosen_gate = gate.gather(1, self.idx).sum(dim=-1)                     # [T]
+            self._coef = self.weights.float().sum(dim=-1) / chosen_gate.clamp(min=1e-30)
+        return self._coef
 
 
 def _group_mask(choice: torch.Tensor, rule: RouterRule) -> torch.Tensor:
@@ -86,9 +94,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
         if rule.weights_in_logits_dtype:
             weights = weights.to(logits.dtype)
 
-    chosen_gate = gate.gather(1, idx).sum(dim=-1)  # [T]
-    coef = weights.float().sum(dim=-1) / chosen_gate.clamp(min=1e-30)
-    return Routing(idx=idx, weights=weights, score=score.float(), coef=coef, gate=gate.float())
+    return Routing(idx=idx, weights=weights, score=score.float(), gate=gate.float(), gate_raw=gate)
 
 
 def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
