@@ -102,8 +102,8 @@ class OffloadExecutor:
         not served otherwise, in HF's (position, token) order, then the tokens it stands in for, in token order; each
         with its weight: the routing weight, or an understudy's (its own gate, coef x gate_j, a float32 product
         rounded to the weights' dtype, or with `understudy_weight` "replaced" / "auto" for a near-twin, the replaced
-        expert's weight). The weights are gathered on the host in float32 (exact for the routing's float32 or
-        bfloat16 weights) and moved once."""
+        expert's weight). The weights are gathered on the host (exact for the routing's float32 or bfloat16 weights)
+        and moved once."""
         t_n, k = len(chosen), len(chosen[0])
         skip: set[int] = set()                                          # pairs t * k + p served otherwise
         subs: list[tuple[int, int, int, str]] = []                      # (j, token, position of the replaced i, reason)
@@ -122,17 +122,23 @@ class OffloadExecutor:
             for t in range(t_n):
                 if t * k + p not in skip:
                     own.setdefault(chosen[t][p], []).append(t * k + p)
-        w = routing.weights.float().cpu().numpy().reshape(-1)           # [T*k] float32
+        # weights as Python floats: float32 values exactly; a product of two float32 values is exact in a double, so
+        # rounding it to float32 once (np.array below) is float32 multiplication
+        w = routing.weights.float().reshape(-1).tolist()                # [T*k]
         if subs:
-            gate = routing.gate.cpu().numpy()                           # [T, E] float32
-            coef = routing.coef.cpu().numpy()                           # [T] float32
+            coef = routing.coef.tolist()                                # [T]
+            if t_n <= 8:                                                # t -> [E]
+                gate = dict(enumerate(routing.gate.tolist()))
+            else:                                                       # only the tokens with understudies
+                rows_t = sorted({t for _, t, _, _ in subs})
+                gate = dict(zip(rows_t, routing.gate[rows_t].tolist()))
             mode = self.policy.understudy_weight
-        by_j: dict[int, list[float]] = {}
+        by_j: dict[int, list[tuple[int, float]]] = {}
         for j, t, p, reason in subs:
             if mode == "replaced" or (mode == "auto" and reason == "similarity"):
                 v = w[t * k + p]                                        # the replaced expert's weight
             else:
-                v = coef[t] * gate[t, j]                                # own gate: float32 x float32
+                v = coef[t] * gate[t][j]                                # own gate: float32 x float32
             by_j.setdefault(j, []).append((t, v))
         tok, wt, span = [], [], {}
         for e in sorted(own.keys() | by_j.keys()):
@@ -149,6 +155,8 @@ class OffloadExecutor:
         if dtype != torch.float32:
             weights = weights.to(dtype)
         tok_np = np.asarray(tok, dtype=np.int64)
+        if t_n == 1 and x.is_contiguous():       # one token: every serving expert (distinct) computes x itself
+            return PairGroups(tok_np, span, weights, x, True)
         return PairGroups(tok_np, span, weights, x[torch.from_numpy(tok_np).to(dev)], False)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
