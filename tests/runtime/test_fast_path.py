@@ -219,3 +219,23 @@ def test_inline_and_threaded_loads_agree(fixture_model):
         assert not rt.loader.inline
         with Runtime.load(fixture_model, policy="lru", cache=4) as ref:
             assert torch.equal(rt.forward(ids), ref.forward(ids))
+
+
+def test_small_and_large_calls_group_alike(monkeypatch):
+    """A decode call's pairs grouped in Python equal numpy's grouping of the same call: tokens, spans, weights,
+    input rows and the token order mix_pairs adds by."""
+    from runtime import expert_compute
+    from runtime.expert_compute import group_pairs
+
+    g = torch.Generator().manual_seed(1)
+    for t_n, e, k in [(2, 8, 2), (3, 128, 8), (5, 16, 4)]:
+        chosen = np.stack([torch.randperm(e, generator=g)[:k].numpy() for _ in range(t_n)])      # [T, k]
+        x = torch.randn(t_n, 16, generator=g).to(torch.bfloat16)
+        w = torch.rand(t_n, k, generator=g)
+        small = group_pairs(x, chosen, w)
+        monkeypatch.setattr(expert_compute, "SMALL_CALL", 0)
+        large = group_pairs(x, chosen, w)
+        monkeypatch.undo()
+        assert small.span == large.span and list(small.span) == sorted(small.span)
+        assert np.array_equal(small.tok, large.tok) and np.array_equal(small.by_token, large.by_token)
+        assert torch.equal(small.weights, large.weights) and torch.equal(small.xs, large.xs)
