@@ -34,13 +34,33 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 INF = float("inf")
 
 
+Key = Callable[[int], tuple]     # an expert's eviction key: the least is evicted first
+
+
+def lru_key(last_used: Mapping[int, int]) -> Key:
+    return lambda e: (last_used.get(e, -1), e)
+
+
+def lfu_key(uses: Mapping[int, int], last_used: Mapping[int, int]) -> Key:
+    return lambda e: (uses.get(e, 0), last_used.get(e, -1), e)
+
+
+def lfru_score(uses: int, last: int, now: int) -> float:
+    """u / (c - last + 1): uses since the load over the age in layer calls."""
+    return uses / (now - last + 1)
+
+
+def lfru_key(uses: Mapping[int, int], last_used: Mapping[int, int], now: int) -> Key:
+    return lambda e: (lfru_score(uses.get(e, 0), last_used.get(e, -1), now), last_used.get(e, -1), e)
+
+
 def lru_victim(candidates: Iterable[int], last_used: Mapping[int, int]) -> int:
-    return min(candidates, key=lambda e: (last_used.get(e, -1), e))
+    return min(candidates, key=lru_key(last_used))
 
 
 def score_victim(candidates: Iterable[int], mean_score: Sequence[float]) -> int:
@@ -52,17 +72,11 @@ def score_victim(candidates: Iterable[int], mean_score: Sequence[float]) -> int:
 
 
 def lfu_victim(candidates: Iterable[int], uses: Mapping[int, int], last_used: Mapping[int, int]) -> int:
-    return min(candidates, key=lambda e: (uses.get(e, 0), last_used.get(e, -1), e))
-
-
-def lfru_score(uses: int, last: int, now: int) -> float:
-    """u / (c - last + 1): uses since the load over the age in layer calls."""
-    return uses / (now - last + 1)
+    return min(candidates, key=lfu_key(uses, last_used))
 
 
 def lfru_victim(candidates: Iterable[int], uses: Mapping[int, int], last_used: Mapping[int, int], now: int) -> int:
-    return min(candidates, key=lambda e: (lfru_score(uses.get(e, 0), last_used.get(e, -1), now),
-                                          last_used.get(e, -1), e))
+    return min(candidates, key=lfru_key(uses, last_used, now))
 
 
 def belady_victim(candidates: Iterable[int], next_use: Mapping[int, float], last_used: Mapping[int, int]) -> int:

@@ -31,10 +31,10 @@ from typing import Mapping, Sequence
 
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
-from runtime.policy.eviction import lfru_score
+from runtime.policy.eviction import lfru_key, lfu_key, lru_key
 from runtime.policy.host_split import split_misses
 from runtime.policy.schedule import CacheModel, LayerSchedule, Scores, predicted_top, step_scores
-from runtime.policy.substitution import SubstitutionParams, TokenDecision, _understudy
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, pick_understudy
 
 
 def is_lean(policy: PolicyConfig, params: Mapping[int, SubstitutionParams]) -> bool:
@@ -73,7 +73,7 @@ def decide_lean(rows: Sequence[Scores], chosen: Sequence[Sequence[int]], cached:
                 continue
             if pool is None:
                 pool = _band(r, chosen_set, s_next, alpha, cached, batch_top if use_batch else (), params.pool_depth)
-            j, reason = _understudy(i, pool, cached, batch_top, used, chosen_set, params)
+            j, reason = pick_understudy(i, pool, cached, used, chosen_set, params)
             if j is not None:
                 d.understudy[i] = (j, reason)
                 used.add(j)
@@ -129,19 +129,17 @@ class LeanCacheModel(CacheModel):
     def _sorted(self, layer: int, candidates: list[int]) -> list[int]:
         """The candidates in the eviction rule's key order (the least is evicted first; runtime.policy.eviction).
         score's key (mean_n(e), e) is two C sorts: by id, then stably by mean (no key tuple per candidate)."""
-        rule, last = self.policy.eviction, self.last_used[layer]
+        rule, last, uses = self.policy.eviction, self.last_used[layer], self.uses[layer]
         if rule == "score":
             candidates.sort()
             candidates.sort(key=self.windows[layer].mean().__getitem__)
             return candidates
         if rule == "lru":
-            return sorted(candidates, key=lambda e: (last.get(e, -1), e))
-        uses = self.uses[layer]
+            return sorted(candidates, key=lru_key(last))
         if rule == "lfu":
-            return sorted(candidates, key=lambda e: (uses.get(e, 0), last.get(e, -1), e))
+            return sorted(candidates, key=lfu_key(uses, last))
         assert rule == "lfru", f"unknown eviction rule {rule!r}"
-        now = self.calls[layer]
-        return sorted(candidates, key=lambda e: (lfru_score(uses.get(e, 0), last.get(e, -1), now), last.get(e, -1), e))
+        return sorted(candidates, key=lfru_key(uses, last, self.calls[layer]))
 
     def _order(self, layer: int, busy) -> _Order:
         pinned = self.pinned[layer]
@@ -226,7 +224,7 @@ class LeanCacheModel(CacheModel):
         host_set = set(to_host)
         pending = needed - host_set if host_set else needed
         if to_load and not self._direct(layer, to_load, pending):
-            return super().schedule(layer, rows, chosen, prediction, c_load, c_host)
+            return super().schedule(layer, rows, chosen, prediction, c_load, c_host, decisions=decisions)
 
         self.calls[layer] += 1                           # the clock and the window move first: the victims' keys
         if cfg.eviction == "score":

@@ -91,7 +91,7 @@ def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cach
         if score(i) > hi or i in params.protected or i in available:
             d.exact.append(i)
             continue
-        j, reason = _understudy(i, pool, cached, batch_top, used, chosen_set, params)
+        j, reason = pick_understudy(i, pool, cached, used, chosen_set, params)
         if j is not None:
             d.understudy[i] = (j, reason)
             used.add(j)
@@ -102,9 +102,11 @@ def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cach
     return d
 
 
-def _understudy(i, pool, cached, batch_top, used, chosen_set, params):
-    """SMoE: the best-scoring band candidate. Plan: a profiled near-twin (err <= tau) of least error if one is
-    cached, else the best-scoring band candidate (the router's own evidence)."""
+def pick_understudy(i: int, pool: Sequence[int], cached: AbstractSet[int], used: AbstractSet[int],
+                    chosen_set: AbstractSet[int], params: SubstitutionParams) -> tuple[int | None, str | None]:
+    """(understudy, reason) for the low-score miss i, or (None, None). SMoE: the best-scoring band candidate of
+    `pool` (E_s, best first) not yet used by the token. Plan: a profiled near-twin (err <= tau) of least error if one
+    is cached, else the best-scoring band candidate (the router's own evidence)."""
     band = [j for j in pool if j not in used]
     if params.by_error:
         err = (params.error or {}).get(i, {})
