@@ -22,7 +22,6 @@ from runtime.expert_compute import PairGroups, group_pairs, make_expert_fn
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
-from runtime.policy.counts import Counts
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
@@ -255,10 +254,16 @@ class OffloadExecutor:
 
     def _count(self, layer: int, sched: LayerSchedule) -> None:
         """The schedule's pair counts; loads are counted as they are issued (with their bytes)."""
-        s = sched.counts
-        self.stats.layer(layer).add(Counts(pairs=s.pairs, hits=s.hits, misses=s.misses, host=s.host, drops=s.drops,
-                                           understudies=dict(s.understudies), prefetch_used=s.prefetch_used,
-                                           quantized=dict(s.quantized)))
+        s, c = sched.counts, self.stats.layer(layer)
+        c.pairs += s.pairs
+        c.hits += s.hits
+        c.misses += s.misses
+        c.host += s.host
+        c.drops += s.drops
+        c.prefetch_used += s.prefetch_used
+        for mine, theirs in ((c.understudies, s.understudies), (c.quantized, s.quantized)):
+            for r, n in theirs.items():
+                mine[r] = mine.get(r, 0) + n
 
     # ---- mechanism ---------------------------------------------------------------------------------------------
     def _wait(self, layer: int, e: int) -> None:
