@@ -104,6 +104,9 @@ class OffloadExecutor:
         expert's weight). The weights are gathered on the host (exact for the routing's float32 or bfloat16 weights)
         and moved once."""
         t_n, k = len(chosen), len(chosen[0])
+        mode = self.policy.understudy_weight
+        if t_n == 1 and x.is_contiguous():       # one token: its serving experts are distinct, each computes x itself
+            return self._token_groups(x, routing, chosen[0], decisions[0], mode)
         skip: set[int] = set()                                          # pairs t * k + p served otherwise
         subs: list[tuple[int, int, int, str]] = []                      # (j, token, position of the replaced i, reason)
         for t, d in enumerate(decisions):
@@ -131,7 +134,6 @@ class OffloadExecutor:
             else:                                                       # only the tokens with understudies
                 rows_t = sorted({t for _, t, _, _ in subs})
                 gate = dict(zip(rows_t, routing.gate[rows_t].tolist()))
-            mode = self.policy.understudy_weight
         by_j: dict[int, list[tuple[int, float]]] = {}
         for j, t, p, reason in subs:
             if mode == "replaced" or (mode == "auto" and reason == "similarity"):
@@ -154,9 +156,26 @@ class OffloadExecutor:
         if dtype != torch.float32:
             weights = weights.to(dtype)
         tok_np = np.asarray(tok, dtype=np.int64)
-        if t_n == 1 and x.is_contiguous():       # one token: every serving expert (distinct) computes x itself
-            return PairGroups(tok_np, span, weights, x, True)
         return PairGroups(tok_np, span, weights, x[torch.from_numpy(tok_np).to(dev)], False)
+
+    @staticmethod
+    def _token_groups(x: torch.Tensor, routing: Routing, ch: list[int], d, mode: str) -> PairGroups:
+        """`_groups` of a one-token call: the chosen experts not replaced or dropped and the understudies (all
+        distinct: an understudy is never one of the token's chosen), one pair each, in ascending id, x their rows."""
+        w = routing.weights.float().reshape(-1).tolist()                # [k]
+        gone = d.understudy.keys() | set(d.dropped)
+        serving = {e: w[p] for p, e in enumerate(ch) if e not in gone}
+        if d.understudy:
+            coef, gate = routing.coef.tolist()[0], routing.gate.tolist()[0]   # gate [E]
+            for i, (j, reason) in d.understudy.items():
+                own = not (mode == "replaced" or (mode == "auto" and reason == "similarity"))
+                serving[j] = coef * gate[j] if own else w[ch.index(i)]
+        order = sorted(serving)
+        weights = torch.from_numpy(np.array([serving[e] for e in order], dtype=np.float32)).to(x.device)
+        if routing.weights.dtype != torch.float32:
+            weights = weights.to(routing.weights.dtype)
+        return PairGroups(np.zeros(len(order), dtype=np.int64), {e: (n, n + 1) for n, e in enumerate(order)},
+                          weights, x, True)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns
