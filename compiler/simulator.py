@@ -138,18 +138,22 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
     load_s = {p: costs.load_of(b) for p, b in enumerate(pools.bytes)} if pools is not None else {0: costs.load}
     clock, link_free = 0.0, 0.0
     ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands
+    prefetch = policy.prefetch and pred_ids is not None
     for t in range(t_total):
         t_start = clock
+        ids_t, scores_t, coef_t = ids[t].tolist(), scores[t].tolist(), coef[t].tolist()     # [M][W], [M][W], [M]
+        if prefetch:
+            pred_ids_t, pred_scores_t = pred_ids[t].tolist(), pred_scores[t].tolist()
         for m, layer in enumerate(moe_layers):
-            row = dict(zip(ids[t, m].tolist(), scores[t, m].tolist()))
-            chosen = ids[t, m, :top_k].tolist()
+            row = dict(zip(ids_t[m], scores_t[m]))
+            chosen = ids_t[m][:top_k]
             pred = None
-            if policy.prefetch and pred_ids is not None and m + 1 < len(moe_layers):
-                pred = [dict(zip(pred_ids[t, m].tolist(), pred_scores[t, m].tolist()))]
+            if prefetch and m + 1 < len(moe_layers):
+                pred = [dict(zip(pred_ids_t[m], pred_scores_t[m]))]
             s = model.schedule(layer, [row], [chosen], pred, costs.load, costs.host_expert)
             c = s.counts
             res.add(c)
-            g = {e: float(coef[t, m]) * row.get(e, 0.0) for e in chosen}
+            g = {e: coef_t[m] * row.get(e, 0.0) for e in chosen}
             res.mass += sum(g.values())
             d = s.decisions[0]
             if error is not None:

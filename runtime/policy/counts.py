@@ -30,6 +30,19 @@ class Counts:
 
     def add(self, other: "Counts") -> None:
         """Add the counters `other` shares with this one (a subclass may carry more)."""
+        if type(other) is Counts:                   # a schedule's counts (once per layer call in a replay)
+            self.pairs += other.pairs
+            self.hits += other.hits
+            self.misses += other.misses
+            self.host += other.host
+            self.drops += other.drops
+            self.loads += other.loads
+            self.prefetch_issued += other.prefetch_issued
+            self.prefetch_used += other.prefetch_used
+            for mine_d, theirs in ((self.understudies, other.understudies), (self.quantized, other.quantized)):
+                for r, n in theirs.items():
+                    mine_d[r] = mine_d.get(r, 0) + n
+            return
         mine = self.__dataclass_fields__            # (dataclasses.fields() per call is slow on the replay path)
         for name in other.__dataclass_fields__:
             if name not in mine:

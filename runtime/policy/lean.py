@@ -4,12 +4,13 @@ static (pinned experts), and lru/lfu/lfru with prefetch or host compute.
 
 It is `CacheModel` (the reference, runtime.policy.schedule), with the same state, and decides exactly as it does
 (the tests replay random and recorded traces through both, op for op, with the plan's near-twins, protected experts,
-drops, pool depth, pools and prefetch guard). It is lean where calls are direct, which is every decode call of a
-real cache: the slots free for this call's loads (free slots plus candidates, the resident experts the call does not
-need and that are not pinned, per pool) hold all of its misses. Then:
+drops, pool depth, pools and prefetch guard). Most calls are direct, every decode call of a real cache: the slots
+free for the call's loads (free slots plus candidates, the resident experts the call does not need and that are not
+pinned, per pool) hold all of its misses. Then:
 
   victims  = the rule's first m candidates in its key order, one sort: the keys do not change during a call (the
-             clock and the score window move at its start, last use and uses at its end; a loaded expert is busy)
+             clock and the score window move at its start, last use and uses at its end; a loaded expert is busy
+             with use count 0)
                lru   (last(e), e)          lfu  (u(e), last(e), e)
                lfru  (u(e) / (c - last(e) + 1), last(e), e)              score (mean_n(e), e)
   prefetch = the next layer's predicted experts in (-score, e) order, each evicting that layer's next candidate in
@@ -18,14 +19,17 @@ need and that are not pinned, per pool) hold all of its misses. Then:
              0 < alpha <= 1 the band's lower edge (1 - alpha) S(k+1) is >= 0, so an expert the token does not score
              (0) is never in it, and only the W scored experts are looked at, not every cached one; the band pool is
              built only for a token with a low-score miss
-A call that is not direct (a batch whose misses outnumber the free slots: loads wait for computes to free slots) is
-decided by the reference itself, on the same state.
+A call that is not direct (misses outnumber the free slots: a batch, or the compiler's search at a few slots per
+layer) streams: loads as slots allow, then each compute frees its expert's slot for the next load, in the
+reference's order; its victims are the candidates sorted once, merged with the experts freed during the call (a
+heap by the same key, per pool).
 
 Why Python sets and dicts, not arrays: as for the fast model, a call touches k of E experts, and each numpy call
 costs microseconds of dispatch whatever its size.
 """
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from typing import Mapping, Sequence
 
@@ -97,10 +101,12 @@ def _band(r: Scores, chosen_set: set[int], s_next: float, alpha: float, cached: 
     return pool
 
 
-class _Order:
-    """A layer's victims for one call: its candidates in the rule's key order, taken in that order, per pool."""
+class _Victims:
+    """A layer's victims for one call, per pool: its candidates (resident, not busy, not pinned) in the rule's key
+    order, sorted once, merged with the experts a compute frees during the call (a heap by the same key)."""
 
-    def __init__(self, order: list[int], pool_of: Sequence[int] | None):
+    def __init__(self, order: list[int], key, pool_of: Sequence[int] | None, pinned: frozenset[int]):
+        self.key, self.pool_of, self.pinned = key, pool_of, pinned
         if pool_of is None:
             self.by_pool = {0: order}
         else:
@@ -108,14 +114,27 @@ class _Order:
             for e in order:
                 self.by_pool.setdefault(pool_of[e], []).append(e)
         self.next = dict.fromkeys(self.by_pool, 0)
+        self.freed: dict[int, list[tuple[tuple, int]]] = {}
+
+    def free(self, e: int) -> None:
+        """e, computed, is no longer busy: a candidate from now on."""
+        if e not in self.pinned:
+            heapq.heappush(self.freed.setdefault(self.pool_of[e] if self.pool_of is not None else 0, []),
+                           (self.key(e), e))
 
     def peek(self, pool: int) -> int | None:
-        lst = self.by_pool.get(pool, ())
-        i = self.next.get(pool, 0)
+        lst, i, h = self.by_pool.get(pool, ()), self.next.get(pool, 0), self.freed.get(pool)
+        if h and (i >= len(lst) or h[0][0] < self.key(lst[i])):
+            return h[0][1]
         return lst[i] if i < len(lst) else None
 
     def take(self, pool: int) -> None:
-        self.next[pool] += 1
+        """Remove what `peek(pool)` returned."""
+        lst, i, h = self.by_pool.get(pool, ()), self.next.get(pool, 0), self.freed.get(pool)
+        if h and (i >= len(lst) or h[0][0] < self.key(lst[i])):
+            heapq.heappop(h)
+        else:
+            self.next[pool] = i + 1
 
 
 class LeanCacheModel(CacheModel):
@@ -141,10 +160,23 @@ class LeanCacheModel(CacheModel):
         assert rule == "lfru", f"unknown eviction rule {rule!r}"
         return sorted(candidates, key=lfru_key(uses, last, self.calls[layer]))
 
-    def _order(self, layer: int, busy) -> _Order:
+    def _key(self, layer: int):
+        """The eviction rule's key on this layer's state (the order `_sorted` sorts by)."""
+        rule, last, uses = self.policy.eviction, self.last_used[layer], self.uses[layer]
+        if rule == "score":
+            mean = self.windows[layer].mean()
+            return lambda e: (mean[e], e)
+        if rule == "lru":
+            return lru_key(last)
+        if rule == "lfu":
+            return lfu_key(uses, last)
+        return lfru_key(uses, last, self.calls[layer])
+
+    def _order(self, layer: int, busy) -> _Victims:
         pinned = self.pinned[layer]
         cands = [e for e in self.resident[layer] if e not in busy and e not in pinned]
-        return _Order(self._sorted(layer, cands), self.pools.of[layer] if self.pools is not None else None)
+        return _Victims(self._sorted(layer, cands), self._key(layer),
+                        self.pools.of[layer] if self.pools is not None else None, pinned)
 
     def _direct(self, layer: int, to_load: list[int], busy: set[int]) -> bool:
         """Whether the slots free for this call's loads (free ones and candidates, per pool) hold all of them."""
@@ -191,7 +223,7 @@ class LeanCacheModel(CacheModel):
     def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
                  prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
                  ) -> LayerSchedule:
-        """`CacheModel.schedule`, lean on a direct call (the reference decides the others)."""
+        """`CacheModel.schedule`'s decisions and state changes, op for op."""
         cfg, resident = self.policy, self.resident[layer]
         decisions = decide_lean(rows, chosen, resident, self.params[layer])
         c = Counts(pairs=len(chosen) * self.k)
@@ -223,13 +255,10 @@ class LeanCacheModel(CacheModel):
             to_load, to_host = split_misses(missing, c_load, c_host)
         host_set = set(to_host)
         pending = needed - host_set if host_set else needed
-        if to_load and not self._direct(layer, to_load, pending):
-            return super().schedule(layer, rows, chosen, prediction, c_load, c_host, decisions=decisions)
-
+        direct = not to_load or self._direct(layer, to_load, pending)
         self.calls[layer] += 1                           # the clock and the window move first: the victims' keys
         if cfg.eviction == "score":
             self.windows[layer].push(step_scores(rows))
-        victims = self._victims(layer, to_load, pending) if to_load else []
         cached = sorted(e for e in needed if e in resident)
         for e, n in exact.items():
             if e in resident:
@@ -250,26 +279,76 @@ class LeanCacheModel(CacheModel):
                     c.prefetch_used += 1
                     pf.discard(e)
         ops: list[tuple[str, int, int, int | None]] = []
-        uses = self.uses[layer]
-        for e, v in zip(to_load, victims):
-            if v is not None:
-                self._leave(layer, v)
-                pf.discard(v)
-                uses.pop(v, None)
-            self._enter(layer, e)
-            uses[e] = 0
-            ops.append(("load", layer, e, v))
-        c.loads += len(to_load)
         sched = LayerSchedule(decisions=decisions, ops=ops, counts=c)
-        self._prefetch(layer, prediction, ops, sched)
-        ops.extend(("compute", layer, e, None) for e in cached)
-        ops.extend(("host", layer, e, None) for e in to_host)
-        ops.extend(("compute", layer, e, None) for e in to_load)
-        now, last = self.calls[layer], self.last_used[layer]
-        for e in cached + to_load:                       # the needed experts resident at the end
-            last[e] = now
-            uses[e] = uses.get(e, 0) + 1
+        if direct:
+            for e, v in zip(to_load, self._victims(layer, to_load, pending) if to_load else ()):
+                self._load(layer, e, v, ops)
+            c.loads += len(to_load)
+            self._prefetch(layer, prediction, ops, sched)
+            ops.extend(("compute", layer, e, None) for e in cached)
+            ops.extend(("host", layer, e, None) for e in to_host)
+            ops.extend(("compute", layer, e, None) for e in to_load)
+        else:
+            self._stream(layer, to_load, to_host, cached, set(pending), sched, prediction)
+        now, last, uses = self.calls[layer], self.last_used[layer], self.uses[layer]
+        for e in needed:                                 # the needed experts resident at the end
+            if e in resident:
+                last[e] = now
+                uses[e] = uses.get(e, 0) + 1
         return sched
+
+    def _load(self, layer: int, e: int, victim: int | None, ops: list) -> None:
+        """Admit e into the layer (evicting `victim`, unless None) and record the load."""
+        if victim is not None:
+            self._leave(layer, victim)
+            self.prefetched[layer].discard(victim)
+            self.uses[layer].pop(victim, None)
+        self._enter(layer, e)
+        self.uses[layer][e] = 0
+        ops.append(("load", layer, e, victim))
+
+    def _stream(self, layer: int, to_load: list[int], to_host: list[int], cached: list[int], pending: set[int],
+                sched: LayerSchedule, prediction) -> None:
+        """The ops of a call whose loads the free slots cannot all take at once, in the reference's order: loads as
+        slots allow, the prefetches, the cached experts' computes, each freeing its slot for more loads, the host
+        computes, then each loaded expert's compute (its load issued first if still queued), freeing its slot."""
+        ops, c = sched.ops, sched.counts
+        q, victims = 0, None                             # the next load; the candidates, made when first needed
+
+        def issue(q: int, victims: _Victims | None) -> tuple[int, _Victims | None]:
+            while q < len(to_load):
+                e, v = to_load[q], None
+                if self._full(layer, e):
+                    if victims is None:
+                        victims = self._order(layer, pending)
+                    v = victims.peek(self._pool_of(layer, e))
+                    if v is None:
+                        break
+                    victims.take(self._pool_of(layer, e))
+                self._load(layer, e, v, ops)
+                c.loads += 1
+                q += 1
+            return q, victims
+
+        def computed(e: int, q: int, victims: _Victims | None) -> tuple[int, _Victims | None]:
+            ops.append(("compute", layer, e, None))
+            pending.discard(e)
+            if victims is not None:
+                victims.free(e)
+            return issue(q, victims)
+
+        q, victims = issue(q, victims)
+        self._prefetch(layer, prediction, ops, sched)
+        for e in cached:
+            q, victims = computed(e, q, victims)
+        ops.extend(("host", layer, e, None) for e in to_host)
+        resident = self.resident[layer]
+        for e in to_load:
+            if e not in resident:
+                q, victims = issue(q, victims)
+            if e not in resident:
+                raise RuntimeError(f"layer {layer}: no slot can be freed for expert {e}")
+            q, victims = computed(e, q, victims)
 
     def _prefetch(self, layer: int, prediction, ops, sched: LayerSchedule) -> None:
         """`CacheModel._prefetch`: the victims of the next layer from one sort of its candidates."""
@@ -287,7 +366,7 @@ class LeanCacheModel(CacheModel):
         if not want:
             return
         guard = self.policy.prefetch_guard and self.policy.eviction == "score"
-        order: _Order | None = None
+        order: _Victims | None = None
         pf, uses, c = self.prefetched[nxt], self.uses[nxt], sched.counts
         for e in want:
             victim = None

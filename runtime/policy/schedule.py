@@ -161,16 +161,14 @@ class CacheModel:
 
     # ---- one layer call --------------------------------------------------------------------------------------
     def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
-                 prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0,
-                 decisions: list[TokenDecision] | None = None) -> LayerSchedule:
+                 prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
+                 ) -> LayerSchedule:
         """rows: per token its top-W scores; chosen: per token the router's k experts; prediction: per token the
-        approximate next-layer gate's top-W scores (for prefetch); decisions: the substitution rule's for this call
-        on the current residents, when the caller made them already (the lean model), else made here."""
+        approximate next-layer gate's top-W scores (for prefetch)."""
         self.calls[layer] += 1
         cfg, params = self.policy, self.params[layer]
         resident_at_start = set(self.resident[layer])
-        if decisions is None:
-            decisions = decide_layer(rows, chosen, resident_at_start, params)
+        decisions = decide_layer(rows, chosen, resident_at_start, params)
         if cfg.eviction == "score":
             self.windows[layer].push(step_scores(rows))
 

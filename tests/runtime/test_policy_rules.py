@@ -113,3 +113,24 @@ def test_host_transfer_split():
     for v in (1.0, 2.0, 4.0):
         m.add(v)
     assert m.value == 3.0
+
+
+def test_counts_add_every_counter():
+    """Adding a schedule's Counts (the fast path) and adding a subclass's counters (the general one) both sum every
+    shared counter, dicts by key."""
+    from dataclasses import fields
+
+    from runtime.policy.counts import Counts
+    from runtime.stats import LayerCounters
+
+    a = Counts(pairs=8, hits=3, misses=2, host=1, drops=1, loads=4, prefetch_issued=2, prefetch_used=1,
+               understudies={"band": 1, "similarity": 0, "batch": 0}, quantized={"int4": 3})
+    for total in (Counts(), LayerCounters(load_bytes=5)):
+        total.add(a)
+        total.add(a)
+        for f in fields(Counts):
+            v = getattr(a, f.name)
+            assert getattr(total, f.name) == ({r: 2 * n for r, n in v.items()} if isinstance(v, dict) else 2 * v)
+    b = LayerCounters(pairs=2, load_bytes=7, quantized={"int8": 1})
+    total.add(b)                                   # the general path: a subclass's extra counter too
+    assert total.pairs == 18 and total.load_bytes == 12 and total.quantized == {"int4": 6, "int8": 1}
