@@ -138,30 +138,15 @@ class _Victims:
 
 
 class LeanCacheModel(CacheModel):
-    """`CacheModel`, lean on direct calls (see the module doc)."""
+    """`CacheModel`'s decisions and state, made with less work (see the module doc)."""
 
     def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
                  params: Mapping[int, SubstitutionParams], **kw):
         assert is_lean(policy, params) and kw.get("future") is None, f"policy {policy.name}: not a lean policy"
         super().__init__(slots, num_experts, top_k, policy, params, **kw)
 
-    def _sorted(self, layer: int, candidates: list[int]) -> list[int]:
-        """The candidates in the eviction rule's key order (the least is evicted first; runtime.policy.eviction).
-        score's key (mean_n(e), e) is two C sorts: by id, then stably by mean (no key tuple per candidate)."""
-        rule, last, uses = self.policy.eviction, self.last_used[layer], self.uses[layer]
-        if rule == "score":
-            candidates.sort()
-            candidates.sort(key=self.windows[layer].mean().__getitem__)
-            return candidates
-        if rule == "lru":
-            return sorted(candidates, key=lru_key(last))
-        if rule == "lfu":
-            return sorted(candidates, key=lfu_key(uses, last))
-        assert rule == "lfru", f"unknown eviction rule {rule!r}"
-        return sorted(candidates, key=lfru_key(uses, last, self.calls[layer]))
-
     def _key(self, layer: int):
-        """The eviction rule's key on this layer's state (the order `_sorted` sorts by)."""
+        """The eviction rule's key on this layer's state (the least is evicted first; runtime.policy.eviction)."""
         rule, last, uses = self.policy.eviction, self.last_used[layer], self.uses[layer]
         if rule == "score":
             mean = self.windows[layer].mean()
@@ -170,7 +155,17 @@ class LeanCacheModel(CacheModel):
             return lru_key(last)
         if rule == "lfu":
             return lfu_key(uses, last)
+        assert rule == "lfru", f"unknown eviction rule {rule!r}"
         return lfru_key(uses, last, self.calls[layer])
+
+    def _sorted(self, layer: int, candidates: list[int]) -> list[int]:
+        """The candidates in `_key` order; score's key (mean_n(e), e) as two C sorts, by id, then stably by mean
+        (no key tuple per candidate)."""
+        if self.policy.eviction == "score":
+            candidates.sort()
+            candidates.sort(key=self.windows[layer].mean().__getitem__)
+            return candidates
+        return sorted(candidates, key=self._key(layer))
 
     def _order(self, layer: int, busy) -> _Victims:
         pinned = self.pinned[layer]
@@ -185,8 +180,8 @@ class LeanCacheModel(CacheModel):
             free = self.slots[layer] - len(resident)
             if len(to_load) <= free:
                 return True
-            held = sum(e in resident for e in busy) + sum(e not in busy for e in pinned)   # not candidates
-            return len(resident) - held >= len(to_load) - free
+            kept = sum(e in resident for e in busy) + sum(e not in busy for e in pinned)   # not candidates
+            return len(resident) - kept >= len(to_load) - free
         of = pools.of[layer]
         room = [n - h for n, h in zip(pools.slots[layer], self.held[layer])]    # [P] free slots
         for e in resident:
