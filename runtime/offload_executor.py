@@ -273,16 +273,7 @@ class OffloadExecutor:
 
     def _count(self, layer: int, sched: LayerSchedule) -> None:
         """The schedule's pair counts; loads are counted as they are issued (with their bytes)."""
-        s, c = sched.counts, self.stats.layer(layer)
-        c.pairs += s.pairs
-        c.hits += s.hits
-        c.misses += s.misses
-        c.host += s.host
-        c.drops += s.drops
-        c.prefetch_used += s.prefetch_used
-        for mine, theirs in ((c.understudies, s.understudies), (c.quantized, s.quantized)):
-            for r, n in theirs.items():
-                mine[r] = mine.get(r, 0) + n
+        self.stats.layer(layer).add_pairs(sched.counts)
 
     # ---- mechanism ---------------------------------------------------------------------------------------------
     def _wait(self, layer: int, e: int) -> None:

@@ -31,17 +31,9 @@ class Counts:
     def add(self, other: "Counts") -> None:
         """Add the counters `other` shares with this one (a subclass may carry more)."""
         if type(other) is Counts:                   # a schedule's counts (once per layer call in a replay)
-            self.pairs += other.pairs
-            self.hits += other.hits
-            self.misses += other.misses
-            self.host += other.host
-            self.drops += other.drops
+            self.add_pairs(other)
             self.loads += other.loads
             self.prefetch_issued += other.prefetch_issued
-            self.prefetch_used += other.prefetch_used
-            for mine_d, theirs in ((self.understudies, other.understudies), (self.quantized, other.quantized)):
-                for r, n in theirs.items():
-                    mine_d[r] = mine_d.get(r, 0) + n
             return
         mine = self.__dataclass_fields__            # (dataclasses.fields() per call is slow on the replay path)
         for name in other.__dataclass_fields__:
@@ -54,6 +46,18 @@ class Counts:
                     mine_d[r] = mine_d.get(r, 0) + n
             elif isinstance(v, (int, float)):
                 setattr(self, name, getattr(self, name) + v)
+
+    def add_pairs(self, other: "Counts") -> None:
+        """Add `other`'s pair counters and prefetch_used, not its loads (the runtime counts loads as it issues them)."""
+        self.pairs += other.pairs
+        self.hits += other.hits
+        self.misses += other.misses
+        self.host += other.host
+        self.drops += other.drops
+        self.prefetch_used += other.prefetch_used
+        for mine, theirs in ((self.understudies, other.understudies), (self.quantized, other.quantized)):
+            for r, n in theirs.items():
+                mine[r] = mine.get(r, 0) + n
 
     @property
     def served(self) -> int:

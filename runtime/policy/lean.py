@@ -37,8 +37,8 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.eviction import lfru_key, lfu_key, lru_key
 from runtime.policy.host_split import split_misses
-from runtime.policy.schedule import CacheModel, LayerSchedule, Scores, predicted_top, step_scores
-from runtime.policy.substitution import SubstitutionParams, TokenDecision, pick_understudy
+from runtime.policy.schedule import CacheModel, LayerSchedule, Scores, step_scores
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, settle_miss
 
 
 def is_lean(policy: PolicyConfig, params: Mapping[int, SubstitutionParams]) -> bool:
@@ -77,14 +77,7 @@ def decide_lean(rows: Sequence[Scores], chosen: Sequence[Sequence[int]], cached:
                 continue
             if pool is None:
                 pool = _band(r, chosen_set, s_next, alpha, cached, batch_top if use_batch else (), params.pool_depth)
-            j, reason = pick_understudy(i, pool, cached, used, chosen_set, params)
-            if j is not None:
-                d.understudy[i] = (j, reason)
-                used.add(j)
-            elif i in params.drop_ok:
-                d.dropped.append(i)
-            else:
-                d.exact.append(i)
+            settle_miss(d, i, pool, cached, used, chosen_set, params)
     return out
 
 
@@ -255,18 +248,7 @@ class LeanCacheModel(CacheModel):
         if cfg.eviction == "score":
             self.windows[layer].push(step_scores(rows))
         cached = sorted(e for e in needed if e in resident)
-        for e, n in exact.items():
-            if e in resident:
-                c.hits += n
-            elif e in host_set:
-                c.host += n
-            else:
-                c.misses += n
-        if self.pools is not None:
-            for e in pending:                            # computed from its cache slot, at its pool's precision
-                scheme = self.pools.quantized(layer, e)
-                if scheme is not None:
-                    c.quantized[scheme] = c.quantized.get(scheme, 0) + exact.get(e, 0) + subs.get(e, 0)
+        self._tally(layer, c, exact, subs, resident, host_set, pending)
         pf = self.prefetched[layer]
         if pf:
             for e in cached:
@@ -350,14 +332,9 @@ class LeanCacheModel(CacheModel):
         nxt = self.next_layer.get(layer)
         if not self.policy.prefetch or prediction is None or nxt is None:
             return
-        alpha = self.params[nxt].alpha
-        predicted: dict[int, float] = {}
-        for r in prediction:
-            for e, s in predicted_top(r, self.k, alpha).items():
-                predicted[e] = max(predicted.get(e, 0.0), s)
-        budget = self.policy.prefetch_max or self.k
+        predicted, order = self._predicted(nxt, prediction)
         res = self.resident[nxt]
-        want = [e for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget] if e not in res]
+        want = [e for e in order if e not in res]
         if not want:
             return
         guard = self.policy.prefetch_guard and self.policy.eviction == "score"

@@ -195,18 +195,7 @@ class CacheModel:
             keep = set(self.future.keep(layer, resident_at_start | needed, self.calls[layer], self.slots[layer]))
             bypass = [e for e in to_load if e not in keep]
             to_load = [e for e in to_load if e in keep]
-        for e, n in exact.items():
-            if e in resident_at_start:
-                c.hits += n
-            elif e in host_set:
-                c.host += n
-            else:
-                c.misses += n
-        if self.pools is not None:
-            for e in needed - host_set:                  # computed from its cache slot, at its pool's precision
-                scheme = self.pools.quantized(layer, e)
-                if scheme is not None:
-                    c.quantized[scheme] = c.quantized.get(scheme, 0) + exact.get(e, 0) + subs.get(e, 0)
+        self._tally(layer, c, exact, subs, resident_at_start, host_set, needed - host_set)
         for e in needed & resident_at_start:
             if e in self.prefetched[layer]:
                 c.prefetch_used += 1
@@ -255,17 +244,40 @@ class CacheModel:
                 self.uses[layer][e] = self.uses[layer].get(e, 0) + 1
         return sched
 
-    def _prefetch(self, layer: int, prediction, ops, sched: LayerSchedule) -> None:
-        nxt = self.next_layer.get(layer)
-        if not self.policy.prefetch or prediction is None or nxt is None:
-            return
+    def _predicted(self, nxt: int, prediction: Sequence[Scores]) -> tuple[dict[int, float], list[int]]:
+        """(expert -> its best predicted score over the call's tokens, for the top-score experts of layer nxt's
+        predicted routing; the prefetch budget's best of them by (-score, e), the order prefetches are tried in)."""
         alpha = self.params[nxt].alpha
         predicted: dict[int, float] = {}
         for r in prediction:
             for e, s in predicted_top(r, self.k, alpha).items():
                 predicted[e] = max(predicted.get(e, 0.0), s)
         budget = self.policy.prefetch_max or self.k
-        for e in sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]:
+        return predicted, sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]
+
+    def _tally(self, layer: int, c: Counts, exact: Mapping[int, int], subs: Mapping[int, int], cached: set[int],
+               host_set: set[int], computed) -> None:
+        """A call's pair counts: each expert's exact pairs as hits (cached at the start), host computes or misses;
+        with pools, the pairs (exact and understudy) of the `computed` experts held at a quantized scheme."""
+        for e, n in exact.items():
+            if e in cached:
+                c.hits += n
+            elif e in host_set:
+                c.host += n
+            else:
+                c.misses += n
+        if self.pools is not None:
+            for e in computed:                           # computed from its cache slot, at its pool's precision
+                scheme = self.pools.quantized(layer, e)
+                if scheme is not None:
+                    c.quantized[scheme] = c.quantized.get(scheme, 0) + exact.get(e, 0) + subs.get(e, 0)
+
+    def _prefetch(self, layer: int, prediction, ops, sched: LayerSchedule) -> None:
+        nxt = self.next_layer.get(layer)
+        if not self.policy.prefetch or prediction is None or nxt is None:
+            return
+        predicted, order = self._predicted(nxt, prediction)
+        for e in order:
             if e in self.resident[nxt]:
                 continue
             if self.policy.prefetch_guard and self.policy.eviction == "score" and self._full(nxt, e):

@@ -91,15 +91,21 @@ def decide_token(scores: Sequence[float] | ScoreMap, chosen: Sequence[int], cach
         if score(i) > hi or i in params.protected or i in available:
             d.exact.append(i)
             continue
-        j, reason = pick_understudy(i, pool, cached, used, chosen_set, params)
-        if j is not None:
-            d.understudy[i] = (j, reason)
-            used.add(j)
-        elif i in params.drop_ok:
-            d.dropped.append(i)
-        else:
-            d.exact.append(i)
+        settle_miss(d, i, pool, cached, used, chosen_set, params)
     return d
+
+
+def settle_miss(d: TokenDecision, i: int, pool: Sequence[int], cached: AbstractSet[int], used: set[int],
+                chosen_set: AbstractSet[int], params: SubstitutionParams) -> None:
+    """The low-score miss i: an understudy (`pick_understudy`; then used), else a drop where allowed, else exact."""
+    j, reason = pick_understudy(i, pool, cached, used, chosen_set, params)
+    if j is not None:
+        d.understudy[i] = (j, reason)
+        used.add(j)
+    elif i in params.drop_ok:
+        d.dropped.append(i)
+    else:
+        d.exact.append(i)
 
 
 def pick_understudy(i: int, pool: Sequence[int], cached: AbstractSet[int], used: AbstractSet[int],
