@@ -194,6 +194,6 @@ def next_layer_router(lm: LoadedModel):
     def route(layer: int, x: torch.Tensor):
         if layer not in nxt:
             return None
-        return nxt[layer], lm.blocks[nxt[layer]].route(x)
+        return nxt[layer], lm.blocks[nxt[layer]].route(x, mixture=False)   # ids and scores are all it is read for
 
     return route

@@ -29,12 +29,12 @@ class MoEBlock(nn.Module):
             self.add_module(arch.shared_gate_attr, getattr(hf_block, arch.shared_gate_attr))
         self.executor: Executor | None = None
 
-    def route(self, x: torch.Tensor) -> Routing:
-        """Routing of x [T, H]."""
+    def route(self, x: torch.Tensor, mixture: bool = True) -> Routing:
+        """Routing of x [T, H] (`mixture` False: the choice and scores only, runtime.router.route)."""
         router = getattr(self, self.arch.router_attr)
         return route(x, router.weight, self.arch.router, self.arch.top_k,
                      bias=getattr(router, "bias", None),
-                     correction_bias=getattr(router, "e_score_correction_bias", None))
+                     correction_bias=getattr(router, "e_score_correction_bias", None), mixture=mixture)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """Output of the shared experts on x [T, H] (gated where the family gates it), or None."""

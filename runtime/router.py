@@ -12,7 +12,7 @@ class Routing:
     """Routing of T tokens over E experts.
 
     idx     [T, k]  chosen experts (HF order)
-    weights [T, k]  their mixture weights (HF dtype)
+    weights [T, k]  their mixture weights (HF dtype); None for a prediction (route's `mixture` False)
     score   [T, E]  float32 ranking score: the gate (softmax or sigmoid), + correction bias where the family
                     ranks by it; experts in masked-out groups score 0. S(k+1) is the (k+1)-th largest per row.
     gate    [T, E]  float32 gate of every expert (before renormalisation and scaling).
@@ -53,8 +53,10 @@ def _group_mask(choice: torch.Tensor, rule: RouterRule) -> torch.Tensor:
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
-          bias: torch.Tensor | None = None, correction_bias: torch.Tensor | None = None) -> Routing:
-    """Route x [T, H] with router weight [E, H] (and bias [E]) by `rule`."""
+          bias: torch.Tensor | None = None, correction_bias: torch.Tensor | None = None,
+          mixture: bool = True) -> Routing:
+    """Route x [T, H] with router weight [E, H] (and bias [E]) by `rule`. `mixture` False: the choice and the scores
+    only (a prediction), without renormalising, scaling or casting the mixture weights (`weights` is then None)."""
     if rule.float32_logits:
         logits = F.linear(x.type(torch.float32), weight.type(torch.float32))
     else:
@@ -62,7 +64,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
 
     if rule.topk_on_logits:  # GPT-OSS
         top_v, idx = torch.topk(logits, top_k, dim=-1)
-        weights = F.softmax(top_v, dim=1, dtype=top_v.dtype)
+        weights = F.softmax(top_v, dim=1, dtype=top_v.dtype) if mixture else None
         gate = F.softmax(logits, dim=-1, dtype=torch.float32)
         score = gate
     elif rule.scoring == "sigmoid":  # DeepSeek-V3
@@ -72,10 +74,11 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
             keep = _group_mask(choice, rule)
             choice = choice.masked_fill(~keep, float("-inf"))
         idx = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
-        weights = gate.gather(1, idx)
-        if rule.norm_topk:
+        weights = gate.gather(1, idx) if mixture else None
+        if mixture and rule.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + rule.renorm_eps)
-        weights = weights * rule.scaling
+        if mixture:
+            weights = weights * rule.scaling
         score = choice.clamp(min=0.0)
     elif rule.float32_logits:  # DeepSeek-V2: softmax, optional group-limited greedy, scaled
         gate = logits.softmax(dim=-1, dtype=torch.float32)
@@ -84,14 +87,16 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
             keep = _group_mask(gate, rule)
             score = gate.masked_fill(~keep, 0.0)
         weights, idx = torch.topk(score, k=top_k, dim=-1, sorted=False)
-        weights = weights * rule.scaling
+        weights = weights * rule.scaling if mixture else None
     else:  # Qwen2/3-MoE, OLMoE, Mixtral
         gate = F.softmax(logits, dim=-1, dtype=torch.float32)
         score = gate
         weights, idx = torch.topk(gate, top_k, dim=-1)
-        if rule.norm_topk:
+        if not mixture:
+            weights = None
+        elif rule.norm_topk:
             weights /= weights.sum(dim=-1, keepdim=True)
-        if rule.weights_in_logits_dtype:
+        if mixture and rule.weights_in_logits_dtype:
             weights = weights.to(logits.dtype)
 
     return Routing(idx=idx, weights=weights, score=score.float(), gate=gate.float(), gate_raw=gate)
