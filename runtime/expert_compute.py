@@ -156,14 +156,10 @@ def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, expe
     and `counts` (pairs per expert) when the caller has them (the cache model's schedule), else computed. Pair
     j * T + t is token t's j-th choice; the groups list them by (expert, j, t)."""
     t_n, k = chosen.shape
-    if t_n == 1:
-        if experts is None:
-            experts, counts = sorted(chosen[0].tolist()), [1] * k
-        span = {e: (i, i + 1) for i, e in enumerate(experts)}
-        if x.is_contiguous():                                       # one token: its k distinct experts, x as is
-            order = np.argsort(chosen[0])                           # [k] positions by expert id
-            return PairGroups(np.zeros(k, dtype=np.int64), span, weights[0][torch.from_numpy(order).to(x.device)],
-                              x, True)
+    if t_n == 1 and x.is_contiguous():                              # one token: its k distinct experts, x as is
+        span = {e: (i, i + 1) for i, e in enumerate(sorted(chosen[0].tolist()) if experts is None else experts)}
+        order = np.argsort(chosen[0])                               # [k] positions by expert id
+        return PairGroups(np.zeros(k, dtype=np.int64), span, weights[0][torch.from_numpy(order).to(x.device)], x, True)
     if t_n * k <= SMALL_CALL:                                       # a few pairs: Python beats numpy's call costs
         flat = chosen.T.reshape(-1).tolist()                        # [k*T], pair j * T + t
         order_l = sorted(range(len(flat)), key=flat.__getitem__)    # stable: (expert, j, t)
