@@ -34,8 +34,9 @@ c = (n - 1) x L MoE layer calls:
                                         subtracted)
     loads per token                   = loads / (rows x (n - 1))
 
-E and X come from wrapping the loaded Runtime's `executor.expert_fn` (and resident's `grouped_fn`, its grouped call
-over all experts when a layer call has several tokens) and each MoE block's `executor` (public
+E and X come from wrapping the loaded Runtime's `executor.expert_fn` (and `grouped_fn`, the grouped call a layer call
+of several tokens makes: over all experts for resident, over the cache slots for the offloading policies) and each
+MoE block's `executor` (public
 attributes of our own objects; nothing in torch or transformers is touched); S and C are the runtime's own
 statistics. Only the loader-thread row records events (`record_events=True`), for its copy times: the policies are
 timed as a user runs them. A cell's figures come from the repeat with the median step time; a comparison of two
@@ -193,7 +194,7 @@ class Probe:
         self.expert: list[tuple[float, float]] = []
         self.executor: list[tuple[float, float]] = []
         rt.executor.expert_fn = Timed(rt.executor.expert_fn, self.expert)
-        if getattr(rt.executor, "grouped_fn", None) is not None:    # resident's grouped call (several tokens)
+        if getattr(rt.executor, "grouped_fn", None) is not None:    # the grouped call over experts or slots
             rt.executor.grouped_fn = Timed(rt.executor.grouped_fn, self.expert)
         timed = Timed(rt.executor, self.executor)
         for block in rt.lm.blocks.values():
@@ -509,7 +510,7 @@ def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], la
              "compute - waits - inline copies) / MoE layers; over resident = own - resident's own (same model, "
              "batch and prompts); load = copy time per MoE layer call, inline or on the loader thread (there it "
              "overlaps compute: only the waits, stall, are subtracted). Expert compute is the time inside the expert "
-             "function (the GLU; resident's grouped call at batch > 1). "
+             "function (the GLU; the grouped call over every expert or cache slot at batch > 1). "
              "`plan` and `static` need a profile of calibration text and are not run.", ""]
     lines += table(cells)
     lines += [""] + findings(cells, shapes, layers)

@@ -4,7 +4,14 @@ Mechanism only: the executor decides what to load and what to evict. Every slot 
 its own tensors (64-byte aligned) with the shapes and dtypes of one expert as the store holds it (`ExpertStore.specs`:
 float tensors, or a quantized checkpoint's packed ones), so bytes on the device never exceed `capacity_bytes` =
 slots x expert bytes. Where the checkpoint keeps each expert's tensors back to back (`ExpertStore.flat_layout`), a
-slot is one buffer and its tensors are views of it in the file's order, so a load is one copy, not one per tensor. With a precision plan's pools (runtime.policy.pools) a layer's slots are split by precision:
+slot is one buffer and its tensors are views of it in the file's order, so a load is one copy, not one per tensor.
+
+Without pools, a layer's slots are rows of one allocation when a slot's bytes are a 64-byte multiple (every real
+model's): slot s is row s, and `stacks[layer]` views the same bytes as one tensor per key, [slots, *shape] (e.g.
+gate_up [S, 2I, H], down [S, H, I]), so a call with several tokens computes every cached expert it needs in one
+grouped matmul over the slots (runtime.offload_executor) instead of one small matmul pair per expert.
+
+With a precision plan's pools (runtime.policy.pools) a layer's slots are split by precision:
 pool p's slots are allocated with that precision's tensors (`pool_specs[p]`) and hold only experts of pool p, so
   capacity_bytes = sum over layers and pools of slots(l, p) x bytes(p).
 """
@@ -29,6 +36,24 @@ class Slot(dict):
         self.flat = flat
 
 
+def _rows(specs: Mapping[str, TensorSpec], n: int, device: torch.device,
+          flat: Sequence[tuple[str, int]] | None = None) -> tuple[list[Slot], dict[str, torch.Tensor]] | None:
+    """n slots as the rows of one allocation and, per key, the [n, *shape] view of every slot's tensor; None where a
+    slot's bytes are not a 64-byte multiple (its rows would lose the alignment `_slot` gives)."""
+    nbytes = sum(s.nbytes for s in specs.values())
+    if n == 0 or nbytes % 64:
+        return None
+    if flat is None:                     # a tensor per key, stacked: slot s's tensors are row s of each
+        stacks = {k: torch.empty((n, *s.shape), dtype=s.dtype, device=device) for k, s in specs.items()}
+        return [Slot({k: v[i] for k, v in stacks.items()}) for i in range(n)], stacks
+    buf = torch.empty((n, nbytes), dtype=torch.uint8, device=device)         # [n, bytes], one row per slot
+    stacks, at = {}, 0
+    for k, m in flat:
+        stacks[k] = buf[:, at:at + m].view(specs[k].dtype).unflatten(1, specs[k].shape)   # [n, *shape]
+        at += m
+    return [Slot(carve(buf[i], flat, specs), buf[i]) for i in range(n)], {k: stacks[k] for k in specs}
+
+
 def _slot(specs: Mapping[str, TensorSpec], device: torch.device,
           flat: Sequence[tuple[str, int]] | None = None) -> Slot:
     """A slot's tensors: each its own (64-byte aligned) tensor, or views of one buffer laid out as `flat` (keys and
@@ -50,8 +75,15 @@ class ExpertCache:
         per_pool = ({l: pools.slots[l] for l in slots} if pools is not None else {l: (n,) for l, n in slots.items()})
         self._bytes = [sum(s.nbytes for s in sp.values()) for sp in specs_of]          # bytes per expert, per pool
         flat = flat if pools is None else None
-        self._buf = {(l, p): [_slot(specs_of[p], device, flat) for _ in range(n)]
-                     for l, ns in per_pool.items() for p, n in enumerate(ns)}
+        self.stacks: dict[int, dict[str, torch.Tensor]] = {}   # layer -> key -> every slot's tensor [slots, *shape]
+        self._buf: dict[tuple[int, int], list[Slot]] = {}
+        for l, ns in per_pool.items():
+            for p, n in enumerate(ns):
+                rows = _rows(specs_of[p], n, device, flat) if pools is None else None
+                if rows is not None:
+                    self._buf[(l, p)], self.stacks[l] = rows
+                else:
+                    self._buf[(l, p)] = [_slot(specs_of[p], device, flat) for _ in range(n)]
         self.expert_bytes = self._bytes[0]                                        # bytes (the native format)
         self.capacity_bytes = sum(n * self._bytes[p] for ns in per_pool.values() for p, n in enumerate(ns))
         self.where: dict[int, dict[int, int]] = {l: {} for l in slots}        # layer -> expert -> slot in its pool
@@ -59,6 +91,16 @@ class ExpertCache:
         self._free = {key: list(range(len(b)))[::-1] for key, b in self._buf.items()}
         self.used_bytes = 0
         self.peak_bytes = 0
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the storage behind every slot (each allocation once): what the cache holds on the device."""
+        seen: dict[tuple[torch.device, int], int] = {}
+        for slots in self._buf.values():
+            for slot in slots:
+                for t in slot.values():
+                    st = t.untyped_storage()
+                    seen[(t.device, st.data_ptr())] = st.nbytes()
+        return sum(seen.values())
 
     def _pool(self, layer: int, expert: int) -> int:
         return 0 if self.pools is None else self.pools.of[layer][expert]

@@ -6,19 +6,21 @@ Per MoE layer call (x [T, H], routing):
     computes of cached experts while loads are in flight, host computes, computes of what arrives;
  2. this class carries the ops out on tensors: slot copies through the loader, waits, expert compute (slots hold
     experts as the store does, packed for a quantized checkpoint; `materialize` turns one into compute-dtype
-    weights in a workspace right before its compute);
+    weights in a workspace right before its compute; a call of several tokens on the CPU computes its cached
+    experts as one grouped call over the layer's stacked slots, `_compute_grouped`);
  3. contributions are mixed in ascending expert id, as HF does, so the lossless path is bit-exact.
 """
 from __future__ import annotations
 
 import time
+from itertools import accumulate
 from typing import Callable
 
 import numpy as np
 import torch
 
 from runtime.expert_cache import ExpertCache
-from runtime.expert_compute import PairGroups, group_pairs, make_expert_fn
+from runtime.expert_compute import PairGroups, group_pairs, make_expert_fn, make_grouped_fn
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
 from runtime.policy.config import PolicyConfig
@@ -41,6 +43,10 @@ class OffloadExecutor:
             store, cache, loader, model, policy, stats)
         self.num_experts, self.width = arch.num_experts, width
         self.expert_fn = make_expert_fn(arch.experts)
+        # several cached experts of a call with several tokens: one grouped call over the layer's slots (CPU only,
+        # as resident: slots stacked by the cache, plain GLU weights held in the compute dtype; `_groupable`)
+        grouped = make_grouped_fn(arch.experts)
+        self.grouped_fn = grouped if grouped is not None and set(store.specs) == {"gate_up", "down"} else None
         self.next_router = next_router
         self.c_load, self.c_host = CostMeter(), CostMeter()
         self.tickets: dict[tuple[int, int], Ticket] = {}    # (layer, expert) -> the load that filled its slot
@@ -64,37 +70,7 @@ class OffloadExecutor:
             g = self._groups(x, routing, chosen, decisions)
         else:                                    # every pair exact: the lossless grouping
             g = group_pairs(x, np.array(chosen, dtype=np.int64), routing.weights)
-        as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
-        ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
-        ops, i = sched.ops, 0
-        while i < len(ops):
-            kind, l, e, victim = ops[i]
-            if kind in LOADS:                    # a run of loads: one handoff to the loader thread
-                i = self._load_run(ops, i)
-                continue
-            host = kind == "host"
-            if not host:                         # from its slot, on x's device
-                w = self._slot(l, e)
-                if self.events is not None:
-                    self.events.append(("compute_start", time.perf_counter(), l, e))
-                ys[e] = self.expert_fn(g.rows(e), w if as_held else self.store.materialize(l, e, w, x.dtype))
-                if self.events is not None:
-                    self.events.append(("compute_end", time.perf_counter(), l, e))
-                i += 1
-                continue
-            w = self.store.read(l, e)
-            t0 = time.perf_counter()
-            if self.events is not None:
-                self.events.append(("compute_start", t0, l, e))
-            xin = g.rows(e)
-            if x.device.type != "cpu":
-                xin = xin.cpu()
-            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype, slot=False)).to(x.device)
-            if self.events is not None:
-                self.events.append(("compute_end", time.perf_counter(), l, e))
-            self.c_host.add(time.perf_counter() - t0)
-            i += 1
-        return g.mix(x, ys)
+        return self._execute(layer, sched.ops, x, g)
 
     def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
         """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs
@@ -217,37 +193,118 @@ class OffloadExecutor:
         c.hits += sched.hits
         c.misses += sched.misses
         g = group_pairs(x, chosen, routing.weights, sched.experts, sched.pairs)
+        if not sched.direct:
+            return self._execute(layer, sched.ops, x, g)
+        if sched.loads:
+            self._load_direct(layer, sched.loads, c)
+        loaded = [e for e, _ in sched.loads]
+        if self._groupable(layer, x, g):         # several tokens: grouped over the slots, the cached experts first
+            y = x.new_empty(g.xs.shape)                                 # [N, H] unweighted outputs, pair order
+            if self.tickets and loaded:          # copies landing on the loader thread: compute while they land
+                self._compute_grouped(layer, g, sched.cached, y)
+                self._compute_grouped(layer, g, loaded, y)
+            else:
+                self._compute_grouped(layer, g, sched.cached + loaded, y)
+            return g.mix_rows(x, y)
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
-        if sched.direct:
-            if sched.loads:
-                self._load_direct(layer, sched.loads, c)
-            held, fn, ev, tickets = self.cache.held[layer], self.expert_fn, self.events, self.tickets
-            for e in (sched.cached + [e for e, _ in sched.loads]) if sched.loads else sched.cached:
-                if tickets:                      # a copy on the loader thread: wait for it to land
-                    self._wait(layer, e)
-                w = held[e] if as_held else self.store.materialize(layer, e, held[e], x.dtype)
-                if ev is not None:
-                    ev.append(("compute_start", time.perf_counter(), layer, e))
-                ys[e] = fn(g.rows(e), w)
-                if ev is not None:
-                    ev.append(("compute_end", time.perf_counter(), layer, e))
-            return g.mix(x, ys)                  # slots live on x's device: no .to()
-        ops, i = sched.ops, 0
-        while i < len(ops):
-            kind, l, e, _ = ops[i]
-            if kind in LOADS:
+        held, fn, ev, tickets = self.cache.held[layer], self.expert_fn, self.events, self.tickets
+        for e in sched.cached + loaded if loaded else sched.cached:
+            if tickets:                          # a copy on the loader thread: wait for it to land
+                self._wait(layer, e)
+            w = held[e] if as_held else self.store.materialize(layer, e, held[e], x.dtype)
+            if ev is not None:
+                ev.append(("compute_start", time.perf_counter(), layer, e))
+            ys[e] = fn(g.rows(e), w)
+            if ev is not None:
+                ev.append(("compute_end", time.perf_counter(), layer, e))
+        return g.mix(x, ys)                      # slots live on x's device: no .to()
+
+    def _execute(self, layer: int, ops: list[tuple[str, int, int, int | None]], x: torch.Tensor,
+                 g: PairGroups) -> torch.Tensor:
+        """Carry out a schedule's ops in order and mix: a run of loads is one handoff to the loader; a slot compute
+        runs from its slot once its copy landed; a host compute runs on the host from the store (its time feeds the
+        host-cost meter). Where the call is `_groupable`, consecutive slot computes are one grouped call, made before
+        the next load run (whose victims may be among them) or host compute."""
+        as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
+        y = x.new_empty(g.xs.shape) if self._groupable(layer, x, g) else None   # [N, H] grouped outputs
+        ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
+        run: list[int] = []                                             # slot computes waiting for a grouped call
+        ev, i = self.events, 0
+        while i < len(ops) or run:
+            kind = ops[i][0] if i < len(ops) else None
+            if y is not None and kind == "compute":
+                run.append(ops[i][2])
+                i += 1
+                continue
+            if run:
+                self._compute_grouped(layer, g, run, y)
+                run = []
+            if kind is None:
+                break
+            kind, l, e, victim = ops[i]
+            if kind in LOADS:                    # a run of loads: one handoff to the loader thread
                 i = self._load_run(ops, i)
                 continue
             i += 1
-            w = self._slot(l, e)
-            if self.events is not None:
-                self.events.append(("compute_start", time.perf_counter(), l, e))
+            if kind != "host":                   # from its slot, on x's device
+                w = self._slot(l, e)
+                if ev is not None:
+                    ev.append(("compute_start", time.perf_counter(), l, e))
+                ys[e] = self.expert_fn(g.rows(e), w if as_held else self.store.materialize(l, e, w, x.dtype))
+                if ev is not None:
+                    ev.append(("compute_end", time.perf_counter(), l, e))
+                continue
+            w = self.store.read(l, e)
+            t0 = time.perf_counter()
+            if ev is not None:
+                ev.append(("compute_start", t0, l, e))
             xin = g.rows(e)
-            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype)).to(x.device)
-            if self.events is not None:
-                self.events.append(("compute_end", time.perf_counter(), l, e))
-        return g.mix(x, ys)
+            if x.device.type != "cpu":
+                xin = xin.cpu()
+            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype, slot=False)).to(x.device)
+            if ev is not None:
+                ev.append(("compute_end", time.perf_counter(), l, e))
+            self.c_host.add(time.perf_counter() - t0)
+        if y is None:
+            return g.mix(x, ys)
+        for e, ye in ys.items():                 # experts computed on the host
+            a, b = g.span[e]
+            y[a:b] = ye
+        return g.mix_rows(x, y)
+
+    def _groupable(self, layer: int, x: torch.Tensor, g: PairGroups) -> bool:
+        """A call whose slot computes can be grouped: several tokens (one token's k small matmuls beat one grouped
+        call), on the CPU (as resident's), slots stacked (no pools), held in the compute dtype."""
+        return (self.grouped_fn is not None and not g.whole and x.device.type == "cpu" and layer in self.cache.stacks
+                and self.store.computes_as_held(x.dtype))
+
+    def _compute_grouped(self, layer: int, g: PairGroups, experts: list[int], y: torch.Tensor) -> None:
+        """The unweighted outputs of the experts' pairs, every one in a slot, into y [N, H] at their pair rows, by one
+        grouped GLU over the layer's slots: rows ordered by slot, offs the cumulative rows per slot (empty slots
+        included); each slot's rows equal the expert function's on them bit for bit (tests/runtime/test_exactness)."""
+        if not experts:
+            return
+        if self.tickets:                         # copies on the loader thread: each must have landed
+            for e in experts:
+                self._wait(layer, e)
+        where, stacks = self.cache.where[layer], self.cache.stacks[layer]
+        counts = [0] * stacks["down"].shape[0]                          # [slots] rows per slot
+        rows: list[int] = []                                            # pair rows in slot order
+        for s, e in sorted((where[e], e) for e in experts):
+            a, b = g.span[e]
+            counts[s] = b - a
+            rows.extend(range(a, b))
+        idx = torch.tensor(rows, device=y.device)
+        offs = torch.tensor(list(accumulate(counts)), dtype=torch.int32, device=y.device)
+        ev = self.events
+        if ev is not None:
+            t0 = time.perf_counter()
+        y.index_copy_(0, idx, self.grouped_fn(g.xs[idx], stacks["gate_up"], stacks["down"], offs))
+        if ev is not None:
+            t1 = time.perf_counter()
+            for e in experts:
+                ev += [("compute_start", t0, layer, e), ("compute_end", t1, layer, e)]
 
     def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
         """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies through the
