@@ -45,8 +45,8 @@ class OffloadExecutor:
         self.expert_fn = make_expert_fn(arch.experts)
         # several cached experts of a call with several tokens: one grouped call over the layer's slots (CPU only,
         # as resident: slots stacked by the cache, plain GLU weights held in the compute dtype; `_groupable`)
-        grouped = make_grouped_fn(arch.experts)
-        self.grouped_fn = grouped if grouped is not None and set(store.specs) == {"gate_up", "down"} else None
+        stacked = next(iter(cache.stacks.values()), {})
+        self.grouped_fn = make_grouped_fn(arch.experts) if set(stacked) == {"gate_up", "down"} else None
         self.next_router = next_router
         self.c_load, self.c_host = CostMeter(), CostMeter()
         self.tickets: dict[tuple[int, int], Ticket] = {}    # (layer, expert) -> the load that filled its slot
