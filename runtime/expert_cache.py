@@ -39,9 +39,10 @@ class Slot(dict):
 def _rows(specs: Mapping[str, TensorSpec], n: int, device: torch.device,
           flat: Sequence[tuple[str, int]] | None = None) -> tuple[list[Slot], dict[str, torch.Tensor]] | None:
     """n slots as the rows of one allocation and, per key, the [n, *shape] view of every slot's tensor; None where a
-    slot's bytes are not a 64-byte multiple (its rows would lose the alignment `_slot` gives)."""
+    row would lose the 64-byte alignment `_slot` gives (BLAS rounds differently on misaligned operands): a slot's
+    bytes (flat: its keys start at 64-byte multiples) or, a stack per key, a key's bytes not a 64-byte multiple."""
     nbytes = sum(s.nbytes for s in specs.values())
-    if n == 0 or nbytes % 64:
+    if n == 0 or nbytes % 64 or (flat is None and any(s.nbytes % 64 for s in specs.values())):
         return None
     if flat is None:                     # a tensor per key, stacked: slot s's tensors are row s of each
         stacks = {k: torch.empty((n, *s.shape), dtype=s.dtype, device=device) for k, s in specs.items()}

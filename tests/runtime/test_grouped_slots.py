@@ -29,13 +29,21 @@ def test_slots_are_rows_of_one_stack(flat):
         assert torch.equal(cache.stacks[0]["gate_up"][s], torch.full((64, 32), v, dtype=torch.bfloat16))
         assert torch.equal(cache.stacks[0]["down"][s], torch.full((32, 32), -v, dtype=torch.bfloat16))
     assert cache.allocated_bytes() == cache.capacity_bytes == 5 * (4096 + 2048)
+    for t in (w for slots in cache._buf.values() for slot in slots for w in slot.values()):
+        assert t.data_ptr() % 64 == 0                  # every slot tensor 64-byte aligned, as its own would be
 
 
 def test_unaligned_slots_are_not_stacked():
-    """A slot whose bytes are not a 64-byte multiple keeps its own allocation (and the loop computes it)."""
+    """A slot whose rows would not start at 64-byte multiples keeps its own allocation (and the loop computes it):
+    a slot's bytes, or with a stack per key one key's bytes, not a multiple of 64."""
     specs = {"gate_up": TensorSpec((6, 5), torch.bfloat16), "down": TensorSpec((5, 3), torch.bfloat16)}
     cache = ExpertCache(specs, {0: 3}, torch.device("cpu"))
     assert cache.stacks == {} and cache.allocated_bytes() == cache.capacity_bytes == 3 * 90
+    specs = {"gate_up": TensorSpec((4, 12), torch.bfloat16), "down": TensorSpec((4, 4), torch.bfloat16)}   # 96 + 32
+    cache = ExpertCache(specs, {0: 3}, torch.device("cpu"))
+    assert cache.stacks == {} and cache.allocated_bytes() == cache.capacity_bytes == 3 * 128
+    for t in (w for slot in cache._buf[(0, 0)] for w in slot.values()):
+        assert t.data_ptr() % 64 == 0
 
 
 def _run(model, policy, cache, grouped, ids, new_tokens, link=None):
