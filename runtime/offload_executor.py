@@ -198,13 +198,9 @@ class OffloadExecutor:
         if sched.loads:
             self._load_direct(layer, sched.loads, c)
         loaded = [e for e, _ in sched.loads]
-        if self._groupable(layer, x, g):         # several tokens: grouped over the slots, the cached experts first
+        if self._groupable(layer, x, g):         # several tokens: grouped over the slots
             y = x.new_empty(g.xs.shape)                                 # [N, H] unweighted outputs, pair order
-            if self.tickets and loaded:          # copies landing on the loader thread: compute while they land
-                self._compute_grouped(layer, g, sched.cached, y)
-                self._compute_grouped(layer, g, loaded, y)
-            else:
-                self._compute_grouped(layer, g, sched.cached + loaded, y)
+            self._compute_grouped(layer, g, sched.cached + loaded, y)
             return g.mix_rows(x, y)
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
@@ -283,11 +279,19 @@ class OffloadExecutor:
         """The unweighted outputs of the experts' pairs, every one in a slot, into y [N, H] at their pair rows, by one
         grouped GLU over the layer's slots: rows ordered by slot, offs the cumulative rows per slot (empty slots
         included); each slot's rows equal the expert function's on them bit for bit (tests/runtime/test_exactness)."""
+        if self.tickets:                         # copies on the loader thread: the landed experts' group first,
+            tickets = self.tickets               # computed while the others land, then theirs
+            landing = [e for e in experts if (layer, e) in tickets and not tickets[(layer, e)].landed]
+            if landing:
+                self._compute_grouped(layer, g, [e for e in experts if e not in landing], y)
+                for e in landing:
+                    self._wait(layer, e)
+                self._compute_grouped(layer, g, landing, y)
+                return
+            for e in experts:                    # landed: forget their tickets (and meter their copies)
+                self._wait(layer, e)
         if not experts:
             return
-        if self.tickets:                         # copies on the loader thread: each must have landed
-            for e in experts:
-                self._wait(layer, e)
         where, stacks = self.cache.where[layer], self.cache.stacks[layer]
         counts = [0] * stacks["down"].shape[0]                          # [slots] rows per slot
         rows: list[int] = []                                            # pair rows in slot order
