@@ -6,10 +6,11 @@ float tensors, or a quantized checkpoint's packed ones), so bytes on the device 
 slots x expert bytes. Where the checkpoint keeps each expert's tensors back to back (`ExpertStore.flat_layout`), a
 slot is one buffer and its tensors are views of it in the file's order, so a load is one copy, not one per tensor.
 
-Without pools, a layer's slots are rows of one allocation when a slot's bytes are a 64-byte multiple (every real
-model's): slot s is row s, and `stacks[layer]` views the same bytes as one tensor per key, [slots, *shape] (e.g.
-gate_up [S, 2I, H], down [S, H, I]), so a call with several tokens computes every cached expert it needs in one
-grouped matmul over the slots (runtime.offload_executor) instead of one small matmul pair per expert.
+A layer's slots of the checkpoint's format (all of them, or with pools pool 0's) are rows of one allocation when a
+row keeps the 64-byte alignment (every real model's): slot s is row s, and `stacks[layer]` views the same bytes as
+one tensor per key, [slots, *shape] (e.g. gate_up [S, 2I, H], down [S, H, I]), so a call with several tokens
+computes the cached experts it needs in one grouped matmul over the slots (runtime.offload_executor) instead of one
+small matmul pair per expert.
 
 With a precision plan's pools (runtime.policy.pools) a layer's slots are split by precision:
 pool p's slots are allocated with that precision's tensors (`pool_specs[p]`) and hold only experts of pool p, so
@@ -76,11 +77,11 @@ class ExpertCache:
         per_pool = ({l: pools.slots[l] for l in slots} if pools is not None else {l: (n,) for l, n in slots.items()})
         self._bytes = [sum(s.nbytes for s in sp.values()) for sp in specs_of]          # bytes per expert, per pool
         flat = flat if pools is None else None
-        self.stacks: dict[int, dict[str, torch.Tensor]] = {}   # layer -> key -> every slot's tensor [slots, *shape]
+        self.stacks: dict[int, dict[str, torch.Tensor]] = {}   # layer -> key -> every pool-0 slot's [slots, *shape]
         self._buf: dict[tuple[int, int], list[Slot]] = {}
         for l, ns in per_pool.items():
             for p, n in enumerate(ns):
-                rows = _rows(specs_of[p], n, device, flat) if pools is None else None
+                rows = _rows(specs_of[p], n, device, flat) if p == 0 else None      # the native format's
                 if rows is not None:
                     self._buf[(l, p)], self.stacks[l] = rows
                 else:

@@ -271,14 +271,16 @@ class OffloadExecutor:
 
     def _groupable(self, layer: int, x: torch.Tensor, g: PairGroups) -> bool:
         """A call whose slot computes can be grouped: several tokens (one token's k small matmuls beat one grouped
-        call), on the CPU (as resident's), slots stacked (no pools), held in the compute dtype."""
+        call), on the CPU (as resident's), the layer's slots stacked as plain GLU weights in the compute dtype (what
+        `materialize` returns as is)."""
         return (self.grouped_fn is not None and not g.whole and x.device.type == "cpu" and layer in self.cache.stacks
-                and self.store.computes_as_held(x.dtype))
+                and self.cache.stacks[layer]["down"].dtype == x.dtype)
 
     def _compute_grouped(self, layer: int, g: PairGroups, experts: list[int], y: torch.Tensor) -> None:
         """The unweighted outputs of the experts' pairs, every one in a slot, into y [N, H] at their pair rows, by one
         grouped GLU over the layer's slots: rows ordered by slot, offs the cumulative rows per slot (empty slots
-        included); each slot's rows equal the expert function's on them bit for bit (tests/runtime/test_exactness)."""
+        included); each slot's rows equal the expert function's on them bit for bit (tests/runtime/test_exactness).
+        An expert a precision plan holds quantized computes alone, from its pool's slot, as the loop computes it."""
         if self.tickets:                         # copies on the loader thread: the landed experts' group first,
             tickets = self.tickets               # computed while the others land, then theirs
             landing = [e for e in experts if (layer, e) in tickets and not tickets[(layer, e)].landed]
@@ -290,6 +292,19 @@ class OffloadExecutor:
                 return
             for e in experts:                    # landed: forget their tickets (and meter their copies)
                 self._wait(layer, e)
+        pools = self.cache.pools
+        if pools is not None and any(pools.of[layer][e] for e in experts):   # held quantized: each its own call
+            of, held, ev = pools.of[layer], self.cache.held[layer], self.events
+            for e in experts:
+                if of[e]:
+                    a, b = g.span[e]
+                    w = self.store.materialize(layer, e, held[e], y.dtype)
+                    if ev is not None:
+                        ev.append(("compute_start", time.perf_counter(), layer, e))
+                    y[a:b] = self.expert_fn(g.xs[a:b], w)
+                    if ev is not None:
+                        ev.append(("compute_end", time.perf_counter(), layer, e))
+            experts = [e for e in experts if not of[e]]
         if not experts:
             return
         where, stacks = self.cache.where[layer], self.cache.stacks[layer]

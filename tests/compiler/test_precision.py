@@ -193,6 +193,46 @@ def test_the_runtime_holds_and_moves_quantized_copies(fixture_model, precision_p
     assert torch.equal(logits, want)
 
 
+def test_a_precision_plan_groups_its_native_slots(fixture_model, precision_plan, tmp_path):
+    """A call of several tokens computes the experts held at the checkpoint's format in one grouped call over that
+    pool's slots and each quantized one alone: the same logits, tokens and statistics as the per-expert loop."""
+    # the compiler holds every expert at int4 here: give each layer one bfloat16 slot for experts 0-3 in place of
+    # four int4 slots (393216 B <= 4 x 110592 B), so that both kinds of slot compute
+    plan_dir = tmp_path / "plan"
+    shutil.copytree(precision_plan, plan_dir)
+    cache = json.loads((plan_dir / "cache_plan.json").read_text())
+    for layer, spec in cache["precision"]["layers"].items():
+        assert set(spec["slots"]) == {"int4"} and spec["slots"]["int4"] >= 5
+        spec["slots"] = {"bfloat16": 1, "int4": spec["slots"]["int4"] - 4}
+        spec["experts"] = ["bfloat16"] * 4 + spec["experts"][4:]
+        cache["slots"][layer] -= 3
+        rest = [e for e in cache["initial"][layer] if e >= 4][:spec["slots"]["int4"]]
+        cache["initial"][layer] = [0] + rest                            # what the slots start with, per pool
+    (plan_dir / "cache_plan.json").write_text(json.dumps(cache))
+    plan = Plan.load(plan_dir)
+    assert plan.held_bytes <= plan.cache_budget_bytes
+    ids = torch.randint(1, 4096, (3, 10), generator=torch.Generator().manual_seed(5))
+    out = []
+    for grouped in (False, True):
+        with Runtime.load(fixture_model, plan=plan_dir, policy="plan") as rt:
+            ex, calls = rt.executor, []
+            assert rt.cache.pools is not None and ex.grouped_fn is not None
+            fn = ex.grouped_fn
+
+            def counted(*a):
+                calls.append(a[0].shape[0])
+                return fn(*a)
+            ex.grouped_fn = counted if grouped else None
+            logits = rt.forward(ids)
+            tokens = rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=8)
+            d = rt.stats.to_dict()
+            out.append((logits, tokens, {k: d[k] for k in ("loads", "hit_rate", "bytes_loaded", "precision_mix")},
+                        calls))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1]) and out[0][2] == out[1][2]
+    assert out[0][2]["loads"] > 0 and len(out[1][3]) > 0 and out[0][3] == []
+    assert 0 < out[0][2]["precision_mix"].get("bfloat16", 0) < 1        # both kinds of slot computed
+
+
 def test_lossless_runs_a_precision_plan_bit_exact_within_its_budget(fixture_model, precision_plan):
     ids = torch.tensor([[5, 17, 42, 9, 77, 3, 120, 64]])
     with Runtime.load(fixture_model, policy="resident") as ref:
