@@ -281,14 +281,16 @@ class OffloadExecutor:
         grouped GLU over the layer's slots: rows ordered by slot, offs the cumulative rows per slot (empty slots
         included); each slot's rows equal the expert function's on them bit for bit (tests/runtime/test_exactness).
         An expert a precision plan holds quantized computes alone, from its pool's slot, as the loop computes it."""
-        if self.tickets:                         # copies on the loader thread: the landed experts' group first,
-            tickets = self.tickets               # computed while the others land, then theirs
+        if self.tickets:                         # copies on the loader thread: compute what has landed while the
+            tickets = self.tickets               # rest lands, as the loop computes each expert as it lands
             landing = [e for e in experts if (layer, e) in tickets and not tickets[(layer, e)].landed]
             if landing:
                 self._compute_grouped(layer, g, [e for e in experts if e not in landing], y)
-                for e in landing:
-                    self._wait(layer, e)
-                self._compute_grouped(layer, g, landing, y)
+                while landing:                   # wait for the first still landing (load order), then group
+                    self._wait(layer, landing[0])            # everything landed by then
+                    ready = [e for e in landing if (layer, e) not in tickets or tickets[(layer, e)].landed]
+                    landing = [e for e in landing if e not in ready]
+                    self._compute_grouped(layer, g, ready, y)
                 return
             for e in experts:                    # landed: forget their tickets (and meter their copies)
                 self._wait(layer, e)
