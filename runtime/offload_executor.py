@@ -204,16 +204,12 @@ class OffloadExecutor:
             return g.mix_rows(x, y)
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
-        held, fn, ev, tickets = self.cache.held[layer], self.expert_fn, self.events, self.tickets
+        held, tickets = self.cache.held[layer], self.tickets
         for e in sched.cached + loaded if loaded else sched.cached:
             if tickets:                          # a copy on the loader thread: wait for it to land
                 self._wait(layer, e)
             w = held[e] if as_held else self.store.materialize(layer, e, held[e], x.dtype)
-            if ev is not None:
-                ev.append(("compute_start", time.perf_counter(), layer, e))
-            ys[e] = fn(g.rows(e), w)
-            if ev is not None:
-                ev.append(("compute_end", time.perf_counter(), layer, e))
+            ys[e] = self._compute(layer, e, g.rows(e), w)
         return g.mix(x, ys)                      # slots live on x's device: no .to()
 
     def _execute(self, layer: int, ops: list[tuple[str, int, int, int | None]], x: torch.Tensor,
@@ -226,7 +222,7 @@ class OffloadExecutor:
         y = x.new_empty(g.xs.shape) if self._groupable(layer, x, g) else None   # [N, H] grouped outputs
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
         run: list[int] = []                                             # slot computes waiting for a grouped call
-        ev, i = self.events, 0
+        i = 0
         while i < len(ops) or run:
             kind = ops[i][0] if i < len(ops) else None
             if y is not None and kind == "compute":
@@ -245,22 +241,14 @@ class OffloadExecutor:
             i += 1
             if kind != "host":                   # from its slot, on x's device
                 w = self._slot(l, e)
-                if ev is not None:
-                    ev.append(("compute_start", time.perf_counter(), l, e))
-                ys[e] = self.expert_fn(g.rows(e), w if as_held else self.store.materialize(l, e, w, x.dtype))
-                if ev is not None:
-                    ev.append(("compute_end", time.perf_counter(), l, e))
+                ys[e] = self._compute(l, e, g.rows(e), w if as_held else self.store.materialize(l, e, w, x.dtype))
                 continue
             w = self.store.read(l, e)
             t0 = time.perf_counter()
-            if ev is not None:
-                ev.append(("compute_start", t0, l, e))
             xin = g.rows(e)
             if x.device.type != "cpu":
                 xin = xin.cpu()
-            ys[e] = self.expert_fn(xin, self.store.materialize(l, e, w, xin.dtype, slot=False)).to(x.device)
-            if ev is not None:
-                ev.append(("compute_end", time.perf_counter(), l, e))
+            ys[e] = self._compute(l, e, xin, self.store.materialize(l, e, w, xin.dtype, slot=False)).to(x.device)
             self.c_host.add(time.perf_counter() - t0)
         if y is None:
             return g.mix(x, ys)
@@ -296,16 +284,11 @@ class OffloadExecutor:
                 self._wait(layer, e)
         pools = self.cache.pools
         if pools is not None and any(pools.of[layer][e] for e in experts):   # held quantized: each its own call
-            of, held, ev = pools.of[layer], self.cache.held[layer], self.events
+            of, held = pools.of[layer], self.cache.held[layer]
             for e in experts:
                 if of[e]:
                     a, b = g.span[e]
-                    w = self.store.materialize(layer, e, held[e], y.dtype)
-                    if ev is not None:
-                        ev.append(("compute_start", time.perf_counter(), layer, e))
-                    y[a:b] = self.expert_fn(g.xs[a:b], w)
-                    if ev is not None:
-                        ev.append(("compute_end", time.perf_counter(), layer, e))
+                    y[a:b] = self._compute(layer, e, g.xs[a:b], self.store.materialize(layer, e, held[e], y.dtype))
             experts = [e for e in experts if not of[e]]
         if not experts:
             return
@@ -326,6 +309,16 @@ class OffloadExecutor:
             t1 = time.perf_counter()
             for e in experts:
                 ev += [("compute_start", t0, layer, e), ("compute_end", t1, layer, e)]
+
+    def _compute(self, layer: int, e: int, xin: torch.Tensor, w) -> torch.Tensor:
+        """f_e(xin) [n, H] with weights w, between compute_start/compute_end events when they are recorded."""
+        ev = self.events
+        if ev is None:
+            return self.expert_fn(xin, w)
+        ev.append(("compute_start", time.perf_counter(), layer, e))
+        y = self.expert_fn(xin, w)
+        ev.append(("compute_end", time.perf_counter(), layer, e))
+        return y
 
     def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
         """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies through the
