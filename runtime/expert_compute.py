@@ -6,6 +6,7 @@ freshly read expert are interchangeable.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -118,10 +119,20 @@ class PairGroups:
     tok: np.ndarray                          # [N] the token of each pair
     span: dict[int, tuple[int, int]]         # e -> the pairs (a, b) it serves
     weights: torch.Tensor                    # [N] each pair's routing weight
-    xs: torch.Tensor                         # [N, H] each pair's input row; x itself for one contiguous token
-    whole: bool                              # one token: every expert's rows are x
+    x: torch.Tensor                          # [T, H] the call's input
+    whole: bool                              # one contiguous token: every expert's rows are x
     by_token: np.ndarray | None = None       # [N] the pairs in (token, group) order, when every token has the same
                                              # number of pairs (a lossless call: k each); mix_pairs' rank order
+
+    @cached_property
+    def xs(self) -> torch.Tensor:
+        """[N, H] each pair's input row, gathered on first read (a grouped call over cache slots gathers its own
+        order instead, `gather`); x itself for one contiguous token."""
+        return self.x if self.whole else self.gather(self.tok)
+
+    def gather(self, tok: np.ndarray) -> torch.Tensor:
+        """x's rows of the tokens tok [n] (int64): [n, H]."""
+        return self.x[torch.from_numpy(tok).to(self.x.device)]
 
     def rows(self, e: int) -> torch.Tensor:
         """Expert e's input rows [n_e, H]."""
@@ -184,7 +195,7 @@ def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, expe
         span[e] = (b, b + n)
         b += n
     w = weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
-    return PairGroups(tok, span, w, x[torch.from_numpy(tok).to(x.device)], False, by_token)   # xs [N, H]
+    return PairGroups(tok, span, w, x, False, by_token)
 
 
 def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]],

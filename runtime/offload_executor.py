@@ -132,7 +132,7 @@ class OffloadExecutor:
         if dtype != torch.float32:
             weights = weights.to(dtype)
         tok_np = np.asarray(tok, dtype=np.int64)
-        return PairGroups(tok_np, span, weights, x[torch.from_numpy(tok_np).to(dev)], False)
+        return PairGroups(tok_np, span, weights, x, False)
 
     @staticmethod
     def _token_groups(x: torch.Tensor, routing: Routing, ch: list[int], d, mode: str) -> PairGroups:
@@ -199,7 +199,7 @@ class OffloadExecutor:
             self._load_direct(layer, sched.loads, c)
         loaded = [e for e, _ in sched.loads]
         if self._groupable(layer, x, g):         # several tokens: grouped over the slots
-            y = x.new_empty(g.xs.shape)                                 # [N, H] unweighted outputs, pair order
+            y = x.new_empty((len(g.tok), x.shape[1]))                   # [N, H] unweighted outputs, pair order
             self._compute_grouped(layer, g, sched.cached + loaded, y)
             return g.mix_rows(x, y)
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
@@ -219,7 +219,7 @@ class OffloadExecutor:
         host-cost meter). Where the call is `_groupable`, consecutive slot computes are one grouped call, made before
         the next load run (whose victims may be among them) or host compute."""
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
-        y = x.new_empty(g.xs.shape) if self._groupable(layer, x, g) else None   # [N, H] grouped outputs
+        y = x.new_empty((len(g.tok), x.shape[1])) if self._groupable(layer, x, g) else None   # [N, H] grouped
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
         run: list[int] = []                                             # slot computes waiting for a grouped call
         i = 0
@@ -288,7 +288,7 @@ class OffloadExecutor:
             for e in experts:
                 if of[e]:
                     a, b = g.span[e]
-                    y[a:b] = self._compute(layer, e, g.xs[a:b], self.store.materialize(layer, e, held[e], y.dtype))
+                    y[a:b] = self._compute(layer, e, g.rows(e), self.store.materialize(layer, e, held[e], y.dtype))
             experts = [e for e in experts if not of[e]]
         if not experts:
             return
@@ -301,10 +301,11 @@ class OffloadExecutor:
             rows.extend(range(a, b))
         idx = torch.tensor(rows, device=y.device)
         offs = torch.tensor(list(accumulate(counts)), dtype=torch.int32, device=y.device)
+        xs = g.gather(g.tok[rows])                                      # [n, H] the pairs' rows, in slot order
         ev = self.events
         if ev is not None:
             t0 = time.perf_counter()
-        y.index_copy_(0, idx, self.grouped_fn(g.xs[idx], stacks["gate_up"], stacks["down"], offs))
+        y.index_copy_(0, idx, self.grouped_fn(xs, stacks["gate_up"], stacks["down"], offs))
         if ev is not None:
             t1 = time.perf_counter()
             for e in experts:
