@@ -1,7 +1,8 @@
 """The device expert cache: preallocated slots per layer, and which expert sits in which slot.
 
-Mechanism only: the executor decides what to load and what to evict. Every slot is allocated once, at start, as
-its own tensors (64-byte aligned) with the shapes and dtypes of one expert as the store holds it (`ExpertStore.specs`:
+Mechanism only: the executor decides what to load and what to evict. Every slot is allocated once, at start (its
+tensors 64-byte aligned; its own allocation, or a row of its layer's, below), with the shapes and dtypes of one expert
+as the store holds it (`ExpertStore.specs`:
 float tensors, or a quantized checkpoint's packed ones), so bytes on the device never exceed `capacity_bytes` =
 slots x expert bytes. Where the checkpoint keeps each expert's tensors back to back (`ExpertStore.flat_layout`), a
 slot is one buffer and its tensors are views of it in the file's order, so a load is one copy, not one per tensor.

@@ -287,8 +287,9 @@ class OffloadExecutor:
             of, held = pools.of[layer], self.cache.held[layer]
             for e in experts:
                 if of[e]:
-                    a, b = g.span[e]
-                    y[a:b] = self._compute(layer, e, g.rows(e), self.store.materialize(layer, e, held[e], y.dtype))
+                    a, b = g.span[e]                 # its rows only (g.xs would gather every pair's)
+                    w = self.store.materialize(layer, e, held[e], y.dtype)
+                    y[a:b] = self._compute(layer, e, g.gather(g.tok[a:b]), w)
             experts = [e for e in experts if not of[e]]
         if not experts:
             return
