@@ -169,8 +169,8 @@ def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, expe
     t_n, k = chosen.shape
     if t_n == 1 and x.is_contiguous():                              # one token: its k distinct experts, x as is
         span = {e: (i, i + 1) for i, e in enumerate(sorted(chosen[0].tolist()) if experts is None else experts)}
-        order = np.argsort(chosen[0])                               # [k] positions by expert id
-        return PairGroups(np.zeros(k, dtype=np.int64), span, weights[0][torch.from_numpy(order).to(x.device)], x, True)
+        order = torch.from_numpy(np.argsort(chosen[0])).to(x.device)   # [k] positions by expert id
+        return PairGroups(np.zeros(k, dtype=np.int64), span, weights.reshape(-1).index_select(0, order), x, True)
     if t_n * k <= SMALL_CALL:                                       # a few pairs: Python beats numpy's call costs
         flat = chosen.T.reshape(-1).tolist()                        # [k*T], pair j * T + t
         order_l = sorted(range(len(flat)), key=flat.__getitem__)    # stable: (expert, j, t)
@@ -194,7 +194,7 @@ def group_pairs(x: torch.Tensor, chosen: np.ndarray, weights: torch.Tensor, expe
     for e, n in zip(experts, counts):
         span[e] = (b, b + n)
         b += n
-    w = weights.reshape(-1)[torch.from_numpy(tok * k + order // t_n).to(x.device)]   # [N]
+    w = weights.reshape(-1).index_select(0, torch.from_numpy(tok * k + order // t_n).to(x.device))   # [N]
     return PairGroups(tok, span, w, x, False, by_token)
 
 

@@ -100,9 +100,9 @@ class OffloadExecutor:
             for t in range(t_n):
                 if t * k + p not in skip:
                     own.setdefault(chosen[t][p], []).append(t * k + p)
-        # weights as Python floats: float32 values exactly; a product of two float32 values is exact in a double, so
-        # rounding it to float32 once (np.array below) is float32 multiplication
-        w = routing.weights.float().reshape(-1).tolist()                # [T*k]
+        # weights as Python floats: float32 (or bfloat16) values exactly; a product of two float32 values is exact in
+        # a double, so rounding it to float32 once (np.array below) is float32 multiplication
+        w = [v for row in routing.weights.tolist() for v in row]        # [T*k]
         if subs:
             coef = routing.coef.tolist()                                # [T]
             if t_n <= 8:                                                # t -> [E]
@@ -127,10 +127,7 @@ class OffloadExecutor:
                 tok.append(t)
                 wt.append(v)
             span[e] = (a, len(tok))
-        dev, dtype = x.device, routing.weights.dtype
-        weights = torch.from_numpy(np.array(wt, dtype=np.float32)).to(dev)
-        if dtype != torch.float32:
-            weights = weights.to(dtype)
+        weights = torch.from_numpy(np.array(wt, dtype=np.float32)).to(x.device, routing.weights.dtype)   # [N]
         tok_np = np.asarray(tok, dtype=np.int64)
         return PairGroups(tok_np, span, weights, x, False)
 
@@ -138,7 +135,7 @@ class OffloadExecutor:
     def _token_groups(x: torch.Tensor, routing: Routing, ch: list[int], d, mode: str) -> PairGroups:
         """`_groups` of a one-token call: the chosen experts not replaced or dropped and the understudies (all
         distinct: an understudy is never one of the token's chosen), one pair each, in ascending id, x their rows."""
-        w = routing.weights.float().reshape(-1).tolist()                # [k]
+        w = routing.weights.tolist()[0]                                 # [k] exact as Python floats
         gone = d.understudy.keys() | set(d.dropped)
         serving = {e: w[p] for p, e in enumerate(ch) if e not in gone}
         if d.understudy:
@@ -147,9 +144,8 @@ class OffloadExecutor:
                 own = not (mode == "replaced" or (mode == "auto" and reason == "similarity"))
                 serving[j] = coef * gate[j] if own else w[ch.index(i)]
         order = sorted(serving)
-        weights = torch.from_numpy(np.array([serving[e] for e in order], dtype=np.float32)).to(x.device)
-        if routing.weights.dtype != torch.float32:
-            weights = weights.to(routing.weights.dtype)
+        weights = torch.from_numpy(np.array([serving[e] for e in order], dtype=np.float32)).to(
+            x.device, routing.weights.dtype)                            # [n] rounded to float32, then the weights'
         return PairGroups(np.zeros(len(order), dtype=np.int64), {e: (n, n + 1) for n, e in enumerate(order)},
                           weights, x, True)
 

@@ -122,20 +122,27 @@ def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], list[list[int]]]:
     """`top_view` as per token a dict {expert: score} (chosen first, by descending score) and the chosen experts in
-    routing order: one topk and three host copies, then a few Python operations per token (a decode call has 1-3)."""
+    routing order: one topk and a few host copies, then a few Python operations per token (a decode call has 1-3).
+    The scores are topk's values (the score table's own); the whole row is read only for a token whose chosen experts
+    are not all in its top `width` (a biased router's choice)."""
     idx = routing.idx.tolist()
     k = len(idx[0]) if idx else 0
-    score = routing.score.tolist()                                                      # [T][E]
-    top = torch.topk(routing.score, width, dim=1).indices.tolist() if width > k else [[] for _ in idx]
+    if width <= k:
+        score = routing.score.tolist()                                                  # [T][E]
+        return [{e: s[e] for e in sorted(ch, key=lambda e: -s[e])} for s, ch in zip(score, idx)], idx
+    vals, top = torch.topk(routing.score, width, dim=1)
     rows = []
-    for s, ch, tp in zip(score, idx, top):
-        row = {e: s[e] for e in sorted(ch, key=lambda e: -s[e])}      # stable: ties keep the routing order
+    for t, (v, tp, ch) in enumerate(zip(vals.tolist(), top.tolist(), idx)):
+        s = dict(zip(tp, v))                                                            # the top `width` scores
+        if len(s.keys() & ch) < k:                                                      # a chosen one outside them
+            s = dict(enumerate(routing.score[t].tolist()))
+        row = {e: s[e] for e in sorted(ch, key=s.__getitem__, reverse=True)}   # stable: ties keep routing order
         n = width - k
         for e in tp:
-            if n == 0:
-                break
             if e not in row:
                 row[e] = s[e]
                 n -= 1
+                if n == 0:
+                    break
         rows.append(row)
     return rows, idx

@@ -120,27 +120,40 @@ class ScoreWindow:
 
     A step is {e: s_t(e)} for the experts with a score (the others score 0). push: sum[e] -= the oldest step's s(e)
     for its experts (when n are held), then sum[e] += this step's s(e) for its experts, in that order; mean[e] =
-    sum[e] / (steps held). Sparse, a push costs the steps' sizes, not E."""
+    sum[e] / (steps held). Sparse, a push costs the steps' sizes, not E: once n steps are held the divisor stays n,
+    and only the experts of the two steps get a new mean (the same quotient `mean` would compute for every one)."""
 
     def __init__(self, num_experts: int, n: int):
         self.n, self.e = n, num_experts
         self._steps: deque[Mapping[int, float]] = deque(maxlen=n)
         self._sum = [0.0] * num_experts                # [E] sum of the held steps' scores
         self._mean: list[float] | None = None          # [E] made on first read after a push (read per victim)
+        self._touched: list[Mapping[int, float]] = []  # the steps pushed and dropped since `_mean` was made
 
     def push(self, step: Mapping[int, float]) -> None:
         total = self._sum
-        if len(self._steps) == self.n:
-            for e, s in self._steps[0].items():
+        full = len(self._steps) == self.n
+        if full:
+            old = self._steps[0]
+            for e, s in old.items():
                 total[e] -= s
         self._steps.append(step)
         for e, s in step.items():
             total[e] += s
-        self._mean = None
+        if not full or self._mean is None or len(self._touched) >= 2 * self.n:   # the divisor moves, no means yet,
+            self._mean, self._touched = None, []       # or unread for a window: all of them, on read
+        else:
+            self._touched += (old, step)
 
     def mean(self) -> list[float]:
         """[E] the mean score of every expert over the held steps."""
+        m = max(len(self._steps), 1)
         if self._mean is None:
-            m = max(len(self._steps), 1)
             self._mean = [s / m for s in self._sum]
+        elif self._touched:
+            mean, total = self._mean, self._sum
+            for step in self._touched:
+                for e in step:
+                    mean[e] = total[e] / m
+            self._touched = []
         return self._mean

@@ -103,6 +103,22 @@ def test_lru_and_score_eviction_order():
     assert w.mean()[1] == pytest.approx(0.0) and score_victim([0, 1, 2, 3], w.mean()) == 1
 
 
+
+def test_score_window_means_are_the_sums_over_the_held_steps():
+    """The window's means, updated only for the experts of the steps pushed and dropped since the last read, are
+    every expert's running sum / steps held, bit for bit, whether read after every push, now and then, or never for
+    longer than the window."""
+    import random
+
+    rng = random.Random(0)
+    for n, reads in [(1, 1.0), (3, 1.0), (4, 0.3), (16, 0.05)]:
+        w = ScoreWindow(num_experts=12, n=n)
+        for _ in range(200):
+            w.push({e: rng.random() for e in rng.sample(range(12), rng.randint(0, 5))})
+            if rng.random() < reads:
+                m = max(len(w._steps), 1)
+                assert w.mean() == [s / m for s in w._sum]
+
 def test_host_transfer_split():
     assert split_misses([5, 6, 7, 8], c_load=1.0, c_host=1.0) == ([5, 6], [7, 8])
     assert split_misses([5, 6, 7, 8], c_load=1.0, c_host=3.0) == ([5, 6, 7], [8])
