@@ -14,11 +14,12 @@ and a 260-token vocabulary, so that an expert computes in microseconds and the r
 Per (model, batch, policy): `Runtime.load(model, policy=..., cache="50%")` (no emulated link: a load is a copy from
 the mmap'd checkpoint, made inline on the compute thread for these small experts, runtime.loader), one untimed
 warm-up decode, then `repeats` greedy decodes of `tokens` tokens after a random `prompt`-token prompt per row, the
-policies and HF transformers' own `generate` on the same checkpoint interleaved within each repeat. A decode of n
-tokens has n - 1 timed steps (the first token, the prefill, is left out); over them, with L MoE layers and
-c = (n - 1) x L MoE layer calls:
+policies and HF transformers' own `generate` on the same checkpoint interleaved step by step within each repeat
+(`Turns`: each decode on a thread of its own, one running at a time, handing the turn on at each new token). A
+decode of n tokens has n - 1 timed steps (the first token, the prefill, is left out); over them, with L MoE layers
+and c = (n - 1) x L MoE layer calls:
 
-    T  = wall time of the steps (from the first token's `on_step` to the last one's)
+    T  = wall time of the steps (each from the moment the decode has the turn again to its next token's `on_step`)
     E  = time inside the expert function f_e (the GLU), summed over every expert computed
     S  = time the compute thread waited for a load to land (the executor's `stall_s`)
     C  = time the compute thread spent copying experts inline (the runtime's `copy_s`: the link's work, done on the
@@ -40,9 +41,11 @@ MoE block's `executor` (public
 attributes of our own objects; nothing in torch or transformers is touched); S and C are the runtime's own
 statistics. Only the loader-thread row records events (`record_events=True`), for its copy times: the policies are
 timed as a user runs them. A cell's figures come from the repeat with the median step time; a comparison of two
-cells (over resident, x HF) is paired by repeat, since repeat r of every policy runs in the same round, and reported
-as the median over the repeats with their range (`paired`): on this 2-core machine a round drifts by more than the
-goals.
+cells (over resident, x HF) is paired by repeat, since repeat r of every policy runs in the same round, step by step
+between the others' steps, and reported as the median over the repeats with their range (`paired`): on this 2-core
+machine the speed of one decode moves by more than the goals within minutes (runs before the step interleaving,
+which took turns decode by decode, spread over 2-3x), and only steps taken next to each other see the same
+machine.
 HF generate is timed by a stopping criterion that stamps each new token (`hf_decode`): its step time only. Goals
 (issue #13, `goals`): over resident <= 50 us per MoE layer call at batch 1 and <= 100 us at batch 3 on the
 Qwen3-30B-A3B shape; resident's step time <= 1.05x HF generate's on every shape. A goal is met when every repeat
@@ -58,9 +61,11 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -108,6 +113,7 @@ class OverheadConfig:
     heads: int = 4
     vocab: int = 260
     seed: int = 0
+    interleave: str = "step"    # how the round's decodes took turns: "step" (`Turns`); "decode" in runs before it
 
 
 QUICK = OverheadConfig(tokens=16, warmup=4, repeats=2, layers=4)
@@ -250,49 +256,130 @@ class Measure:
         return self.loads / (self.rows * self.steps)
 
 
-def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int) -> Measure:
-    """Greedy decode of `tokens` new tokens for prompts ids [B, P], measured over its steps after the first."""
+class Turns:
+    """Decodes that take turns one step at a time, each on its own thread: only the decode whose turn it is runs; at
+    each new token it hands the turn to the next one (in a fixed cycle) and waits for its own to come back. A round of
+    policies is then interleaved step by step, so the machine's drift (on this 2-core VM the same decode's speed moves
+    by 2x within an hour) moves every policy's steps alike and cancels in their comparison."""
+
+    def __init__(self, names: list[str]):
+        self.cond = threading.Condition()
+        self.active, self.pos = list(names), 0          # the decodes still running; whose turn it is
+
+    def _mine(self, name: str) -> bool:
+        return bool(self.active) and self.active[self.pos] == name
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self._mine(name))
+
+    def pass_on(self, name: str) -> None:
+        """The turn to the next decode; back when it is `name`'s again."""
+        with self.cond:
+            self.pos = (self.active.index(name) + 1) % len(self.active)
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self._mine(name))
+
+    def leave(self, name: str) -> None:
+        with self.cond:
+            i = self.active.index(name)
+            self.active.pop(i)
+            if self.pos > i or self.pos >= len(self.active):
+                self.pos = (self.pos - 1) % len(self.active) if self.pos > i else 0
+            self.cond.notify_all()
+
+
+class Turn:
+    """One decode's place in `Turns`. `step()` is called at each new token: it ends the decode's step (the first
+    ends the prefill, which is not timed), hands the turn on and starts the next step when the turn comes back;
+    `windows` are the timed steps' (start, end) perf_counter stamps, which hold only this decode's work."""
+
+    def __init__(self, turns: Turns, name: str):
+        self.turns, self.name = turns, name
+        self.windows: list[tuple[float, float]] = []
+        self._start: float | None = None
+
+    def step(self) -> None:
+        end = time.perf_counter()
+        if self._start is not None:
+            self.windows.append((self._start, end))
+        self.turns.pass_on(self.name)
+        self._start = time.perf_counter()
+
+    @property
+    def wall_s(self) -> float:
+        return sum(b - a for a, b in self.windows)
+
+
+def take_turns(jobs: dict[str, Callable[[Turn], "Measure"]]) -> dict[str, "Measure"]:
+    """Run the decodes `jobs` (name -> job(turn)) interleaved step by step (`Turns`), each on a thread of its own
+    with this thread's torch thread count; their Measures by name. A job's error is raised here, after the others
+    finished."""
+    turns, n_threads = Turns(list(jobs)), torch.get_num_threads()
+    out: dict[str, Measure] = {}
+    errors: list[BaseException] = []
+
+    def run(name: str, job) -> None:
+        torch.set_num_threads(n_threads)
+        try:
+            turns.wait(name)
+            out[name] = job(Turn(turns, name))
+        except BaseException as e:   # noqa: BLE001 - re-raised below, once every decode has left
+            errors.append(e)
+        finally:
+            turns.leave(name)
+
+    threads = [threading.Thread(target=run, args=(name, job), name=f"decode-{name}") for name, job in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int, turn: Turn) -> Measure:
+    """Greedy decode of `tokens` new tokens for prompts ids [B, P], measured over its steps after the first (the
+    windows of `turn`)."""
     rt.stats.reset()
     probe.clear()
     events = getattr(rt.executor, "events", None)   # the loader-thread row's (record_events); else none
     if events is not None:
         events.clear()
-    stamps: list[float] = []
-    out = rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=tokens,
-                          on_step=lambda _: stamps.append(time.perf_counter()))
-    assert out.shape[1] == tokens and len(stamps) == tokens, f"decode stopped after {out.shape[1]} of {tokens} tokens"
-    lo, hi = stamps[0], stamps[-1]
+    out = rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=tokens, on_step=lambda _: turn.step())
+    steps = tokens - 1
+    assert out.shape[1] == tokens and len(turn.windows) == steps, f"decode stopped after {out.shape[1]} of {tokens}"
+    lo, hi = turn.windows[0][0], turn.windows[-1][1]
     d, total = rt.stats.to_dict(), rt.stats.total()       # decode phase: the timed steps
     copies, n_copies = total.copy_s, d["loads"]           # inline copies; else the loader thread's, from its events
     if events is not None:
         loads = [ev[2] - ev[1] for ev in events if ev[0] == "load" and lo <= ev[1] <= hi]
         copies, n_copies = sum(loads), len(loads)
-    steps = tokens - 1
-    return Measure(steps=steps, calls=steps * len(rt.lm.arch.moe_layers), rows=ids.shape[0], wall_s=hi - lo,
+    return Measure(steps=steps, calls=steps * len(rt.lm.arch.moe_layers), rows=ids.shape[0], wall_s=turn.wall_s,
                    expert_s=inside(probe.expert, lo, hi), executor_s=inside(probe.executor, lo, hi),
                    stall_s=total.stall_s, inline_copy_s=total.copy_s, copy_s=copies / max(n_copies, 1),
                    loads=d["loads"], hit_rate=d["hit_rate"])
 
 
-def hf_decode(model, ids: torch.Tensor, tokens: int) -> Measure:
+def hf_decode(model, ids: torch.Tensor, tokens: int, turn: Turn) -> Measure:
     """HF transformers' own greedy `generate` (its model, MoE blocks and cache; bf16, as resident computes) of
-    `tokens` new tokens for ids [B, P], timed as `timed_decode` times ours: a stopping criterion stamps each new
-    token, and the steps after the first are timed. Only the step time is known (no expert/executor split)."""
+    `tokens` new tokens for ids [B, P], timed as `timed_decode` times ours: a stopping criterion ends each step at
+    its new token (`turn`), and the steps after the first are timed. Only the step time is known (no expert/executor
+    split)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
-
-    stamps: list[float] = []
 
     class Stamp(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
-            stamps.append(time.perf_counter())
+            turn.step()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                              do_sample=False, stopping_criteria=StoppingCriteriaList([Stamp()]), pad_token_id=0)
-    assert out.shape[1] - ids.shape[1] == tokens and len(stamps) == tokens, "HF generate stopped early"
     steps = tokens - 1
-    return Measure(steps=steps, calls=0, rows=ids.shape[0], wall_s=stamps[-1] - stamps[0], expert_s=0.0,
+    assert out.shape[1] - ids.shape[1] == tokens and len(turn.windows) == steps, "HF generate stopped early"
+    return Measure(steps=steps, calls=0, rows=ids.shape[0], wall_s=turn.wall_s, expert_s=0.0,
                    executor_s=0.0, stall_s=0.0, inline_copy_s=0.0, copy_s=0.0, loads=0, hit_rate=1.0)
 
 
@@ -349,16 +436,17 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
         for batch in cfg.batches:
             gen = torch.Generator().manual_seed(cfg.seed + batch)
             prompts = [torch.randint(3, cfg.vocab, (batch, cfg.prompt), generator=gen) for _ in range(cfg.repeats + 1)]
-            for p, rt in rts.items():   # the warm-up prompt is not one of the timed ones
-                rt.generate_ids(prompts[0], torch.ones_like(prompts[0]), max_new_tokens=cfg.warmup)
-            for m in hfs.values():
-                hf_decode(m, prompts[0], cfg.warmup)
             runs: dict[str, list[Measure]] = {p: [] for p in [*rts, *hfs]}
-            for r in range(cfg.repeats):
-                for p, rt in rts.items():
-                    runs[p].append(timed_decode(rt, probes[p], prompts[r + 1], cfg.tokens))
-                for name, m in hfs.items():
-                    runs[name].append(hf_decode(m, prompts[r + 1], cfg.tokens))
+            names = list(runs)
+            for r in range(-1, cfg.repeats):   # -1: the warm-up round (its prompt is not one of the timed ones)
+                ids, tokens = prompts[r + 1], cfg.warmup if r < 0 else cfg.tokens
+                jobs = {p: (lambda turn, p=p: timed_decode(rts[p], probes[p], ids, tokens, turn)) for p in rts}
+                jobs |= {n: (lambda turn, m=m: hf_decode(m, ids, tokens, turn)) for n, m in hfs.items()}
+                order = names[r % len(names):] + names[:r % len(names)]     # who goes first rotates by round
+                done = take_turns({n: jobs[n] for n in order})
+                if r >= 0:
+                    for n in names:
+                        runs[n].append(done[n])
             for p, ms in runs.items():
                 ranked = sorted(ms, key=lambda m: m.wall_s)
                 copies = "" if p in ("resident", *HF_ROWS) else ("inline" if rts[p].loader.inline else "thread")
@@ -502,7 +590,10 @@ def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], la
              f"{cfg.tokens} tokens after a {cfg.prompt}-token random prompt per row, the policies "
              + ("and HF transformers' own `generate` on the same checkpoint (bf16; its default experts "
                 "implementation, and its eager one, which lossless mode reproduces bit for bit) " if cfg.hf else "")
-             + "taking turns; the figures are the repeat with the median step time; x HF = ms/step over HF "
+             + ("interleaved step by step (one decode at a time, each handing the turn on at every new token; the "
+                "steps are timed from getting the turn back to the next token)" if cfg.interleave == "step" else
+                "taking turns decode by decode")
+             + "; the figures are the repeat with the median step time; x HF = ms/step over HF "
              "generate's (default experts implementation).", "",
              "Per MoE layer call, over the timed steps: own = (step time - expert compute - load waits - inline "
              "copies) / MoE layers (the whole model but the experts and the link's work: with no link the compute "
@@ -554,7 +645,8 @@ def main() -> int:
 
     if args.from_json:
         saved = json.loads(Path(args.json).read_text())
-        cfg = OverheadConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["cfg"].items()})
+        cfg = OverheadConfig(**{"interleave": "decode",     # runs before `interleave` was recorded
+                                **{k: tuple(v) if isinstance(v, list) else v for k, v in saved["cfg"].items()}})
         shapes = {k: known[k] for k in cfg.models}
         cells = [Cell(c["model"], c["batch"], c["policy"], Measure(**c["m"]), tuple(Measure(**r) for r in c["runs"]),
                       c["copies"]) for c in saved["cells"]]
