@@ -47,7 +47,7 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.lean import LeanCacheModel, is_lean
 from runtime.policy.schedule import CacheModel, Scores
-from runtime.policy.substitution import SubstitutionParams, TokenDecision
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, best_first
 
 FAST_RULES = ("lru", "lfu", "lfru")
 Op = tuple[str, int, int, "int | None"]
@@ -222,7 +222,7 @@ class FastCacheModel:
         if len(misses) > 1:                                                # by (-best(e), e)
             if len(rows) == 1 and scores is None:                          # the token's score of each miss
                 row = table()[0]                                           # [E]
-                misses.sort(key=lambda e: (-row[e], e))
+                misses = best_first(misses, row.__getitem__)
             else:                        # best(e): the max over e's pairs (from 0 for a batch: scores are >= 0)
                 miss = set(misses)
                 best = dict.fromkeys(misses, 0.0 if len(rows) > 1 else float("-inf"))
@@ -232,7 +232,7 @@ class FastCacheModel:
                     for e in row_ids:
                         if e in miss and sc[e] > best[e]:
                             best[e] = sc[e]
-                misses.sort(key=lambda e: (-best[e], e))
+                misses = best_first(misses, best.__getitem__)
         if len(experts) > st.slots:                                        # a slot is freed by a compute: ops
             ops: list[Op] = []
             self._run(layer, st, experts, cached, misses, ops)

@@ -38,7 +38,7 @@ from runtime.policy.counts import Counts
 from runtime.policy.eviction import lfru_key, lfu_key, lru_key
 from runtime.policy.host_split import split_misses
 from runtime.policy.schedule import CacheModel, LayerSchedule, Scores, step_scores
-from runtime.policy.substitution import SubstitutionParams, TokenDecision, settle_miss
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, best_first, settle_miss
 
 
 def is_lean(policy: PolicyConfig, params: Mapping[int, SubstitutionParams]) -> bool:
@@ -71,7 +71,7 @@ def decide_lean(rows: Sequence[Scores], chosen: Sequence[Sequence[int]], cached:
         pool = None
         used: set[int] = set()
         chosen_set = set(ch)
-        for i in sorted(ch, key=lambda e: (-r.get(e, 0.0), e)):
+        for i in best_first(ch, lambda e: r.get(e, 0.0)):
             if r.get(i, 0.0) > hi or i in protected or i in cached or (use_batch and i in batch_top):
                 d.exact.append(i)
                 continue
@@ -86,10 +86,10 @@ def _band(r: Scores, chosen_set: set[int], s_next: float, alpha: float, cached: 
     """E_s: the token's scored, unchosen experts with (1 - alpha) S < s <= S that are cached or batch-top, best
     score first (ties: lower id); with a pool depth, only among its `depth` best unchosen experts."""
     lo = (1.0 - alpha) * s_next
-    pool = sorted((e for e, s in r.items() if e not in chosen_set and lo < s <= s_next
-                   and (e in cached or e in batch_top)), key=lambda e: (-r[e], e))
+    pool = best_first((e for e, s in r.items() if e not in chosen_set and lo < s <= s_next
+                       and (e in cached or e in batch_top)), r.__getitem__)
     if depth is not None and pool:
-        allowed = set(sorted((e for e in r if e not in chosen_set), key=lambda e: (-r[e], e))[:depth])
+        allowed = set(best_first((e for e in r if e not in chosen_set), r.__getitem__)[:depth])
         pool = [e for e in pool if e in allowed]
     return pool
 
@@ -237,7 +237,7 @@ class LeanCacheModel(CacheModel):
                         v = r.get(e, 0.0)
                         if e not in best or v > best[e]:
                             best[e] = v
-            missing.sort(key=lambda e: (-best.get(e, 0.0), e))
+            missing = best_first(missing, lambda e: best.get(e, 0.0))
         to_load, to_host = missing, []
         if cfg.host_compute and missing and len(chosen) <= self.host_batch_max:
             to_load, to_host = split_misses(missing, c_load, c_host)

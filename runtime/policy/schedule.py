@@ -38,16 +38,16 @@ from runtime.policy.eviction import (NextUse, ScoreWindow, belady_victim, lfru_v
                                      score_victim)
 from runtime.policy.host_split import split_misses
 from runtime.policy.pools import Pools
-from runtime.policy.substitution import SubstitutionParams, TokenDecision, decide_layer
+from runtime.policy.substitution import SubstitutionParams, TokenDecision, best_first, decide_layer
 
 Scores = Mapping[int, float]   # expert -> score, the token's top-W experts
 
 
 def predicted_top(scores: Scores, k: int, alpha: float) -> dict[int, float]:
     """Top-score experts of a predicted routing: the top k whose score exceeds (1 + alpha) * S(k+1)."""
-    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
-    s_next = ranked[k][1] if len(ranked) > k else 0.0
-    return {e: s for e, s in ranked[:k] if s > (1.0 + alpha) * s_next}
+    ranked = best_first(scores, scores.__getitem__)
+    s_next = scores[ranked[k]] if len(ranked) > k else 0.0
+    return {e: scores[e] for e in ranked[:k] if scores[e] > (1.0 + alpha) * s_next}
 
 
 
@@ -253,7 +253,7 @@ class CacheModel:
             for e, s in predicted_top(r, self.k, alpha).items():
                 predicted[e] = max(predicted.get(e, 0.0), s)
         budget = self.policy.prefetch_max or self.k
-        return predicted, sorted(predicted, key=lambda e: (-predicted[e], e))[:budget]
+        return predicted, best_first(predicted, predicted.__getitem__)[:budget]
 
     def _tally(self, layer: int, c: Counts, exact: Mapping[int, int], subs: Mapping[int, int], cached: set[int],
                host_set: set[int], computed) -> None:

@@ -19,8 +19,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import AbstractSet, Mapping, Sequence
+from typing import AbstractSet, Callable, Iterable, Mapping, Sequence
 
+
+
+def best_first(experts: Iterable[int], score: Callable[[int], float]) -> list[int]:
+    """The experts in (-score(e), e) order: best score first, ties by lower id. Two C sorts (by id, then stably by
+    descending score: `reverse` keeps equal keys in their order) instead of a key tuple per expert; the lean models'
+    hot path. The reference rules keep `sorted(..., key=lambda e: (-score(e), e))`."""
+    out = sorted(experts)
+    out.sort(key=score, reverse=True)
+    return out
 
 @dataclass(frozen=True)
 class SubstitutionParams:

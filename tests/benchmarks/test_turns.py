@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from overhead import take_turns  # noqa: E402
+from overhead import Turn, inside_each, take_turns  # noqa: E402
 
 
 def _job(name: str, steps: int, log: list, fail_at: int | None = None):
-    def job(turn):
+    def job(turns):
+        turn = Turn(turns, name)
         for i in range(steps + 1):          # the first step ends the (untimed) prefill
             log.append((name, i))
             if i == fail_at:
@@ -32,3 +33,8 @@ def test_a_failing_decode_leaves_and_its_error_is_raised_after_the_others():
     with pytest.raises(ValueError, match="b failed"):
         take_turns({"a": _job("a", 2, log), "b": _job("b", 3, log, fail_at=1), "c": _job("c", 2, log)})
     assert [e for e in log if e[0] != "b"] == [("a", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2), ("c", 2)]
+
+
+def test_spans_are_summed_per_window():
+    spans = [(0.0, 1.0), (2.0, 2.5), (2.6, 3.0), (5.0, 6.0), (7.0, 7.5)]      # (start, end), in time order
+    assert inside_each(spans, [(1.5, 3.0), (4.0, 6.5), (8.0, 9.0)]) == pytest.approx([0.9, 1.0, 0.0])
