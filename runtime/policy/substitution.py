@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import AbstractSet, Callable, Iterable, Mapping, Sequence
 
 
-
 def best_first(experts: Iterable[int], score: Callable[[int], float]) -> list[int]:
     """The experts in (-score(e), e) order: best score first, ties by lower id. Two C sorts (by id, then stably by
     descending score: `reverse` keeps equal keys in their order) instead of a key tuple per expert; the lean models'
@@ -30,6 +29,7 @@ def best_first(experts: Iterable[int], score: Callable[[int], float]) -> list[in
     out = sorted(experts)
     out.sort(key=score, reverse=True)
     return out
+
 
 @dataclass(frozen=True)
 class SubstitutionParams:

@@ -150,3 +150,16 @@ def test_counts_add_every_counter():
     b = LayerCounters(pairs=2, load_bytes=7, quantized={"int8": 1})
     total.add(b)                                   # the general path: a subclass's extra counter too
     assert total.pairs == 18 and total.load_bytes == 12 and total.quantized == {"int4": 6, "int8": 1}
+
+
+def test_best_first_is_the_score_order_with_ties_by_id():
+    """`best_first` (two C sorts) orders as the reference's key (-score, e), ties and zeros included."""
+    import random
+
+    from runtime.policy.substitution import best_first
+
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = rng.sample(range(64), rng.randint(0, 20))
+        score = {e: rng.choice([0.0, 0.25, 0.5, rng.random()]) for e in ids}
+        assert best_first(ids, score.__getitem__) == sorted(ids, key=lambda e: (-score[e], e))
