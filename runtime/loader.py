@@ -56,15 +56,19 @@ class Ticket:
         if self.done is not None:
             self.done.wait()
         if self.error is not None:
-            err = self.error
-            why = (err.strerror if isinstance(err, OSError) else None) or (str(err).splitlines() or [type(err).__name__])[0]
-            raise UserError(f"loading expert {self.expert} of MoE layer {self.layer} failed ({why}); check the "
-                            "checkpoint files and the disk") from err
+            raise load_error(self.layer, self.expert, self.error) from self.error
         if self.cuda_event is not None:
             torch.cuda.current_stream().wait_event(self.cuda_event)
 
 
 Job = tuple[int, int, dict[str, torch.Tensor], bool]      # (layer, expert, slot tensors to fill, prefetch)
+
+
+def load_error(layer: int, expert: int, err: BaseException) -> UserError:
+    """The one-line error of a failed copy."""
+    why = (err.strerror if isinstance(err, OSError) else None) or (str(err).splitlines() or [type(err).__name__])[0]
+    return UserError(f"loading expert {expert} of MoE layer {layer} failed ({why}); check the checkpoint files and "
+                     "the disk")
 
 
 class Loader:
@@ -99,6 +103,16 @@ class Loader:
         if tickets:
             self._wake.release()
         return tickets
+
+    def copy_inline(self, layer: int, expert: int, dst: dict[str, torch.Tensor]) -> float:
+        """An inline load (`inline`) without a ticket: the copy into dst now, on this thread; returns its seconds. A
+        failed copy raises its one-line error."""
+        t0 = time.perf_counter()
+        try:
+            self.store.copy_into(layer, expert, dst)
+        except Exception as exc:
+            raise load_error(layer, expert, exc) from exc
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         if not self._closed:

@@ -321,22 +321,26 @@ class OffloadExecutor:
     def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
         """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies through the
         loader: made inline (their time into the layer's `copy_s`), or handed to the loader thread in one run."""
-        cache, jobs = self.cache, []
-        for e, v in loads:
-            if v is not None:
-                if self.tickets:
-                    self._wait(layer, v)         # never overwrite a slot whose copy is still landing
-                cache.evict(layer, v)
-            jobs.append((layer, e, cache.assign(layer, e), False))
-        inline = self.loader.inline
-        for t in self.loader.submit_many(jobs):
-            if inline:                           # copied already: a failed copy raises its one-line error here
-                t.wait()
-                c.copy_s += t.t_end - t.t_start
-            else:
+        cache, loader = self.cache, self.loader
+        if loader.inline:                        # copied now, one after another (no tickets: nothing lands later)
+            for e, v in loads:
+                if v is not None:
+                    if self.tickets:
+                        self._wait(layer, v)     # forget the ticket of a load made by an op list (landed)
+                    cache.evict(layer, v)
+                c.copy_s += loader.copy_inline(layer, e, cache.assign(layer, e))
+        else:
+            jobs = []
+            for e, v in loads:
+                if v is not None:
+                    if self.tickets:
+                        self._wait(layer, v)     # never overwrite a slot whose copy is still landing
+                    cache.evict(layer, v)
+                jobs.append((layer, e, cache.assign(layer, e), False))
+            for t in loader.submit_many(jobs):
                 self.tickets[(layer, t.expert)] = t
-        c.loads += len(jobs)
-        c.load_bytes += len(jobs) * cache.expert_bytes       # a slot's bytes: what each copy moves (no pools here)
+        c.loads += len(loads)
+        c.load_bytes += len(loads) * cache.expert_bytes      # a slot's bytes: what each copy moves (no pools here)
         if cache.used_bytes > self.stats.peak_cache_bytes:
             self.stats.peak_cache_bytes = cache.used_bytes
 
