@@ -211,11 +211,6 @@ class Probe:
         self.executor.clear()
 
 
-def inside(spans, lo: float, hi: float) -> float:
-    """Seconds of the spans that lie within [lo, hi]."""
-    return sum(b - a for a, b in spans if a >= lo and b <= hi)
-
-
 def inside_each(spans, windows) -> list[float]:
     """Per window (lo, hi), in order, the seconds of the spans within it; spans and windows in time order (one
     pass over both)."""
@@ -246,9 +241,10 @@ class Measure:
     copy_s: float       # mean copy time per load (inline, or on the loader thread)
     loads: int
     hit_rate: float
-    step_wall: list[float] = ()   # per timed step, seconds: wall time (T), own time (T - E - S - C) and the executor's
-    step_own: list[float] = ()    # own time (X - E - S - C); empty in runs before they were kept
-    step_exec: list[float] = ()
+    # per timed step, seconds (empty in runs before they were kept):
+    step_wall: tuple[float, ...] = ()   # T
+    step_own: tuple[float, ...] = ()    # T - E - S - C
+    step_exec: tuple[float, ...] = ()   # X - E - S - C
 
     def per_call_ms(self, seconds: float) -> float:
         return 1e3 * seconds / self.calls
@@ -336,9 +332,9 @@ class Turn:
 
 
 def take_turns(jobs: dict[str, Callable[[Turns], "Measure"]]) -> dict[str, "Measure"]:
-    """Run the decodes `jobs` (name -> job(turn)) interleaved step by step (`Turns`), each on a thread of its own
-    with this thread's torch thread count; their Measures by name. A job's error is raised here, after the others
-    finished."""
+    """Run the decodes `jobs` (name -> job(turns), which times itself with a `Turn` of `turns`) interleaved step by
+    step, each on a thread of its own with this thread's torch thread count; their Measures by name. A job's error is
+    raised here, after the others finished."""
     turns, n_threads = Turns(list(jobs)), torch.get_num_threads()
     out: dict[str, Measure] = {}
     errors: list[BaseException] = []
@@ -391,9 +387,9 @@ def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int, turns: Turns,
     s_c = [(s1 - s0 + c1 - c0) for (s0, c0), (s1, c1) in turn.marks]                              # S + C per step
     return Measure(steps=steps, calls=steps * len(rt.lm.arch.moe_layers), rows=ids.shape[0], wall_s=turn.wall_s,
                    expert_s=sum(e_w), executor_s=sum(x_w), stall_s=total.stall_s, inline_copy_s=total.copy_s,
-                   copy_s=copies / max(n_copies, 1), loads=d["loads"], hit_rate=d["hit_rate"], step_wall=wall_w,
-                   step_own=[w - e - sc for w, e, sc in zip(wall_w, e_w, s_c)],
-                   step_exec=[x - e - sc for x, e, sc in zip(x_w, e_w, s_c)])
+                   copy_s=copies / max(n_copies, 1), loads=d["loads"], hit_rate=d["hit_rate"], step_wall=tuple(wall_w),
+                   step_own=tuple(w - e - sc for w, e, sc in zip(wall_w, e_w, s_c)),
+                   step_exec=tuple(x - e - sc for x, e, sc in zip(x_w, e_w, s_c)))
 
 
 def hf_decode(model, ids: torch.Tensor, tokens: int, turns: Turns, name: str) -> Measure:
@@ -417,7 +413,7 @@ def hf_decode(model, ids: torch.Tensor, tokens: int, turns: Turns, name: str) ->
     assert out.shape[1] - ids.shape[1] == tokens and len(turn.windows) == steps, "HF generate stopped early"
     return Measure(steps=steps, calls=0, rows=ids.shape[0], wall_s=turn.wall_s, expert_s=0.0,
                    executor_s=0.0, stall_s=0.0, inline_copy_s=0.0, copy_s=0.0, loads=0, hit_rate=1.0,
-                   step_wall=[b - a for a, b in turn.windows])
+                   step_wall=tuple(b - a for a, b in turn.windows))
 
 
 @dataclass(frozen=True)
