@@ -132,7 +132,7 @@ class PairGroups:
 
     def gather(self, tok: np.ndarray) -> torch.Tensor:
         """x's rows of the tokens tok [n] (int64): [n, H]."""
-        return self.x[torch.from_numpy(tok).to(self.x.device)]
+        return self.x.index_select(0, torch.from_numpy(tok).to(self.x.device))
 
     def rows(self, e: int) -> torch.Tensor:
         """Expert e's input rows [n_e, H]."""
@@ -216,7 +216,7 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
                                                 or (np.bincount(tok, minlength=t_n) == k).all()):
         if by_token is None and t_n > 1:
             by_token = np.argsort(tok, kind="stable")
-        by_rank = weighted if t_n == 1 else weighted[torch.from_numpy(by_token)]
+        by_rank = weighted if t_n == 1 else weighted.index_select(0, torch.from_numpy(by_token))
         out = torch.zeros_like(x)
         for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
             out.add_(c)
