@@ -145,7 +145,7 @@ class OffloadExecutor:
                 serving[j] = coef * gate[j] if own else w[ch.index(i)]
         order = sorted(serving)
         weights = torch.from_numpy(np.array([serving[e] for e in order], dtype=np.float32)).to(
-            x.device, routing.weights.dtype)                            # [n] rounded to float32, then the weights'
+            x.device, routing.weights.dtype)                            # [n] float32, then the weights' dtype
         return PairGroups(np.zeros(len(order), dtype=np.int64), {e: (n, n + 1) for n, e in enumerate(order)},
                           weights, x, True)
 
@@ -319,26 +319,22 @@ class OffloadExecutor:
         return y
 
     def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
-        """A direct call's loads (expert, victim or None): evictions and slots claimed, then the copies through the
-        loader: made inline (their time into the layer's `copy_s`), or handed to the loader thread in one run."""
-        cache, loader = self.cache, self.loader
-        if loader.inline:                        # copied now, one after another (no tickets: nothing lands later)
-            for e, v in loads:
-                if v is not None:
-                    if self.tickets:
-                        self._wait(layer, v)     # forget the ticket of a load made by an op list (landed)
-                    cache.evict(layer, v)
-                c.copy_s += loader.copy_inline(layer, e, cache.assign(layer, e))
-        else:
-            jobs = []
-            for e, v in loads:
-                if v is not None:
-                    if self.tickets:
-                        self._wait(layer, v)     # never overwrite a slot whose copy is still landing
-                    cache.evict(layer, v)
-                jobs.append((layer, e, cache.assign(layer, e), False))
-            for t in loader.submit_many(jobs):
-                self.tickets[(layer, t.expert)] = t
+        """A direct call's loads (expert, victim or None), each its victim evicted and its slot claimed, then its
+        copy made inline (its time into the layer's `copy_s`); or, with the loader thread, all copies handed over in
+        one run."""
+        cache, loader, jobs = self.cache, self.loader, []
+        for e, v in loads:
+            if v is not None:
+                if self.tickets:                 # never overwrite a slot whose copy is still landing (and forget
+                    self._wait(layer, v)         # the ticket of one that landed)
+                cache.evict(layer, v)
+            dst = cache.assign(layer, e)
+            if loader.inline:                    # copied now, on this thread: no ticket, nothing lands later
+                c.copy_s += loader.copy_inline(layer, e, dst)
+            else:
+                jobs.append((layer, e, dst, False))
+        for t in loader.submit_many(jobs):
+            self.tickets[(layer, t.expert)] = t
         c.loads += len(loads)
         c.load_bytes += len(loads) * cache.expert_bytes      # a slot's bytes: what each copy moves (no pools here)
         if cache.used_bytes > self.stats.peak_cache_bytes:
