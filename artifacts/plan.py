@@ -67,6 +67,8 @@ class PlanChoices:
     objective: str = ""                # how the candidate was chosen, in words
     error_metric: str = "ppl_increase"
     error_limit: float | None = None
+    error_bound: str | None = None     # the figure error_limit applies to: None, error_metric's value; "ppl_high",
+                                       # the upper end of its predicted 95% interval
     protect_frac: float = 0.1
     batch: int = 1
     context: int = 2048

@@ -1,6 +1,6 @@
 """The profile artifact: how a model's experts behave on calibration text.
 
-Directory layout (format "understudy.profile", version 3):
+Directory layout (format "understudy.profile", version 4):
   profile.json        header: format, version, provenance (model fingerprint, calibration), settings
   stats.safetensors   per MoE layer l, tensors named "L{l}.{stat}" (sums and counts, so profiles merge by addition)
   trace.safetensors   the routing trace of the calibration tokens, for the compiler's simulator
@@ -17,6 +17,10 @@ Statistics stored (E = experts; all sums float64, counts int64), each read by th
   quant_class [E], quant_dnll_sum [C, S], quant_kl_sum [C, S], quant_pairs [C, S], quant_weight_error [E, S], quant.*
                           the measured loss cost of quantizing experts by importance class C and scheme S
                           (profiler.quant_sensitivity; header "quant_sensitivity"; version 3, optional)
+  sensitivity.dnll_window [N, O, C], sensitivity.pair_window [N, O, C], quant_kl_window [N, C, S],
+  quant_pairs_window [N, C, S]
+                          the same measurements per calibration window n (version 4, optional; their sums over n
+                          are the sums above): the compiler's interval of a plan's predicted loss
 Trace tensors: ids [T, M, W] int32 (the k chosen experts by descending score, then the next W-k by score),
 scores [T, M, W] float32, coef [T, M] float32 (weight per unit of gate), pred_ids / pred_scores [T, M, W] (the same
 view of the next MoE layer's router applied to this layer's input: what the runtime prefetches by; -1 / 0 for the
@@ -27,7 +31,8 @@ Compatibility: readers accept versions 1..FORMAT_VERSION; new versions add field
 Version 2 stopped computing statistics nothing read (version 1 also held score_sum, score_sqsum, active_score_sum,
 ratio_hist, coact, transition and out_norm_sum, and a "ratio_bins" header); a version-1 profile still loads, its
 extra tensors are ignored. Version 3 added the quantization sensitivity; a profile without it (any version, or
---quant-tokens 0) has `quant_sensitivity` None.
+--quant-tokens 0) has `quant_sensitivity` None. Version 4 added the per-window measurements; a profile without them
+gets predictions without an interval.
 """
 from __future__ import annotations
 
@@ -42,11 +47,12 @@ from artifacts.errors import UserError
 from artifacts.header import read_header, write_json
 
 FORMAT = "understudy.profile"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 HEADER_FILE, STATS_FILE, TRACE_FILE = "profile.json", "stats.safetensors", "trace.safetensors"
 
 LAYER_STATS = ("tokens", "act_count", "importance_sum", "probe_count", "cos_sum", "err_sum", "clusters")
-QUANT_LAYER_STATS = ("quant_class", "quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error")
+QUANT_LAYER_STATS = ("quant_class", "quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error",
+                     "quant_kl_window", "quant_pairs_window")
 TRACE_KEYS = ("ids", "scores", "coef", "pred_ids", "pred_scores", "token", "sample")
 
 
@@ -69,6 +75,8 @@ class QuantSensitivity:
     kl_sum: dict[int, np.ndarray]           # layer -> [C, S] KL(exact || quantized), nats summed over them
     pairs: dict[int, np.ndarray]            # layer -> [C, S] routed pairs the quantized experts served
     weight_error: dict[int, np.ndarray]     # layer -> [E, S] ||W - W'||_F / ||W||_F
+    kl_window: dict[int, np.ndarray] | None = None      # layer -> [N, C, S] kl_sum per calibration window
+    pairs_window: dict[int, np.ndarray] | None = None   # layer -> [N, C, S] pairs per calibration window
 
 
 @dataclass
@@ -145,7 +153,9 @@ class Profile:
         if not h:
             return None
 
-        def per(name: str) -> dict[int, np.ndarray]:
+        def per(name: str) -> dict[int, np.ndarray] | None:
+            if f"L{self.moe_layers[0]}.{name}" not in self.stats:           # a version-4 field, absent before
+                return None
             return self._per_layer(lambda l: self.stat(l, name))
 
         return QuantSensitivity(
@@ -153,7 +163,8 @@ class Profile:
             classes=tuple(h["classes"]), tokens=int(h["tokens"]), predicted=int(self.stats["quant.predicted"][0]),
             positions=int(self.stats["quant.positions"][0]), expert_class=per("quant_class"),
             dnll_sum=per("quant_dnll_sum"), kl_sum=per("quant_kl_sum"), pairs=per("quant_pairs"),
-            weight_error=per("quant_weight_error"))
+            weight_error=per("quant_weight_error"), kl_window=per("quant_kl_window"),
+            pairs_window=per("quant_pairs_window"))
 
     # ---- I/O ------------------------------------------------------------------------------------------------
     def validate(self, where: str = "profile") -> None:
@@ -189,6 +200,7 @@ class Profile:
             for name, want in (("dnll_sum", shape), ("pair_count", shape), ("nll_sum", (1,)), ("predicted", (1,)),
                                ("positions", (1,))):
                 self._check_tensor(c, self.stats, f"sensitivity.{name}", want)
+            self._check_windows(c, ("sensitivity.dnll_window", "sensitivity.pair_window"), shape)
         if h.get("quant_sensitivity"):
             self._check_quant(c, h["quant_sensitivity"], layers, e)
         if self.trace:
@@ -226,11 +238,23 @@ class Profile:
             for name, shape in (("quant_class", (e,)), ("quant_dnll_sum", (n_c, n_s)), ("quant_kl_sum", (n_c, n_s)),
                                 ("quant_pairs", (n_c, n_s)), ("quant_weight_error", (e, n_s))):
                 self._check_tensor(c, self.stats, f"L{l}.{name}", shape)
+            self._check_windows(c, (f"L{l}.quant_kl_window", f"L{l}.quant_pairs_window"), (n_c, n_s))
             cls = self.stats[f"L{l}.quant_class"]
             if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= n_c):
                 c.fail(f"tensor L{l}.quant_class", f"holds classes outside 0..{n_c - 1}")
         for name in ("predicted", "positions"):
             self._check_tensor(c, self.stats, f"quant.{name}", (1,))
+
+    def _check_windows(self, c: Checker, keys: tuple[str, ...], shape: tuple) -> None:
+        """Per-window tensors (version 4): absent together, or all [N, *shape] with the same N >= 1."""
+        present = [k for k in keys if k in self.stats]
+        if not present:
+            return
+        if len(present) < len(keys):
+            c.fail(f"tensor {sorted(set(keys) - set(present))[0]}", "is missing")
+        n = self.stats[keys[0]].shape[0] if self.stats[keys[0]].ndim == len(shape) + 1 else -1
+        for k in keys:
+            self._check_tensor(c, self.stats, k, (max(n, 1), *shape))
 
     @staticmethod
     def _check_tensor(c: Checker, tensors: dict, key: str, shape: tuple, what: str = "tensor") -> None:

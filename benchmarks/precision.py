@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from compiler.summary import ppl_text  # noqa: E402
 from sections import write_section  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "fixtures"
@@ -324,17 +325,23 @@ def section(res: dict) -> str:
                              f"{d['substitution_rate']:.3f} | {d['drop_rate']:.3f} | {miss:.3f} | "
                              f"{d['loads_per_token']:.2f} | {d['bytes_per_token'] / 1e6:.3f} | {ci} | "
                              f"{mix_text(d.get('precision_mix', {}))} |")
-        lines += ["", "Predicted by moe-compile on the calibration trace (hit rate; the oracle runs only here):", "",
-                  "| budget | plan precision (high/mid/low) | slots by precision per layer | plan | plan-native | "
-                  "lru | lfu | lfru | static | oracle | quantized copies made at start |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        interval = any(c["predicted"]["plan"].get("ppl_high") is not None for c in m["cells"].values())
+        ppl_note = ("plan's perplexity increase with its 95% interval over the profile's calibration windows; "
+                    "moe-compile's limit of +0.5% applies to the interval's upper end" if interval else
+                    "plan's perplexity increase: a point, the profile kept no per-window measurements, and "
+                    "moe-compile's limit of +0.5% applies to it")
+        lines += ["", f"Predicted by moe-compile on the calibration trace (hit rate; the oracle runs only here; "
+                  f"{ppl_note}):", "",
+                  "| budget | plan precision (high/mid/low) | slots by precision per layer | plan | plan ppl | "
+                  "plan-native | lru | lfu | lfru | static | oracle | quantized copies made at start |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for pct, c in m["cells"].items():
             pr = c["predicted"]
             slots = "; ".join(f"{l}: " + ", ".join(f"{n} {k}" for k, n in s.items()) for l, s in c["slots"].items())
             st = c.get("startup")
             start = (f"{st['copies']} copies, {st['bytes'] / 2**20:.1f} MiB, {st['seconds']:.1f} s" if st else "-")
             lines.append(f"| {pct} | {c['precision']} | {slots or '-'} | {pr['plan']['hit_rate']:.3f} | "
-                         f"{c['predicted_native']['hit_rate']:.3f} | "
+                         f"{ppl_text(pr['plan'])} | {c['predicted_native']['hit_rate']:.3f} | "
                          + " | ".join(f"{pr[b]['hit_rate']:.3f}" for b in (*LOSSLESS, "oracle")) + f" | {start} |")
         lines += ["", f"Goals on {name}:", ""]
         for scope, fig, goal, v in goals(name, m["cells"], resolve_runs(res), res["tokens"]):

@@ -34,9 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     goal.add_argument("--tpot-target", type=float, default=None, metavar="MS",
                       help="time per output token to meet on the target, with the least predicted error")
     goal.add_argument("--max-error", type=float, default=None, metavar="E",
-                      help="largest predicted perplexity increase (0.01 = +1%%; without a measured loss sensitivity "
-                           "in the profile: share of routed output mass replaced by error), with the most hits; "
-                           "default: the least TPOT within +0.5%%")
+                      help="largest predicted perplexity increase (0.01 = +1%%; at the upper end of its 95%% "
+                           "interval where the profile kept per-window measurements; without a measured loss "
+                           "sensitivity in the profile: share of routed output mass replaced by error), with the "
+                           "most hits; default: the least TPOT within +0.5%%")
     ap.add_argument("--precision", choices=("auto", "off", "int8", "int4"), default=d.precision,
                     help="precision the cache holds experts at: auto (default) lets the plan hold less important "
                          "experts as int8 or int4 copies where the profile's measured cost allows (needs moe-profile "

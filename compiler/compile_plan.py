@@ -8,7 +8,9 @@ oracle, Belady's bound on lossless caching).
 
 The accuracy cost of a candidate ("error") is its predicted perplexity increase from the profile's measured loss
 sensitivity (compiler.loss_model); a profile made with --sensitivity-tokens 0 falls back to the relative output
-error (share of routed gate mass replaced by profiled error), a cruder proxy.
+error (share of routed gate mass replaced by profiled error), a cruder proxy. Where the profile kept its
+measurements per calibration window (format 4), the error limit applies to the upper end of the predicted
+increase's 95% interval (`ppl_high`), not to its middle.
   --tpot-target R:  the candidate of least error whose modeled TPOT <= R (else the fastest one);
   --max-error E:    the candidate with the most hits whose error <= E;
   neither:          the least modeled TPOT whose error <= the default (perplexity +0.5%; proxy: 2% of the mass);
@@ -140,7 +142,8 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
         return {"precision": option, "alpha": alpha, "pool_depth": depth, "drop_misses": drops, "tau": tau,
                 "prefetch": pmax > 0, "prefetch_max": pmax, **r.to_dict()}
 
-    goal = Objective(metric, limit, config.tpot_target_ms, most_hits=config.max_error is not None)
+    bound = "ppl_high" if loss_model is not None and loss_model.has_interval else None
+    goal = Objective(metric, limit, config.tpot_target_ms, most_hits=config.max_error is not None, bound=bound)
     taus = _distinct_taus(subs_map)
 
     def search(option) -> list[dict]:
@@ -185,7 +188,8 @@ def compile_plan(profile_dir: str | Path, config: CompileConfig = CompileConfig(
         log(f"warning: no plan meets --tpot-target {config.tpot_target_ms:g} ms on {target.name}; "
             f"the fastest models {best['tpot_ms']:.2f} ms")
     chosen = replace(choice(best["alpha"], best["pool_depth"], best["drop_misses"], best["tau"], best["prefetch_max"]),
-                     objective=objective, error_metric=metric, error_limit=limit, protect_frac=config.protect_frac,
+                     objective=objective, error_metric=metric, error_limit=limit, error_bound=bound,
+                     protect_frac=config.protect_frac,
                      batch=config.batch, context=config.context, precision=best["precision"])
     pools, slots, initial = layouts[best["precision"]]
     n_pred = min(config.predict_tokens, profile.trace["ids"].shape[0])

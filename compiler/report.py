@@ -13,7 +13,7 @@ from compiler.allocate import allocate_slots
 from compiler.loss_model import LossModel
 from compiler.predict import simulate_baseline, simulate_plan
 from compiler.simulator import Costs
-from compiler.summary import summarize
+from compiler.summary import ppl_text, summarize
 from compiler.targets import Target
 
 BUDGETS = (0.125, 0.25, 0.5, 0.75)
@@ -143,7 +143,7 @@ def write_report(plan: Plan, profile_dir: str | Path, out: str | Path) -> Path:
     rows = ["| budget | policy | exact hit | understudy | drop | host | miss | loads/token | modeled TPOT (ms) | "
             "predicted ppl |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sweep:
-        ppl = "-" if r.get("ppl_increase") is None else f"{100 * r['ppl_increase']:+.2f}%"
+        ppl = ppl_text(r)
         mark = " (this plan)" if r["this_plan"] else ""
         rows.append(f"| {100 * r['budget']:.1f}% ({r['slots']} slots){mark} | {r['policy']} | "
                     f"{r['exact_hit_rate']:.3f} | {r['substitution_rate']:.3f} | {r['drop_rate']:.3f} | "

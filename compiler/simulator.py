@@ -17,6 +17,9 @@ With the profile's measured loss sensitivity (compiler.loss_model), each underst
 cost in nats; loss_per_token and ppl_increase = exp(loss_per_token) - 1 are the predicted accuracy cost.
 Every pair a quantized copy computes (exact or understudy) adds the profile's measured cost per pair of that
 precision for the expert's importance class (LossModel.quant_cost: KL per pair, profiler.quant_sensitivity).
+The replay tallies those pairs by cost cell (LossTally) and prices the tally once at the end; with per-window
+measurements (profile format 4) also on every resample of the windows: ppl_low, ppl_high = the predicted increase's
+95% interval (LossModel.loss_interval).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.loss_model import LossModel
+from compiler.loss_model import LossModel, LossTally
 from compiler.targets import Target
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
@@ -41,6 +44,7 @@ class SimResult(Counts):
     mass: float = 0.0             # routed gate mass (sum of the chosen experts' weights), summed over tokens
     time_s: float = 0.0           # modeled decode time, summed over tokens
     loss: float | None = None     # expected NLL increase (nats), summed over tokens; None without a loss model
+    loss_range: tuple[float, float] | None = None   # its 95% interval (nats, summed); None without per-window data
     load_bytes: int = 0           # bytes the loads moved (each at its pool's precision)
     native: str = "bfloat16"      # the checkpoint's expert format (precision_mix's name for exact copies)
 
@@ -73,8 +77,18 @@ class SimResult(Counts):
     def ppl_increase(self) -> float | None:
         return None if self.loss is None else LossModel.ppl_increase(self.loss_per_token)
 
+    @property
+    def ppl_interval(self) -> tuple[float, float] | None:
+        """(low, high) of the predicted perplexity increase at 95%, or None."""
+        if self.loss_range is None:
+            return None
+        n = max(self.tokens, 1)
+        return LossModel.ppl_increase(self.loss_range[0] / n), LossModel.ppl_increase(self.loss_range[1] / n)
+
     def to_dict(self) -> dict:
+        lo, hi = self.ppl_interval or (None, None)
         return {"tokens": self.tokens, "loss_per_token": self.loss_per_token, "ppl_increase": self.ppl_increase,
+                "ppl_low": lo, "ppl_high": hi,
                 "hit_rate": self.hit_rate, **self.rates(), "loads_per_token": self.loads_per_token,
                 "tpot_ms": self.tpot_ms, "error_per_token": self.error_per_token,
                 "relative_error": self.relative_error,
@@ -134,7 +148,8 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
     t_total = replayed_tokens(trace, tokens)
     model = make_cache_model(slots, num_experts, top_k, policy, params, initial=initial, pinned=pinned,
                              future=future, pools=pools)          # the runtime's choice of cache model, too
-    res = SimResult(loss=0.0 if loss_model is not None else None, native=costs.native)
+    res = SimResult(native=costs.native)
+    tally = LossTally()
     load_s = {p: costs.load_of(b) for p, b in enumerate(pools.bytes)} if pools is not None else {0: costs.load}
     clock, link_free = 0.0, 0.0
     ready: dict[tuple[int, int], float] = {}            # (layer, expert) -> when its last load lands
@@ -162,9 +177,9 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
                 for i in d.dropped:
                     res.error += g[i]
             if loss_model is not None and (d.understudy or d.dropped):
-                res.loss += _replaced_loss(loss_model, row, chosen, d, error[layer] if error is not None else None)
+                tally_replaced(tally, loss_model, row, chosen, d, error[layer] if error is not None else None)
             if loss_model is not None and pools is not None and c.quantized:
-                res.loss += _quantized_loss(loss_model, pools, layer, s.ops, d)
+                tally_quantized(tally, loss_model, pools, layer, s.ops, d)
             # event-driven timing of this layer's ops
             clock += costs.dense_layer
             host_done = clock
@@ -182,35 +197,34 @@ def simulate(trace: dict, moe_layers: list[int], num_experts: int, top_k: int, s
             clock = max(clock, host_done)
         res.time_s += clock - t_start
         res.tokens += 1
+    if loss_model is not None:
+        res.loss, res.loss_range = loss_model.loss(tally), loss_model.loss_interval(tally)
     return res
 
 
-def _quantized_loss(model: LossModel, pools: Pools, layer: int, ops, decision) -> float:
-    """Measured cost (nats) of one token's pairs that quantized copies computed at one layer (batch 1)."""
+def tally_quantized(tally: LossTally, model: LossModel, pools: Pools, layer: int, ops, decision) -> None:
+    """Tally one token's pairs that quantized copies computed at one layer (batch 1), by cost cell."""
     served = [j for j, _ in decision.understudy.values()]           # an understudy may stand in for several
-    total = 0.0
     for kind, l, e, _ in ops:
         scheme = pools.quantized(l, e) if kind == "compute" and l == layer else None
         if scheme is not None:
             pairs = (e in decision.exact) + served.count(e)
-            total += pairs * model.quant_cost(layer, e, scheme)
-    return total
+            if pairs:
+                tally.add_quantized(model.quant_cell(layer, e, scheme), pairs)
 
 
-def _replaced_loss(model: LossModel, row: dict[int, float], chosen: list[int], decision,
-                   error: np.ndarray | None) -> float:
-    """Measured cost (nats) of one token's understudies and drops at one layer."""
+def tally_replaced(tally: LossTally, model: LossModel, row: dict[int, float], chosen: list[int], decision,
+                   error: np.ndarray | None) -> None:
+    """Tally one token's understudies and drops at one layer, by cost cell (a near-twin weighs err of a drop)."""
     s_next = kth_next(row, len(chosen))
     ratio = {i: row.get(i, 0.0) / s_next if s_next > 0 else float("inf") for i in chosen}
     inactive = sorted((e for e in row if e not in chosen), key=lambda e: (-row[e], e))
-    total = 0.0
     for i, (j, reason) in decision.understudy.items():
         if reason == "similarity":
             err = min(float(error[i, j]), 1.0) if error is not None else 1.0
-            total += err * model.pair_cost("drop", ratio[i])
+            tally.add_replaced(model.pair_cell("drop", ratio[i]), err)
         else:
             rank = inactive.index(j) + 1 if j in inactive else None
-            total += model.pair_cost(model.understudy_option(rank), ratio[i])
+            tally.add_replaced(model.pair_cell(model.understudy_option(rank), ratio[i]))
     for i in decision.dropped:
-        total += model.pair_cost("drop", ratio[i])
-    return total
+        tally.add_replaced(model.pair_cell("drop", ratio[i]))

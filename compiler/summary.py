@@ -10,6 +10,16 @@ from compiler.memory import MemorySplit
 from compiler.predict import BASELINES
 
 
+def ppl_text(d: dict) -> str:
+    """A prediction's perplexity increase, with its 95% interval where the profile gives one: "+0.45% [+0.38, +0.52]"."""
+    if d.get("ppl_increase") is None:
+        return "-"
+    text = f"{100 * d['ppl_increase']:+.2f}%"
+    if d.get("ppl_high") is not None:
+        text += f" [{100 * d['ppl_low']:+.2f}, {100 * d['ppl_high']:+.2f}]"
+    return text
+
+
 def summarize(plan: Plan) -> str:
     b = plan.budget
     split = MemorySplit(**{k: b[k] for k in MemorySplit.__dataclass_fields__})
@@ -32,13 +42,16 @@ def summarize(plan: Plan) -> str:
     rows = ("plan",) + (("plan_native",) if "plan_native" in p else ()) + tuple(n for n in BASELINES if n in p)
     for name in rows:                                  # older plans predicted lru and smoe only
         d = p[name]
-        ppl = "-" if d.get("ppl_increase") is None else f"{100 * d['ppl_increase']:+.2f}%"
+        ppl = ppl_text(d)
         mb = "-" if "bytes_per_token" not in d else f"{d['bytes_per_token'] / 1e6:.2f}"
         label = "native" if name == "plan_native" else name
         lines.append(f"  {label:<6} {d['hit_rate']:>6.3f} {d.get('exact_hit_rate', 0):>6.3f} "
                      f"{d['substitution_rate']:>8.3f} {d['drop_rate']:>6.3f} {d['host_rate']:>6.3f} "
                      f"{d.get('miss_rate', 0):>6.3f} {d['loads_per_token']:>10.2f} {mb:>8} {d['tpot_ms']:>9.2f} "
                      f"{ppl:>8}")
+    if p["plan"].get("ppl_high") is not None:
+        lines.append("  ppl: predicted perplexity increase [95% interval of the profile's measurement, a bootstrap "
+                     "over its calibration windows]")
     if "oracle" in p:
         lines += ["  lfu: evicts the fewest uses since the load; lfru: the fewest uses per call of age; static: the "
                   "profile's most",

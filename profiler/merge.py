@@ -1,5 +1,6 @@
 """Merging profiles of shards of a calibration set: every statistic is a sum or a count, so A + B is the profile of
-A's tokens plus B's; traces are concatenated and clusters recomputed from the merged similarity. Two quantization
+A's tokens plus B's; traces and per-window measurements are concatenated and clusters recomputed from the merged
+similarity. Two quantization
 fields are not data sums: the weight error (a property of the weights, the same in every shard: the first's is
 kept) and the importance classes (recomputed from the merged importance; each shard measured its sums with its own
 classes, which differ at most for experts of near-equal importance at a class boundary). `combine` is also how a run
@@ -44,9 +45,16 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
 
 def add_stats(shards: list[dict[str, np.ndarray]], keys) -> dict[str, np.ndarray]:
     """The shards' statistics `keys` added (float64 sums and int64 counts, in shard order), except the quantization
-    weight error, a property of the weights and not of the data: the first shard's."""
-    return {k: shards[0][k] if k.endswith(".quant_weight_error") else
-            np.sum([s[k] for s in shards], axis=0).astype(shards[0][k].dtype) for k in keys}
+    weight error, a property of the weights and not of the data (the first shard's), and the per-window measurements
+    (concatenated: every shard's windows, in shard order)."""
+    def one(k: str) -> np.ndarray:
+        if k.endswith(".quant_weight_error"):
+            return shards[0][k]
+        if k.endswith("_window"):
+            return np.concatenate([s[k] for s in shards])
+        return np.sum([s[k] for s in shards], axis=0).astype(shards[0][k].dtype)
+
+    return {k: one(k) for k in keys}
 
 
 def combine(profiles: list[Profile]) -> Profile:

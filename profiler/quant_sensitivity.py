@@ -22,6 +22,9 @@ sums, so shards merge:
   L{l}.quant_class [E]            the class of every expert (0 high, 1 mid, 2 low; recomputed on merge from the
                                   merged importance)
   quant.predicted, quant.positions  predicted tokens (each window's 2..L), token positions
+  L{l}.quant_kl_window [N, C, S], L{l}.quant_pairs_window [N, C, S]   the KL and the pairs per calibration window n
+                                  (format version 4; their sums over n are quant_kl_sum and quant_pairs), for the
+                                  compiler's interval of a plan's predicted loss (compiler.loss_model)
 Why the KL too: NLL(l, c, s) - NLL(exact) on N tokens is a first-order term, the loss gradient along the weight
 error (either sign, as large as the effect itself until N is large), plus the second-order cost; the KL is >= 0, is
 zero only when nothing changed, and its mean is the expected NLL increase on text the model predicts well (the
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from profiler.sensitivity import executor_swapped
+from profiler.sensitivity import WindowTally, executor_swapped
 from runtime.expert_compute import make_expert_fn, routed_output
 from runtime.expert_store import ExpertStore
 from runtime.families.arch import ExpertFormat
@@ -51,7 +54,8 @@ from runtime.quantize import (SCHEMES, Scheme, dequantize_expert, expert_matrice
 from runtime.router import Routing
 
 CLASSES = ("high", "mid", "low")
-LAYER_MEASURES = ("quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error")     # a layer's passes
+LAYER_MEASURES = ("quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error", "quant_kl_window",
+                  "quant_pairs_window")                                             # a layer's passes
 
 
 def importance_classes(importance: np.ndarray) -> np.ndarray:
@@ -100,7 +104,7 @@ class QuantizingExecutor:
         self.store, self.device = store, device
         self.expert_fn = make_expert_fn(store.arch.experts)
         self.target: QuantTarget | None = None
-        self.pairs = 0                       # routed pairs the target's experts served since reset
+        self.tally = WindowTally()           # routed pairs the target's experts served
 
     @torch.no_grad()
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -113,7 +117,7 @@ class QuantizingExecutor:
 
         if t is not None:
             ids = torch.tensor(sorted(t.experts), device=routing.idx.device)
-            self.pairs += int(torch.isin(routing.idx, ids).sum())
+            self.tally.add(torch.isin(routing.idx, ids).sum(1))
         return routed_output(x, routing.idx, routing.weights, self.store.arch.num_experts, weights_of,
                              self.expert_fn)
 
@@ -144,18 +148,20 @@ def next_token_log_probs(model, tokens: np.ndarray, device: torch.device, batch_
 
 
 @torch.no_grad()
-def loss_change(model, tokens: np.ndarray, device: torch.device, batch_size: int,
-                base: list[torch.Tensor]) -> tuple[float, float]:
-    """(sum of NLL - NLL(base), sum of KL(base || model)) over the predicted tokens, nats; `base` holds the exact
-    pass's log-probabilities per batch (host memory), as `exact_log_probs` returns them."""
-    dnll = kl = 0.0
+def loss_change(model, tokens: np.ndarray, device: torch.device, batch_size: int, base: list[torch.Tensor],
+                tally: WindowTally | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per window n of tokens [N, L], each [N]: (sum over its predicted tokens of NLL - NLL(base), of KL(base ||
+    model), nats; the pairs `tally` counted in its pass, 0 without one); `base` holds the exact pass's
+    log-probabilities per batch (host memory), as `exact_log_probs` returns them."""
+    dnll, kl, pairs = [], [], []
     for (logq, target), logp in zip(next_token_log_probs(model, tokens, device, batch_size), base):
         logp = logp.to(logq.device)
         pick = target[..., None]
-        dnll += float((logp.gather(-1, pick) - logq.gather(-1, pick)).double().sum())
+        dnll.append((logp.gather(-1, pick) - logq.gather(-1, pick)).double().sum((1, 2)).cpu().numpy())
         terms = torch.where(logp > -math.inf, logp.exp() * (logp - logq), 0.0)             # [B, L-1, V]; 0 log 0 = 0
-        kl += float(terms.sum(-1).double().sum())
-    return dnll, kl
+        kl.append(terms.sum(-1).double().sum(1).cpu().numpy())
+        pairs.append(tally.take(logq.shape[0]) if tally is not None else np.zeros(logq.shape[0]))
+    return np.concatenate(dnll), np.concatenate(kl), np.concatenate(pairs)
 
 
 def exact_log_probs(model, tokens: np.ndarray, device: torch.device, batch_size: int) -> list[torch.Tensor]:
@@ -180,16 +186,18 @@ def measure_quant_sensitivity(lm, store: ExpertStore, tokens: np.ndarray, stats:
         base = exact_log_probs(model, tokens, device, batch_size)
         bar.update(1)
         for l in layers:
-            dnll = np.zeros((len(CLASSES), len(schemes)), np.float64)
-            kl, pairs = np.zeros_like(dnll), np.zeros_like(dnll)
+            dnll = np.zeros((tokens.shape[0], len(CLASSES), len(schemes)), np.float64)      # [N, C, S] nats
+            kl, pairs = np.zeros_like(dnll), np.zeros_like(dnll)                             # nats, pairs
             for c in range(len(CLASSES)):
                 experts = frozenset(np.flatnonzero(stats[f"L{l}.quant_class"] == c).tolist())
                 for s, scheme in enumerate(schemes if experts else ()):
-                    executor.target, executor.pairs = QuantTarget(l, experts, scheme), 0
-                    dnll[c, s], kl[c, s] = loss_change(model, tokens, device, batch_size, base)
-                    pairs[c, s] = executor.pairs
+                    executor.target = QuantTarget(l, experts, scheme)
+                    dnll[:, c, s], kl[:, c, s], pairs[:, c, s] = loss_change(model, tokens, device, batch_size,
+                                                                             base, executor.tally)
                     bar.update(1)
-            stats[f"L{l}.quant_dnll_sum"], stats[f"L{l}.quant_kl_sum"], stats[f"L{l}.quant_pairs"] = dnll, kl, pairs
+            stats[f"L{l}.quant_dnll_sum"], stats[f"L{l}.quant_kl_sum"] = dnll.sum(0), kl.sum(0)
+            stats[f"L{l}.quant_pairs"] = pairs.sum(0)
+            stats[f"L{l}.quant_kl_window"], stats[f"L{l}.quant_pairs_window"] = kl, pairs
             stats[f"L{l}.quant_weight_error"] = weight_errors(store, l, device, schemes)
     bar.close()
     stats["quant.predicted"] = np.array([tokens.shape[0] * (tokens.shape[1] - 1)], np.int64)

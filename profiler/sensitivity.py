@@ -13,6 +13,9 @@ replaced at once and the next-token NLL over the sensitivity tokens is measured.
   dnll_sum[o, r]   = sum over predicted tokens of NLL(o, r) - NLL(exact)     nats
   pair_count[o, r] = replaced (token, expert) pairs, all MoE layers, all positions
   nll_sum, predicted, positions: the exact NLL sum, predicted tokens, token positions
+and per calibration window n (format version 4; their sums over n are the two above), for the compiler's interval
+of a plan's predicted loss (a bootstrap over windows, compiler.loss_model):
+  dnll_window[n, o, r], pair_window[n, o, r]
 Passes are independent, so processes may share them out (profiler.distributed: each runs the exact pass and its
 passes over all the tokens; `join_passes` takes each entry from the process that ran it).
 The compiler turns these into a cost per replaced pair and ratio bin (compiler.loss_model).
@@ -35,8 +38,24 @@ OPTIONS = ("drop", "next1", "next2", "next3")
 CUTS = (1.25, 1.5, 2.0, 3.0, 5.0)
 
 
-def replace_low(routing: Routing, option: str, cut: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(idx [T, k], weights [T, k], replaced pairs) after applying `option` to the low pairs (s_i <= cut * S(k+1))."""
+class WindowTally:
+    """Pairs per token of the forward pass in flight, summed over its MoE layers' calls; `take(b)` returns them per
+    window of a finished batch of b windows ([b], tokens laid out [b, L] as the MoE block flattens them) and resets."""
+
+    def __init__(self):
+        self.per_token: torch.Tensor | None = None              # [T] pairs
+
+    def add(self, n: torch.Tensor) -> None:
+        self.per_token = n if self.per_token is None else self.per_token + n
+
+    def take(self, b: int) -> np.ndarray:
+        t, self.per_token = self.per_token, None
+        return np.zeros(b) if t is None else t.reshape(b, -1).sum(1).double().cpu().numpy()
+
+
+def replace_low(routing: Routing, option: str, cut: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx [T, k], weights [T, k], replaced pairs per token [T]) after applying `option` to the low pairs
+    (s_i <= cut * S(k+1))."""
     idx, weights, score = routing.idx, routing.weights, routing.score
     k = idx.shape[1]
     ranked = score.argsort(dim=-1, descending=True, stable=True)                  # [T, E]
@@ -44,7 +63,7 @@ def replace_low(routing: Routing, option: str, cut: float) -> tuple[torch.Tensor
     chosen_score = score.gather(1, idx)                                            # [T, k]
     low = chosen_score <= cut * s_next                                             # [T, k]
     if option == "drop":
-        return idx, torch.where(low, torch.zeros_like(weights), weights), int(low.sum())
+        return idx, torch.where(low, torch.zeros_like(weights), weights), low.sum(1)
     d = int(option.removeprefix("next"))
     inactive = ranked[:, k:]                                                       # [T, E-k], best first
     # the low pairs of a token, best score first, take inactive ranks d, d+1, ...
@@ -54,7 +73,7 @@ def replace_low(routing: Routing, option: str, cut: float) -> tuple[torch.Tensor
     pos = (d - 1 + nth).clamp(max=inactive.shape[1] - 1)
     new_idx = torch.where(low, inactive.gather(1, pos), idx)
     own = (routing.coef[:, None] * routing.gate.gather(1, new_idx)).to(weights.dtype)      # [T, k]
-    return new_idx, torch.where(low, own, weights), int(low.sum())
+    return new_idx, torch.where(low, own, weights), low.sum(1)
 
 
 class ReplacingExecutor:
@@ -63,14 +82,15 @@ class ReplacingExecutor:
     def __init__(self, store: ExpertStore, device: torch.device):
         self.store, self.device = store, device
         self.expert_fn = make_expert_fn(store.arch.experts)
-        self.option, self.cut, self.replaced = "drop", 0.0, 0
+        self.option, self.cut = "drop", 0.0
+        self.tally = WindowTally()                # replaced pairs
 
     @torch.no_grad()
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         idx, weights = routing.idx, routing.weights
         if self.cut > 0:
             idx, weights, n = replace_low(routing, self.option, self.cut)
-            self.replaced += n
+            self.tally.add(n)
         loaded: dict[int, dict] = {}
 
         def weights_of(e: int):
@@ -95,38 +115,45 @@ def executor_swapped(blocks, executor):
 
 
 @torch.no_grad()
-def nll_sum(model, tokens: np.ndarray, device: torch.device, batch_size: int) -> float:
-    """sum over windows n and positions t = 1..L-1 of -log p(tokens[n, t] | tokens[n, :t]), nats; tokens [N, L]."""
-    total = 0.0
+def window_nll(model, tokens: np.ndarray, device: torch.device, batch_size: int,
+               tally: WindowTally | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """([N] sum over positions t = 1..L-1 of -log p(tokens[n, t] | tokens[n, :t]), nats; [N] the pairs `tally`
+    counted in each window's pass, 0 without one) for tokens [N, L]."""
+    nll, pairs = [], []
     for start in range(0, tokens.shape[0], batch_size):
-        ids = torch.from_numpy(tokens[start:start + batch_size]).to(device)
+        ids = torch.from_numpy(tokens[start:start + batch_size]).to(device)                # [B, L]
         logits = model(input_ids=ids, use_cache=False).logits.float()                # [B, L, V]
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+        tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                               reduction="none")                                   # [B * (L-1)]
-        total += float(nll.double().sum())
-    return total
+        nll.append(tok.double().reshape(ids.shape[0], -1).sum(1).cpu().numpy())
+        pairs.append(tally.take(ids.shape[0]) if tally is not None else np.zeros(ids.shape[0]))
+    return np.concatenate(nll), np.concatenate(pairs)
 
 
 @torch.no_grad()
 def measure_sensitivity(model, blocks, store: ExpertStore, tokens: np.ndarray, device: torch.device,
                         batch_size: int = 4, progress: bool = True,
                         runs: Callable[[int], bool] = lambda unit: True) -> dict[str, np.ndarray]:
-    """The sums of the module docstring, measured on tokens [N, L]: the exact pass, then the pass of every (option o,
-    cut c) whose unit o * len(CUTS) + c `runs` (a rank's share; the others' entries stay 0, see `join_passes`)."""
-    dnll = np.zeros((len(OPTIONS), len(CUTS)), np.float64)
-    pairs = np.zeros_like(dnll)
+    """The sums and per-window figures of the module docstring, measured on tokens [N, L]: the exact pass, then the
+    pass of every (option o, cut c) whose unit o * len(CUTS) + c `runs` (a rank's share; the others' entries stay 0,
+    see `join_passes`)."""
+    n = tokens.shape[0]
+    dnll = np.zeros((n, len(OPTIONS), len(CUTS)), np.float64)                   # [N, O, C] nats
+    pairs = np.zeros_like(dnll)                                                  # [N, O, C] replaced pairs
     mine = [(o, c) for o in range(len(OPTIONS)) for c in range(len(CUTS)) if runs(o * len(CUTS) + c)]
     with executor_swapped(blocks, ReplacingExecutor(store, device)) as executor:
         executor.cut = 0.0
-        base = nll_sum(model, tokens, device, batch_size)
+        base, _ = window_nll(model, tokens, device, batch_size)
         bar = tqdm(total=len(mine), desc="sensitivity", unit="pass", disable=not progress)
         for o, c in mine:
-            executor.option, executor.cut, executor.replaced = OPTIONS[o], CUTS[c], 0
-            dnll[o, c] = nll_sum(model, tokens, device, batch_size) - base
-            pairs[o, c] = executor.replaced
+            executor.option, executor.cut = OPTIONS[o], CUTS[c]
+            nll, pairs[:, o, c] = window_nll(model, tokens, device, batch_size, executor.tally)
+            dnll[:, o, c] = nll - base
             bar.update(1)
         bar.close()
-    return {"sensitivity.dnll_sum": dnll, "sensitivity.pair_count": pairs, "sensitivity.nll_sum": np.array([base]),
+    return {"sensitivity.dnll_sum": dnll.sum(0), "sensitivity.pair_count": pairs.sum(0),
+            "sensitivity.dnll_window": dnll, "sensitivity.pair_window": pairs,
+            "sensitivity.nll_sum": np.array([base.sum()]),
             "sensitivity.predicted": np.array([tokens.shape[0] * (tokens.shape[1] - 1)], np.int64),
             "sensitivity.positions": np.array([tokens.size], np.int64)}
 
@@ -141,4 +168,6 @@ def join_passes(parts: list[dict[str, np.ndarray] | None], owner: Callable[[int]
             src = parts[owner(o * len(CUTS) + c)]
             for key in ("sensitivity.dnll_sum", "sensitivity.pair_count"):
                 out[key][o, c] = src[key][o, c]
+            for key in ("sensitivity.dnll_window", "sensitivity.pair_window"):
+                out[key][:, o, c] = src[key][:, o, c]
     return out

@@ -60,6 +60,12 @@ def test_plan_contents(tiny_profile, tmp_path):
             assert all(p.clusters[l][j] == p.clusters[l][i] for j, _, _ in ranked)
     assert set(p.not_taken[0]) == set(range(8)) and sum(len(c["members"]) for c in p.cluster_table[0]) == 8
     assert p.header["model"]["fingerprint"] and p.header["profile"]["sha256"]
+    # the profile kept its measurements per window: every prediction carries its interval, and the default limit
+    # applies to the interval's upper end (each candidate the search kept is judged by it)
+    pr = p.predicted["plan"]
+    assert pr["ppl_low"] <= pr["ppl_increase"] <= pr["ppl_high"]
+    assert p.choices.error_bound == "ppl_high" and p.choices.objective.startswith("least modeled TPOT with ppl_high")
+    assert all(c["ppl_high"] is not None for c in p.header["search"])
 
 
 def test_max_error_and_tpot_target(tiny_profile):

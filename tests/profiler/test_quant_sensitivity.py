@@ -19,7 +19,8 @@ from runtime.quantize import INT4, SCHEMES
 from tiny_models import build_tiny
 
 SEQ = 32
-QUANT_KEYS = ("quant_class", "quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error")
+QUANT_KEYS = ("quant_class", "quant_dnll_sum", "quant_kl_sum", "quant_pairs", "quant_weight_error", "quant_kl_window",
+              "quant_pairs_window")
 
 
 def _cfg(**kw):
@@ -69,10 +70,15 @@ def test_quantizing_nothing_changes_nothing(tiny_model, calib, tmp_path):
     with executor_swapped(lm.blocks, QuantizingExecutor(store, lm.device)) as ex:
         base = exact_log_probs(lm.model, tokens, lm.device, 1)
         ex.target = QuantTarget(layer, frozenset(), INT4)
-        assert loss_change(lm.model, tokens, lm.device, 1, base) == (0.0, 0.0) and ex.pairs == 0
+        dnll, kl, pairs = loss_change(lm.model, tokens, lm.device, 1, base, ex.tally)
+        assert dnll.shape == kl.shape == pairs.shape == (2,)
+        assert not dnll.any() and not kl.any() and not pairs.any()
         ex.target = QuantTarget(layer, frozenset(range(lm.arch.num_experts)), INT4)
-        dnll, kl = loss_change(lm.model, tokens, lm.device, 1, base)
-        assert dnll != 0.0 and kl > 0.0 and ex.pairs == 2 * SEQ * lm.arch.top_k
+        ex.target = None
+        base = exact_log_probs(lm.model, tokens, lm.device, 2)                         # both windows in one batch
+        ex.target = QuantTarget(layer, frozenset(range(lm.arch.num_experts)), INT4)
+        dnll, kl, pairs = loss_change(lm.model, tokens, lm.device, 2, base, ex.tally)
+        assert dnll.all() and (kl > 0.0).all() and (pairs == SEQ * lm.arch.top_k).all()  # every pair, per window
 
     def zero_outputs(model):       # experts whose output is zero, quantized or not
         for layer in model.model.layers:
@@ -144,10 +150,23 @@ def test_older_profiles_load_without_it(tiny_model, calib, tmp_path):
     old.save(tmp_path / "v2")
     loaded = Profile.load(tmp_path / "v2")
     assert loaded.header["format_version"] == 2 and loaded.quant_sensitivity is None
+    # version 3: the measurement without its per-window figures (no interval for the compiler)
+    v3 = Profile(header={**p.header, "format_version": 3}, trace=p.trace,
+                 stats={k: v for k, v in p.stats.items() if not k.endswith("_window")})
+    v3.save(tmp_path / "v3")
+    q3 = Profile.load(tmp_path / "v3").quant_sensitivity
+    assert q3.kl_window is None and q3.pairs_window is None and q3.kl_sum[0].shape == p.quant_sensitivity.kl_sum[0].shape
+    assert p.quant_sensitivity.kl_window[0].shape == (2, len(CLASSES), len(SCHEMES))       # 2 windows measured
     # a damaged measurement is refused on load, naming the tensor
-    bad = Profile(header=p.header, stats={**p.stats, "L0.quant_pairs": np.zeros((2, 2))}, trace=p.trace)
-    with pytest.raises(UserError, match="L0.quant_pairs"):
-        bad.save(tmp_path / "bad")
+    for key, bad_value in (("L0.quant_pairs", np.zeros((2, 2))), ("L0.quant_kl_window", np.zeros((2, 2, 2))),
+                           ("L0.quant_pairs_window", np.zeros((3, len(CLASSES), len(SCHEMES))))):
+        bad = Profile(header=p.header, stats={**p.stats, key: bad_value}, trace=p.trace)
+        with pytest.raises(UserError, match=key):
+            bad.save(tmp_path / "bad")
+    partial = Profile(header=p.header, stats={k: v for k, v in p.stats.items() if k != "L0.quant_kl_window"},
+                      trace=p.trace)
+    with pytest.raises(UserError, match="L0.quant_kl_window"):
+        partial.save(tmp_path / "bad")
     nan = Profile(header=p.header, stats={**p.stats, "L0.quant_dnll_sum": np.full((3, 2), np.nan)}, trace=p.trace)
     with pytest.raises(UserError, match="NaN"):
         nan.save(tmp_path / "nan")

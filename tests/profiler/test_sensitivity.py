@@ -25,15 +25,15 @@ def _routing():
 def test_replace_low_options():
     r = _routing()
     idx, w, n = replace_low(r, "drop", 1.25)
-    assert n == 3 and idx.tolist() == [[0, 1], [4, 5]]
+    assert n.tolist() == [1, 2] and idx.tolist() == [[0, 1], [4, 5]]
     assert w.flatten().tolist() == pytest.approx([0.40, 0.0, 0.0, 0.0])
     idx, w, n = replace_low(r, "next1", 1.25)
-    assert n == 3 and idx.tolist() == [[0, 2], [6, 7]]               # low pairs take inactive ranks 1, 2 in turn
+    assert n.tolist() == [1, 2] and idx.tolist() == [[0, 2], [6, 7]]               # low pairs take inactive ranks 1, 2 in turn
     assert w.flatten().tolist() == pytest.approx([0.40, 0.20, 0.25, 0.09])   # with their own gate (coef 1)
     idx, _, _ = replace_low(r, "next2", 1.25)
     assert idx.tolist() == [[0, 3], [7, 3]]
     idx, w, n = replace_low(r, "next1", 1.13)                         # 0.30 > 1.13 * 0.25: 4 stays
-    assert n == 2 and idx.tolist() == [[0, 2], [4, 6]]
+    assert n.tolist() == [1, 1] and idx.tolist() == [[0, 2], [4, 6]]
 
 
 def _zero_experts(model):
@@ -52,6 +52,9 @@ def test_measured_cost_is_zero_only_when_experts_do_nothing(tmp_path, tweak, mov
     assert p.header["sensitivity"]["options"] == list(OPTIONS) and p.header["sensitivity"]["cuts"] == list(CUTS)
     assert s["dnll_sum"].shape == (len(OPTIONS), len(CUTS)) and s["positions"][0] == 8 * SEQ
     assert (np.diff(s["pair_count"], axis=1) >= 0).all() and s["pair_count"][:, -1].min() > 0
+    assert s["dnll_window"].shape == s["pair_window"].shape == (8, len(OPTIONS), len(CUTS))     # per window
+    assert np.allclose(s["dnll_window"].sum(0), s["dnll_sum"]) and (s["pair_window"].sum(0) == s["pair_count"]).all()
+    assert len({tuple(w) for w in s["pair_window"][:, 0]}) > 1       # windows differ: counted each on its own
     if moves:
         assert np.abs(s["dnll_sum"]).max() > 1e-3
     else:
