@@ -142,7 +142,10 @@ class PairGroups:
         return self.xs[a:b]
 
     def mix(self, x: torch.Tensor, ys: Mapping[int, torch.Tensor]) -> torch.Tensor:
-        """out[t] = sum over t's experts e in ascending id of w[t, e] * ys[e][t's row], as `mix` adds them."""
+        """out[t] = sum over t's experts e in ascending id of w[t, e] * ys[e][t's row], as `mix` adds them (0 for a
+        call whose every pair was dropped)."""
+        if not ys:
+            return torch.zeros_like(x)
         y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
         return mix_pairs(x, self.tok, y * self.weights[:, None], self.span, self.by_token)
 
