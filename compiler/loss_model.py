@@ -18,7 +18,7 @@ quantized by scheme s added KL[l, c, s] (nats summed over predicted tokens) whil
 taken as measured per class, at least MIN_COST (a class that served no pair takes the largest cost of its layer and
 scheme). The KL, not the NLL difference: on a calibration set of this
 size the NLL difference of a small weight change is dominated by its first-order term of either sign, the KL is its
-expected cost (the profile format's notes). quant_cost(l, e, s) = quant[l][class(e), s].
+expected cost (the profile format's notes). Expert e of layer l at scheme s costs quant[l][class(e), s].
 
 A plan's loss is linear in what its replay used: loss = sum over cells x of n_x * cost_x, with n_x the pairs the
 replay priced at cell x (a replaced pair's (option, bin), a quantized pair's (layer, class, scheme); a near-twin
@@ -133,18 +133,9 @@ class LossModel:
             raise KeyError(f"no measured cost for {scheme!r} experts: the profile lacks quantization sensitivity")
         return layer, int(self.expert_class[layer][e]), self.schemes.index(scheme)
 
-    def quant_cost(self, layer: int, e: int, scheme: str) -> float:
-        """Cost (nats per token) of one pair that expert e of `layer` computes quantized by `scheme`."""
-        l, c, s = self.quant_cell(layer, e, scheme)
-        return float(self.quant[l][c, s])
-
     def pair_cell(self, option: str, ratio: float) -> tuple[int, int]:
         """The cost cell (option, bin) of one replaced pair with score ratio s_i / S(k+1) = ratio."""
         return self.options.index(option), min(bisect.bisect_left(self.cuts, ratio), len(self.cuts) - 1)
-
-    def pair_cost(self, option: str, ratio: float) -> float:
-        """Cost of one replaced pair with score ratio s_i / S(k+1) = ratio."""
-        return float(self.cost[self.pair_cell(option, ratio)])
 
     def understudy_option(self, inactive_rank: int | None) -> str:
         """The option of a band understudy that is the token's `inactive_rank`-th best inactive expert (1-based)."""

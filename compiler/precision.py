@@ -14,7 +14,7 @@ nonempty pool starts with one slot; the next slot goes to the pool of the larges
 the bytes fit the cache: sum over (l, p) of slots x bytes(p) <= cache bytes. An option whose one slot per pool does
 not fit is infeasible.
 Each option is then replayed like any plan (compiler.predict.simulate_plan with the pools), its loss the profile's
-measured cost of every pair a quantized copy computes (compiler.loss_model.quant_cost), and chosen by the same
+measured cost of every pair a quantized copy computes (compiler.loss_model: `quant`), and chosen by the same
 objective as the substitution rule (compiler.objective).
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ token and relative to the routed gate mass (relative_error = error / sum of all 
 With the profile's measured loss sensitivity (compiler.loss_model), each understudy and drop also adds its measured
 cost in nats; loss_per_token and ppl_increase = exp(loss_per_token) - 1 are the predicted accuracy cost.
 Every pair a quantized copy computes (exact or understudy) adds the profile's measured cost per pair of that
-precision for the expert's importance class (LossModel.quant_cost: KL per pair, profiler.quant_sensitivity).
+precision for the expert's importance class (LossModel.quant: KL per pair, profiler.quant_sensitivity).
 The replay tallies those pairs by cost cell (LossTally) and prices the tally once at the end; with per-window
 measurements (profile format 4) also on every resample of the windows: ppl_low, ppl_high = the predicted increase's
 95% interval (LossModel.loss_interval).

@@ -34,8 +34,9 @@ def test_costs_are_marginal_monotone_and_never_free():
     # drop: bin costs 0.01, 0.02, then a measured decrease (noise) held at 0.02; next1: 0.005, 0 -> held, 0.04
     assert m.cost[0].tolist() == pytest.approx([0.01, 0.02, 0.02])
     assert m.cost[1].tolist() == pytest.approx([0.005, 0.005, 0.04])
-    assert m.pair_cost("drop", 1.2) == pytest.approx(0.01) and m.pair_cost("drop", 1.5) == pytest.approx(0.01)
-    assert m.pair_cost("drop", 1.7) == pytest.approx(0.02) and m.pair_cost("next1", 9.0) == pytest.approx(0.04)
+    cost = lambda option, ratio: m.cost[m.pair_cell(option, ratio)]      # noqa: E731
+    assert cost("drop", 1.2) == pytest.approx(0.01) and cost("drop", 1.5) == pytest.approx(0.01)
+    assert cost("drop", 1.7) == pytest.approx(0.02) and cost("next1", 9.0) == pytest.approx(0.04)
     assert m.understudy_option(1) == "next1" and m.understudy_option(3) == "next1" and m.understudy_option(None) == "next1"
     zero = _profile()
     zero.sensitivity["dnll_sum"] = np.zeros((2, 3))
