@@ -238,12 +238,14 @@ class Profile:
             for name, shape in (("quant_class", (e,)), ("quant_dnll_sum", (n_c, n_s)), ("quant_kl_sum", (n_c, n_s)),
                                 ("quant_pairs", (n_c, n_s)), ("quant_weight_error", (e, n_s))):
                 self._check_tensor(c, self.stats, f"L{l}.{name}", shape)
-            self._check_windows(c, (f"L{l}.quant_kl_window", f"L{l}.quant_pairs_window"), (n_c, n_s))
             cls = self.stats[f"L{l}.quant_class"]
             if cls.size and (int(cls.min()) < 0 or int(cls.max()) >= n_c):
                 c.fail(f"tensor L{l}.quant_class", f"holds classes outside 0..{n_c - 1}")
         for name in ("predicted", "positions"):
             self._check_tensor(c, self.stats, f"quant.{name}", (1,))
+        # every layer's or none (the loss model resamples the same windows in every layer)
+        self._check_windows(c, tuple(f"L{l}.quant_{name}_window" for l in layers for name in ("kl", "pairs")),
+                            (n_c, n_s))
 
     def _check_windows(self, c: Checker, keys: tuple[str, ...], shape: tuple) -> None:
         """Per-window tensors (version 4): absent together, or all [N, *shape] with the same N >= 1."""

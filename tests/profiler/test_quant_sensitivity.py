@@ -163,10 +163,17 @@ def test_older_profiles_load_without_it(tiny_model, calib, tmp_path):
         bad = Profile(header=p.header, stats={**p.stats, key: bad_value}, trace=p.trace)
         with pytest.raises(UserError, match=key):
             bad.save(tmp_path / "bad")
-    partial = Profile(header=p.header, stats={k: v for k, v in p.stats.items() if k != "L0.quant_kl_window"},
-                      trace=p.trace)
-    with pytest.raises(UserError, match="L0.quant_kl_window"):
-        partial.save(tmp_path / "bad")
+    last = p.moe_layers[-1]
+    for gone in ("L0.quant_kl_window", f"L{last}.quant_kl_window"):      # within a layer, and across layers
+        drop = {gone, gone.replace("_kl_", "_pairs_")} if gone.startswith(f"L{last}.") else {gone}
+        partial = Profile(header=p.header, stats={k: v for k, v in p.stats.items() if k not in drop},
+                          trace=p.trace)
+        with pytest.raises(UserError, match=gone):
+            partial.save(tmp_path / "bad")
+    short = {**p.stats, f"L{last}.quant_kl_window": p.stats[f"L{last}.quant_kl_window"][:1],
+             f"L{last}.quant_pairs_window": p.stats[f"L{last}.quant_pairs_window"][:1]}       # another window count
+    with pytest.raises(UserError, match=f"L{last}.quant_kl_window"):
+        Profile(header=p.header, stats=short, trace=p.trace).save(tmp_path / "bad")
     nan = Profile(header=p.header, stats={**p.stats, "L0.quant_dnll_sum": np.full((3, 2), np.nan)}, trace=p.trace)
     with pytest.raises(UserError, match="NaN"):
         nan.save(tmp_path / "nan")

@@ -1,9 +1,12 @@
 """The decision rules alone, on hand-made score tables."""
+import random
+
 import pytest
 
 from runtime.policy.eviction import ScoreWindow, lru_victim, score_victim
 from runtime.policy.host_split import CostMeter, split_misses
-from runtime.policy.substitution import SubstitutionParams, decide_layer, decide_token, kth_next, top_score_set
+from runtime.policy.substitution import (SubstitutionParams, best_first, decide_layer, decide_token, kth_next,
+                                         top_score_set)
 
 # 8 experts, k = 2, dyadic scores so band edges are exact. S(k+1) = 0.25 (expert 2).
 SCORES = [0.5, 0.375, 0.25, 0.1875, 0.125, 0.0625, 0.15625, 0.09375]
@@ -154,10 +157,6 @@ def test_counts_add_every_counter():
 
 def test_best_first_is_the_score_order_with_ties_by_id():
     """`best_first` (two C sorts) orders as the reference's key (-score, e), ties and zeros included."""
-    import random
-
-    from runtime.policy.substitution import best_first
-
     rng = random.Random(1)
     for _ in range(200):
         ids = rng.sample(range(64), rng.randint(0, 20))
