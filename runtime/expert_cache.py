@@ -126,6 +126,14 @@ class ExpertCache:
         w = self.held[layer][expert] = self._buf[key][slot]
         return w
 
+    def replace(self, layer: int, victim: int, expert: int) -> dict[str, torch.Tensor]:
+        """`evict(victim)` then `assign(expert)` in one step, for a cache without pools: the expert takes the
+        victim's slot (bytes held unchanged); returns its tensors to load into."""
+        where, held = self.where[layer], self.held[layer]
+        where[expert] = where.pop(victim)
+        w = held[expert] = held.pop(victim)
+        return w
+
     def evict(self, layer: int, expert: int) -> None:
         slot = self.where[layer].pop(expert)
         del self.held[layer][expert]

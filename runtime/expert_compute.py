@@ -12,7 +12,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
 
@@ -23,6 +23,16 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     """x @ w^T for a weight [out, in]: a float tensor (F.linear), or a quantized matrix that computes from its codes
     (runtime.quantize.KernelMatrix)."""
     return F.linear(x, w) if isinstance(w, torch.Tensor) else w.linear(x)
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """HF's activation `name` (ACT2FN), as the plain function it calls where it is one: SiLU is `F.silu` (what
+    SiLUActivation.forward and a non-inplace nn.SiLU return), the same kernel without an nn.Module call's dispatch
+    (about a microsecond a call; an expert's GLU on one token computes in a few). Other activations stay HF's modules."""
+    act = ACT2FN[name]
+    if type(act) is SiLUActivation or (type(act) is torch.nn.SiLU and not act.inplace):
+        return F.silu
+    return act
 
 
 def make_expert_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, ExpertWeights], torch.Tensor]:
@@ -40,7 +50,7 @@ def make_expert_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, ExpertWeights],
 
         return gptoss
 
-    act = ACT2FN[fmt.activation]
+    act = activation(fmt.activation)
 
     def glu(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
         gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)  # [n, I] each
@@ -59,7 +69,7 @@ def make_grouped_fn(fmt: ExpertFormat) -> Callable[[torch.Tensor, torch.Tensor, 
     per-expert loop does in 2 x n; None where experts are not a plain GLU (GPT-OSS's clamped, biased one)."""
     if fmt.kind != "glu" or not hasattr(F, "grouped_mm"):
         return None
-    act = ACT2FN[fmt.activation]
+    act = activation(fmt.activation)
 
     def grouped_glu(xs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         gate, up = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)    # [N, I] each

@@ -114,6 +114,17 @@ class Loader:
             raise load_error(layer, expert, exc) from exc
         return time.perf_counter() - t0
 
+    def copy_inline_many(self, layer: int, loads: Sequence[tuple[int, dict[str, torch.Tensor]]]) -> float:
+        """`copy_inline` of each (expert, dst) of one layer, in order, timed as one span; returns its seconds."""
+        copy, e = self.store.copy_into, None
+        t0 = time.perf_counter()
+        try:
+            for e, dst in loads:
+                copy(layer, e, dst)
+        except Exception as exc:
+            raise load_error(layer, e, exc) from exc
+        return time.perf_counter() - t0
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -199,9 +199,13 @@ class OffloadExecutor:
             self._compute_grouped(layer, g, sched.cached + loaded, y)
             return g.mix_rows(x, y)
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
-        ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
         held, tickets = self.cache.held[layer], self.tickets
-        for e in sched.cached + loaded if loaded else sched.cached:
+        order = sched.cached + loaded if loaded else sched.cached
+        if g.whole and as_held and not tickets and self.events is None:   # one token, every slot landed: f_e(x)
+            fn = self.expert_fn
+            return g.mix(x, {e: fn(x, held[e]) for e in order})
+        ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(x rows) [n_e, H]
+        for e in order:
             if tickets:                          # a copy on the loader thread: wait for it to land
                 self._wait(layer, e)
             w = held[e] if as_held else self.store.materialize(layer, e, held[e], x.dtype)
@@ -289,16 +293,23 @@ class OffloadExecutor:
             experts = [e for e in experts if not of[e]]
         if not experts:
             return
-        where, stacks = self.cache.where[layer], self.cache.stacks[layer]
-        counts = [0] * stacks["down"].shape[0]                          # [slots] rows per slot
+        where, stacks, span = self.cache.where[layer], self.cache.stacks[layer], g.span
+        n_slots = stacks["down"].shape[0]
+        counts = [0] * n_slots                                          # [slots] rows per slot
         rows: list[int] = []                                            # pair rows in slot order
-        for s, e in sorted((where[e], e) for e in experts):
-            a, b = g.span[e]
+        for s, e in sorted([(where[e], e) for e in experts]):
+            a, b = span[e]
             counts[s] = b - a
             rows.extend(range(a, b))
-        idx = torch.tensor(rows, device=y.device)
-        offs = torch.tensor(list(accumulate(counts)), dtype=torch.int32, device=y.device)
-        xs = g.gather(g.tok[rows])                                      # [n, H] the pairs' rows, in slot order
+        n = len(rows)
+        # one host array, one move: [rows (n), their tokens (n), offs (slots)]
+        host = np.empty(2 * n + n_slots, dtype=np.int64)
+        host[:n] = rows
+        host[n:2 * n] = g.tok[host[:n]]
+        host[2 * n:] = list(accumulate(counts))
+        dev = torch.from_numpy(host).to(y.device)
+        idx, offs = dev[:n], dev[2 * n:].to(torch.int32)
+        xs = g.x.index_select(0, dev[n:2 * n])                          # [n, H] the pairs' rows, in slot order
         ev = self.events
         if ev is not None:
             t0 = time.perf_counter()
@@ -319,22 +330,24 @@ class OffloadExecutor:
         return y
 
     def _load_direct(self, layer: int, loads: list[tuple[int, int | None]], c) -> None:
-        """A direct call's loads (expert, victim or None), each its victim evicted and its slot claimed, then its
-        copy made inline (its time into the layer's `copy_s`); or, with the loader thread, all copies handed over in
-        one run."""
-        cache, loader, jobs = self.cache, self.loader, []
-        for e, v in loads:
-            if v is not None:
-                if self.tickets:                 # never overwrite a slot whose copy is still landing (and forget
-                    self._wait(layer, v)         # the ticket of one that landed)
-                cache.evict(layer, v)
-            dst = cache.assign(layer, e)
-            if loader.inline:                    # copied now, on this thread: no ticket, nothing lands later
-                c.copy_s += loader.copy_inline(layer, e, dst)
-            else:
-                jobs.append((layer, e, dst, False))
-        for t in loader.submit_many(jobs):
-            self.tickets[(layer, t.expert)] = t
+        """A direct call's loads (expert, victim or None), each its victim evicted and its slot claimed (the victim's
+        slot taken over: `ExpertCache.replace`), then the copies made inline, in order (their time into the layer's
+        `copy_s`); or, with the loader thread, all copies handed over in one run."""
+        cache, loader = self.cache, self.loader
+        if loader.inline and not self.tickets:   # copied now, on this thread: no ticket, nothing lands later
+            dsts = [(e, cache.assign(layer, e) if v is None else cache.replace(layer, v, e)) for e, v in loads]
+            c.copy_s += loader.copy_inline_many(layer, dsts)
+        else:
+            jobs = []
+            for e, v in loads:
+                if v is not None:
+                    self._wait(layer, v)         # never overwrite a slot whose copy is still landing (and forget
+                    cache.evict(layer, v)        # the ticket of one that landed)
+                jobs.append((layer, e, cache.assign(layer, e), False))
+            for t in loader.submit_many(jobs):
+                self.tickets[(layer, t.expert)] = t
+                if loader.inline:                # copied already (tickets of an earlier call were pending)
+                    c.copy_s += t.t_end - t.t_start
         c.loads += len(loads)
         c.load_bytes += len(loads) * cache.expert_bytes      # a slot's bytes: what each copy moves (no pools here)
         if cache.used_bytes > self.stats.peak_cache_bytes:

@@ -28,6 +28,8 @@ are then the loads, the cached experts' computes in ascending id and the loaded 
 returned as (cached, loads) without building ops, counts or decisions (built only when read). For lru the resident
 experts are also kept in key order in an insertion-ordered dict (least recent first; the needed experts move to its
 end in ascending id after each call, as (c, e) sorts them), so its victims are its first non-needed entries, no sort.
+For lfu each resident expert's packed key is kept (it changes only when the expert is used, at a call's end), so its
+victims are one C sort of the candidates by those keys; lfru's keys move with the clock and are made per call.
 
 Why Python sets, lists and dicts, not numpy arrays: a decode call touches k (8) of E (128) experts, and a numpy call
 costs microseconds of dispatch whatever its size; the array version made about 25 of them per call.
@@ -88,6 +90,8 @@ class _LayerState:
         self.uses = [0] * num_experts                              # [E] calls using e since its load (lfu, lfru)
         self.calls = 0                                             # the clock c
         self.recency: dict[int, None] = {}                         # lru: the resident experts by (last, e)
+        self.lfu_key = list(range(num_experts))                     # [E] lfu: `rule_key`'s packed key of e, kept
+                                                                    # for the resident experts (set by `_after`)
 
     def sort_recency(self) -> None:
         last = self.last_used
@@ -230,8 +234,10 @@ class FastCacheModel:
                 for t, row_ids in enumerate(rows):
                     sc = per_token[t] if per_token is not None else dict(zip(row_ids, scores[t].tolist()))
                     for e in row_ids:
-                        if e in miss and sc[e] > best[e]:
-                            best[e] = sc[e]
+                        if e in miss:
+                            v = sc[e]
+                            if v > best[e]:
+                                best[e] = v
                 misses = best_first(misses, best.__getitem__)
         if len(experts) > st.slots:                                        # a slot is freed by a compute: ops
             ops: list[Op] = []
@@ -268,20 +274,30 @@ class FastCacheModel:
             self._after(st, experts)
         return FastSchedule(chosen, experts, pairs, hits, cached=cached, loads=loads, layer=layer)
 
-    @staticmethod
-    def _after(st: _LayerState, kept: list[int]) -> None:
-        """The end of a call: each needed expert still resident was used at c (uses: read by lfu and lfru only)."""
+    def _after(self, st: _LayerState, kept: list[int]) -> None:
+        """The end of a call: each needed expert still resident was used at c (uses: read by lfu and lfru only); for
+        lfu its packed key too. Every expert whose uses or last use changed and that stays resident is among `kept`
+        (a load resets uses for an expert the call needs), so the resident experts' lfu keys are current."""
         last, uses, c = st.last_used, st.uses, st.calls
         for e in kept:
             last[e] = c
             uses[e] += 1
+        if self.rule == "lfu":
+            key = st.lfu_key
+            for e in kept:
+                key[e] = (((uses[e] << 40) | (c + 1)) << 20) | e
 
     def _victims(self, st: _LayerState, needed: list[int], m: int) -> list[int]:
         """The m resident experts not needed this call that the rule evicts first, in its key order."""
         busy = set(needed)
         if self.rule == "lru":
             return list(islice((v for v in st.recency if v not in busy), m))
-        return sorted([e for e in st.res if e not in busy], key=rule_key(self.rule, st))[:m]   # C sort: ~60 keys
+        if self.rule == "lfu":                       # the kept keys, sorted in C
+            return sorted(st.res - busy, key=st.lfu_key.__getitem__)[:m]
+        last, uses, c = st.last_used, st.uses, st.calls   # lfru: `rule_key`'s keys in one comprehension, sorted in C
+        keys = [(uses[e] / (c - last[e] + 1), last[e], e) for e in st.res - busy]
+        keys.sort()
+        return [key[2] for key in keys[:m]]
 
     def _run(self, layer: int, st: _LayerState, experts: list[int], cached: list[int], misses: list[int],
              ops: list[Op]) -> None:

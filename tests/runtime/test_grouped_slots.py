@@ -33,6 +33,22 @@ def test_slots_are_rows_of_one_stack(flat):
         assert t.data_ptr() % 64 == 0                  # every slot tensor 64-byte aligned, as its own would be
 
 
+def test_replace_is_evict_then_assign():
+    """`replace(victim, e)` (a direct call's load over a victim) leaves the cache as evict then assign would: e in the
+    victim's slot, the victim gone, the bytes held unchanged; the slot's tensors are the victim's, and evicting e
+    frees that slot again."""
+    cache = ExpertCache(SPECS, {0: 3}, torch.device("cpu"))
+    for e in (4, 6, 8):
+        cache.assign(0, e)
+    slot, tensors, used = cache.where[0][6], cache.held[0][6], cache.used_bytes
+    w = cache.replace(0, 6, 11)
+    assert cache.where[0] == {4: cache.where[0][4], 8: cache.where[0][8], 11: slot}
+    assert w is tensors and cache.weights(0, 11) is tensors and 6 not in cache.held[0]
+    assert cache.used_bytes == used == cache.peak_bytes
+    cache.evict(0, 11)
+    assert cache.assign(0, 2) is tensors and cache.where[0][2] == slot
+
+
 def test_unaligned_slots_are_not_stacked():
     """A slot whose rows would not start at 64-byte multiples keeps its own allocation (and the loop computes it):
     a slot's bytes, or with a stack per key one key's bytes, not a multiple of 64."""
