@@ -127,8 +127,11 @@ class ExpertCache:
         return w
 
     def replace(self, layer: int, victim: int, expert: int) -> dict[str, torch.Tensor]:
-        """`evict(victim)` then `assign(expert)` in one step, for a cache without pools: the expert takes the
-        victim's slot (bytes held unchanged); returns its tensors to load into."""
+        """`evict(victim)` then `assign(expert)` in one step: the expert takes the victim's slot (bytes held
+        unchanged) when both belong to one pool (always without pools); returns its tensors to load into."""
+        if self.pools is not None and self._pool(layer, victim) != self._pool(layer, expert):
+            self.evict(layer, victim)
+            return self.assign(layer, expert)
         where, held = self.where[layer], self.held[layer]
         where[expert] = where.pop(victim)
         w = held[expert] = held.pop(victim)

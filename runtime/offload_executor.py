@@ -153,6 +153,8 @@ class OffloadExecutor:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns
         the index after the run. No op of a run waits on another's copy: a victim is never an expert loaded in the
         same run (a loaded expert is busy until computed, a prefetched one is among the predicted)."""
+        if self.loader.inline and self.events is None:
+            return self._load_run_inline(ops, i)
         jobs = []
         while i < len(ops) and ops[i][0] in LOADS:
             kind, l, e, victim = ops[i]
@@ -173,6 +175,31 @@ class OffloadExecutor:
             c.prefetch_issued += int(t.prefetch)
         # a run only adds bytes (a load with a victim swaps one slot of a pool for another): its end is its peak
         self.stats.peak_cache_bytes = max(self.stats.peak_cache_bytes, self.cache.used_bytes)
+        return i
+
+    def _load_run_inline(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
+        """`_load_run` where the loader copies on this thread: each victim's slot taken over (`ExpertCache.replace`)
+        and each copy made at once, in order, with no ticket; its time goes where a landed ticket's would (the
+        layer's `copy_s` and the load-cost meter)."""
+        cache, copy, stats, tickets = self.cache, self.loader.copy_inline, self.stats, self.tickets
+        while i < len(ops) and ops[i][0] in LOADS:
+            kind, l, e, victim = ops[i]
+            if victim is None:
+                dst = cache.assign(l, e)
+            else:
+                if tickets:                      # a copy of an earlier run (landed: inline) not yet metered
+                    self._wait(l, victim)
+                dst = cache.replace(l, victim, e)
+            dt = copy(l, e, dst)
+            self.c_load.add(dt)
+            c = stats.layer(l)
+            c.copy_s += dt
+            c.loads += 1
+            c.load_bytes += cache.bytes_of(l, e)
+            c.prefetch_issued += kind == "prefetch"
+            i += 1
+        if cache.used_bytes > stats.peak_cache_bytes:   # a run only adds bytes: its end is its peak
+            stats.peak_cache_bytes = cache.used_bytes
         return i
 
     def _call_lossless(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -219,6 +246,8 @@ class OffloadExecutor:
         host-cost meter). Where the call is `_groupable`, consecutive slot computes are one grouped call, made before
         the next load run (whose victims may be among them) or host compute."""
         as_held = self.store.computes_as_held(x.dtype)                 # no materialize: the slot is the weights
+        held = self.cache.held
+        fn = self.expert_fn if self.events is None else None            # else `_compute`, which records events
         y = x.new_empty((len(g.tok), x.shape[1])) if self._groupable(layer, x, g) else None   # [N, H] grouped
         ys: dict[int, torch.Tensor] = {}                                # e -> unweighted f_e(its rows) [n_e, H]
         run: list[int] = []                                             # slot computes waiting for a grouped call
@@ -240,8 +269,10 @@ class OffloadExecutor:
                 continue
             i += 1
             if kind != "host":                   # from its slot, on x's device
-                w = self._slot(l, e)
-                ys[e] = self._compute(l, e, g.rows(e), w if as_held else self.store.materialize(l, e, w, x.dtype))
+                w = self._slot(l, e) if self.tickets else held[l][e]        # no ticket: landed (or inline)
+                if not as_held:
+                    w = self.store.materialize(l, e, w, x.dtype)
+                ys[e] = fn(g.rows(e), w) if fn is not None else self._compute(l, e, g.rows(e), w)
                 continue
             w = self.store.read(l, e)
             t0 = time.perf_counter()

@@ -200,19 +200,25 @@ def test_mix_pairs_adds_as_mix_does():
                 assert torch.equal(mix_pairs(x, t1.numpy(), y1 * w[t1, p1][:, None], part), ref), (dtype, t_n)
 
 
-def test_inline_and_threaded_loads_agree(fixture_model):
+@pytest.mark.parametrize("policy", ["lru", "smoe"])   # the fast model's ops; the lean model's (with prefetches)
+def test_inline_and_threaded_loads_agree(fixture_model, policy):
     """On the CPU with no link small experts are copied inline (runtime.loader); the loader thread gives the same
-    logits, loads and bytes. With an emulated link the thread copies, overlapping compute."""
+    logits, loads and bytes. With an emulated link the thread copies, overlapping compute. An inline copy leaves no
+    ticket behind, and its time is metered as a landed ticket's (the load-cost meter: one figure per copy)."""
     ids = torch.randint(1, 4096, (2, 20), generator=torch.Generator().manual_seed(1))
     out = {}
     for inline in (True, False):
-        with Runtime.load(fixture_model, policy="lru", cache=4) as rt:
+        with Runtime.load(fixture_model, policy=policy, cache=4) as rt:
             assert rt.loader.inline                      # 0.4 MB bf16 experts, CPU, no link
             rt.loader.inline = inline
             logits = rt.forward(ids)
             d = rt.stats.to_dict()
             # the compute thread's copying is counted when it copies (inline), and only then
             assert (d["inline_copy_s"] > 0) if inline else d["inline_copy_s"] == 0
+            if inline:
+                assert not rt.executor.tickets
+                meter = rt.executor.c_load               # 4 slots for 40 tokens: every call streams (ops)
+                assert len(meter._v) == min(meter.p, d["loads"]) and all(v > 0 for v in meter._v)
             out[inline] = (logits, d["loads"], d["bytes_loaded"], d["hit_rate"])
     assert torch.equal(out[True][0], out[False][0]) and out[True][1:] == out[False][1:] and out[True][1] > 0
     with Runtime.load(fixture_model, policy="lru", cache=4, link="1GB/s,1us") as rt:
