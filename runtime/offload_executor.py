@@ -333,14 +333,13 @@ class OffloadExecutor:
             counts[s] = b - a
             rows.extend(range(a, b))
         n = len(rows)
-        # one host array, one move: [rows (n), their tokens (n), offs (slots)]
-        host = np.empty(2 * n + n_slots, dtype=np.int64)
+        host = np.empty(2 * n, dtype=np.int64)                          # [rows (n), their tokens (n)]: one array
         host[:n] = rows
-        host[n:2 * n] = g.tok[host[:n]]
-        host[2 * n:] = list(accumulate(counts))
-        dev = torch.from_numpy(host).to(y.device)
-        idx, offs = dev[:n], dev[2 * n:].to(torch.int32)
-        xs = g.x.index_select(0, dev[n:2 * n])                          # [n, H] the pairs' rows, in slot order
+        host[n:] = g.tok[host[:n]]
+        dev = torch.from_numpy(host)                                    # on the CPU, as `_groupable` requires
+        idx = dev[:n]
+        offs = torch.from_numpy(np.fromiter(accumulate(counts), dtype=np.int32, count=n_slots))   # [slots]
+        xs = g.x.index_select(0, dev[n:])                               # [n, H] the pairs' rows, in slot order
         ev = self.events
         if ev is not None:
             t0 = time.perf_counter()

@@ -279,13 +279,16 @@ class FastCacheModel:
         lfu its packed key too. Every expert whose uses or last use changed and that stays resident is among `kept`
         (a load resets uses for an expert the call needs), so the resident experts' lfu keys are current."""
         last, uses, c = st.last_used, st.uses, st.calls
+        if self.rule != "lfu":
+            for e in kept:
+                last[e] = c
+                uses[e] += 1
+            return
+        key, base = st.lfu_key, (c + 1) << 20                 # ((u << 40) | (c + 1)) << 20 | e
         for e in kept:
             last[e] = c
-            uses[e] += 1
-        if self.rule == "lfu":
-            key = st.lfu_key
-            for e in kept:
-                key[e] = (((uses[e] << 40) | (c + 1)) << 20) | e
+            u = uses[e] = uses[e] + 1
+            key[e] = (u << 60) | base | e
 
     def _victims(self, st: _LayerState, needed: list[int], m: int) -> list[int]:
         """The m resident experts not needed this call that the rule evicts first, in its key order."""
