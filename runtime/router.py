@@ -133,6 +133,10 @@ def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], li
     vals, top = torch.topk(routing.score, width, dim=1)
     rows = []
     for t, (v, tp, ch) in enumerate(zip(vals.tolist(), top.tolist(), idx)):
+        if len(set(v[:k])) == k and set(tp[:k]) == set(ch):
+            # the chosen are topk's first k, their scores distinct (descending): the row is topk's order as it is
+            rows.append(dict(zip(tp, v)))
+            continue
         s = dict(zip(tp, v))                                                            # the top `width` scores
         if len(s.keys() & ch) < k:                                                      # a chosen one outside them
             s = dict(enumerate(routing.score[t].tolist()))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
@@ -59,12 +59,14 @@ def decide_lean(rows: Sequence[Scores], chosen: Sequence[Sequence[int]], cached:
         s_next = vals[len(ch)] if len(vals) > len(ch) else 0.0
         hi = (1.0 + alpha) * s_next
         edges.append((s_next, {e for e in ch if r.get(e, 0.0) > hi}))
-    if len(rows) > 1:
+    if len(rows) > 1:                                            # experts in some token's top; in two or more
         count = Counter(e for _, top in edges for e in top)
+        in_tops, in_two = set(count), {e for e, n in count.items() if n > 1}
     protected, use_batch = params.protected, params.use_batch
     out = []
     for r, ch, (s_next, top) in zip(rows, chosen, edges):
-        batch_top = {e for e, n in count.items() if n - (e in top) > 0} if len(rows) > 1 else set()
+        # batch_top: the experts in another token's top, {e : count(e) - [e in top] > 0}, made when first read
+        batch_top: set[int] | None = None
         hi = (1.0 + alpha) * s_next
         d = TokenDecision()
         out.append(d)
@@ -72,7 +74,12 @@ def decide_lean(rows: Sequence[Scores], chosen: Sequence[Sequence[int]], cached:
         used: set[int] = set()
         chosen_set = set(ch)
         for i in best_first(ch, lambda e: r.get(e, 0.0)):
-            if r.get(i, 0.0) > hi or i in protected or i in cached or (use_batch and i in batch_top):
+            if r.get(i, 0.0) > hi or i in protected or i in cached:
+                d.exact.append(i)
+                continue
+            if use_batch and batch_top is None:
+                batch_top = in_tops - (top - in_two) if len(rows) > 1 else set()
+            if use_batch and i in batch_top:
                 d.exact.append(i)
                 continue
             if pool is None:
@@ -151,18 +158,18 @@ class LeanCacheModel(CacheModel):
         assert rule == "lfru", f"unknown eviction rule {rule!r}"
         return lfru_key(uses, last, self.calls[layer])
 
-    def _sorted(self, layer: int, candidates: list[int]) -> list[int]:
+    def _sorted(self, layer: int, candidates: Iterable[int]) -> list[int]:
         """The candidates in `_key` order; score's key (mean_n(e), e) as two C sorts, by id, then stably by mean
         (no key tuple per candidate)."""
         if self.policy.eviction == "score":
-            candidates.sort()
-            candidates.sort(key=self.windows[layer].mean().__getitem__)
-            return candidates
+            out = sorted(candidates)
+            out.sort(key=self.windows[layer].mean().__getitem__)
+            return out
         return sorted(candidates, key=self._key(layer))
 
     def _order(self, layer: int, busy) -> _Victims:
         pinned = self.pinned[layer]
-        cands = [e for e in self.resident[layer] if e not in busy and e not in pinned]
+        cands = self.resident[layer].difference(busy, pinned)           # resident, not busy, not pinned
         return _Victims(self._sorted(layer, cands), self._key(layer),
                         self.pools.of[layer] if self.pools is not None else None, pinned)
 
@@ -191,8 +198,7 @@ class LeanCacheModel(CacheModel):
             free = self.slots[layer] - len(resident)
             if len(to_load) <= free:
                 return [None] * len(to_load)
-            pinned = self.pinned[layer]
-            cands = [e for e in resident if e not in busy and e not in pinned]
+            cands = resident.difference(busy, self.pinned[layer])
             return [None] * free + self._sorted(layer, cands)[:len(to_load) - free]
         of, slots, held = pools.of[layer], pools.slots[layer], list(self.held[layer])
         order, out = None, []

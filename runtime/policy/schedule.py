@@ -55,6 +55,8 @@ def step_scores(rows: Sequence[Scores]) -> dict[int, float]:
     """A call's step of the score window: per expert the mean over its tokens, sum_t s_t(e) / T, added in token
     order (experts no token scores are absent: 0)."""
     n, step = len(rows), {}
+    if n == 1:                                   # s / 1 is s: the token's scores as they are
+        return dict(rows[0])
     for r in rows:
         for e, s in r.items():
             step[e] = step.get(e, 0.0) + s / n
