@@ -53,8 +53,10 @@ class OffloadExecutor:
         self.events: list[tuple] | None = [] if record_events else None
 
     # ---- the layer ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if torch.is_grad_enabled():              # the runtime's entry points run without grad; entering no_grad
+            with torch.no_grad():                # again costs microseconds a call, so only here
+                return self(layer, x, routing)
         if isinstance(self.model, FastCacheModel):
             return self._call_lossless(layer, x, routing)
         rows, chosen = score_rows(routing, self.width)                  # per token: top-W scores, k experts
