@@ -78,3 +78,17 @@ def test_grouped_experts_equal_the_per_expert_loop(dtype):
         y = grouped(p.xs, gu, dn, p.offsets(e_n, x.device))
         for e, (a, b) in p.span.items():
             assert torch.equal(y[a:b], loop(p.rows(e), {"gate_up": gu[e], "down": dn[e]})), (e_n, t_n, e)
+
+
+def test_activations_are_hf_kernels():
+    """Experts call SiLU as `F.silu` (the kernel HF's SiLUActivation and nn.SiLU call, without the module call),
+    with the same bits as HF's module; an activation that is more than one kernel call stays HF's own module."""
+    from transformers.activations import ACT2FN
+
+    from runtime.expert_compute import activation
+
+    x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for name in ("silu", "swish"):
+        assert activation(name) is torch.nn.functional.silu
+        assert torch.equal(activation(name)(x), ACT2FN[name](x))
+    assert type(activation("gelu")) is type(ACT2FN["gelu"])
