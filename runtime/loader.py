@@ -107,12 +107,7 @@ class Loader:
     def copy_inline(self, layer: int, expert: int, dst: dict[str, torch.Tensor]) -> float:
         """An inline load (`inline`) without a ticket: the copy into dst now, on this thread; returns its seconds. A
         failed copy raises its one-line error."""
-        t0 = time.perf_counter()
-        try:
-            self.store.copy_into(layer, expert, dst)
-        except Exception as exc:
-            raise load_error(layer, expert, exc) from exc
-        return time.perf_counter() - t0
+        return self.copy_inline_many(layer, ((expert, dst),))
 
     def copy_inline_many(self, layer: int, loads: Sequence[tuple[int, dict[str, torch.Tensor]]]) -> float:
         """`copy_inline` of each (expert, dst) of one layer, in order, timed as one span; returns its seconds."""
