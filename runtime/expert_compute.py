@@ -12,9 +12,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
+from runtime.policy.compiled import DROP, EXACT, SIMILARITY
 
 ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
 
@@ -238,3 +240,96 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
     return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
 
 
+@njit(cache=True)
+def _served_kernel(chosen, order, action, understudy, w, coef, gate, mode):
+    """A call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own exact pairs
+    in (position, token) order, then the tokens it stands in for, in token order (`group_served`).
+    chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
+    weights; coef [T] float32 (read only for an own-weight understudy); gate [T, E] float32; mode: 0 own
+    (coef x gate_j, a float32 product), 1 replaced (the replaced expert's weight), 2 auto (replaced for a near-twin).
+    Returns (tok [N], weights [N] float32, experts [n] ascending, bounds [n + 1], by_token [N]: the pairs in
+    (token, group) order when every token has the same number of pairs, else empty)."""
+    t_n, k = chosen.shape
+    e_n = gate.shape[1]
+    act = np.empty((t_n, k), np.int64)                           # [T, k] by routing position
+    und = np.empty((t_n, k), np.int64)
+    for t in range(t_n):
+        for q in range(k):
+            for p in range(k):
+                if chosen[t, p] == order[t, q]:
+                    act[t, p], und[t, p] = action[t, q], understudy[t, q]
+    n_of = np.zeros(e_n, np.int64)
+    per_tok = np.zeros(t_n, np.int64)
+    for t in range(t_n):
+        for p in range(k):
+            if act[t, p] == EXACT:
+                n_of[chosen[t, p]] += 1
+                per_tok[t] += 1
+            elif act[t, p] != DROP:
+                n_of[und[t, p]] += 1
+                per_tok[t] += 1
+    n_e = 0
+    for e in range(e_n):
+        n_e += n_of[e] > 0
+    experts = np.empty(n_e, np.int64)
+    bounds = np.zeros(n_e + 1, np.int64)
+    fill = np.zeros(e_n, np.int64)                               # [E] the next row of each expert
+    a = 0
+    for e in range(e_n):
+        if n_of[e] > 0:
+            experts[a] = e
+            fill[e] = bounds[a]
+            bounds[a + 1] = bounds[a] + n_of[e]
+            a += 1
+    n = bounds[n_e]
+    tok = np.empty(n, np.int64)
+    wt = np.empty(n, np.float32)
+    for p in range(k):
+        for t in range(t_n):
+            if act[t, p] == EXACT:
+                e = chosen[t, p]
+                tok[fill[e]], wt[fill[e]] = t, w[t, p]
+                fill[e] += 1
+    for t in range(t_n):
+        for p in range(k):
+            if act[t, p] != EXACT and act[t, p] != DROP:
+                j = und[t, p]
+                tok[fill[j]] = t
+                if mode == 1 or (mode == 2 and act[t, p] == SIMILARITY):
+                    wt[fill[j]] = w[t, p]
+                else:
+                    wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
+                fill[j] += 1
+    uniform = True
+    for t in range(t_n):
+        uniform = uniform and per_tok[t] == per_tok[0]
+    if not uniform or t_n == 0:
+        return tok, wt, experts, bounds, np.empty(0, np.int64)
+    by_token = np.empty(n, np.int64)                             # a stable counting sort of the rows by token
+    nxt = np.zeros(t_n, np.int64)
+    for r in range(n):
+        t = tok[r]
+        by_token[t * per_tok[0] + nxt[t]] = r
+        nxt[t] += 1
+    return tok, wt, experts, bounds, by_token
+
+
+def group_served(x: torch.Tensor, chosen: np.ndarray, sched, weights: torch.Tensor, coef: Callable[[], torch.Tensor],
+                 gate: torch.Tensor, mode: str) -> PairGroups:
+    """The pairs of a call whose schedule (`runtime.policy.compiled.CompiledSchedule`) serves some of them by an
+    understudy or drops them, grouped by serving expert (`_served_kernel`); chosen [T, k], weights [T, k] (the
+    routing's), coef (the routing's, read only for an understudy at its own weight), gate [T, E] float32; mode the
+    policy's `understudy_weight`. The weights are gathered on the host in float32 (exact for float32 or bfloat16
+    routing weights; an understudy's own weight coef x gate_j a float32 product) and moved once, in the routing's
+    dtype."""
+    m = {"own": 0, "replaced": 1, "auto": 2}[mode]
+    own = m == 0 or (m == 2 and bool(sched.count_array[5] or sched.count_array[6]))     # band or batch understudies
+    c = coef().float().cpu().numpy() if own else np.zeros(chosen.shape[0], np.float32)
+    tok, wt, experts, bounds, by_token = _served_kernel(
+        chosen, sched.chosen_order, sched.action, sched.understudy, weights.float().cpu().numpy(), c,
+        gate.cpu().numpy(), m)
+    b = bounds.tolist()
+    span = {e: (b[i], b[i + 1]) for i, e in enumerate(experts.tolist())}
+    w = torch.from_numpy(wt).to(x.device, weights.dtype)                                 # [N]
+    whole = chosen.shape[0] == 1 and x.is_contiguous()
+    return PairGroups(tok, span, w, x, whole, by_token if len(by_token) else None)

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from runtime.expert_cache import ExpertCache
-from runtime.expert_compute import PairGroups, group_pairs, make_expert_fn, make_grouped_fn
+from runtime.expert_compute import PairGroups, group_pairs, group_served, make_expert_fn, make_grouped_fn
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
+from runtime.policy.compiled import CompiledCacheModel
 from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
@@ -59,6 +60,8 @@ class OffloadExecutor:
                 return self(layer, x, routing)
         if isinstance(self.model, FastCacheModel):
             return self._call_lossless(layer, x, routing)
+        if isinstance(self.model, CompiledCacheModel):
+            return self._call_compiled(layer, x, routing)
         rows, chosen = score_rows(routing, self.width)                  # per token: top-W scores, k experts
         prediction = None
         if self.policy.prefetch and self.next_router is not None:
@@ -73,6 +76,64 @@ class OffloadExecutor:
         else:                                    # every pair exact: the lossless grouping
             g = group_pairs(x, np.array(chosen, dtype=np.int64), routing.weights)
         return self._execute(layer, sched.ops, x, g)
+
+    def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The path of the score-evicting policies (`CompiledCacheModel`): the routing (and the next layer's
+        predicted routing) handed to the compiled model as the router's arrays, chosen [T, k], topk ids [T, W] and
+        the score table [T, E], which makes `score_rows`' rows from them; the pair counts added from its count vector;
+        the schedule's ops carried out as `__call__` does."""
+        top = self._top_arrays(routing)
+        chosen = top[0]                                                 # [T, k]
+        sched = self.model.schedule_top(layer, *top, self._prediction(layer, x), self.c_load.value,
+                                        self.c_host.value)
+        a = sched.count_array.tolist()
+        c = self.stats.layer(layer)
+        c.pairs += a[0]
+        c.hits += a[1]
+        c.misses += a[2]
+        c.prefetch_used += a[10]
+        if sched.substituted:
+            c.host += a[3]
+            c.drops += a[4]
+            und = c.understudies
+            und["band"] += a[5]
+            und["batch"] += a[6]
+            und["similarity"] += a[7]
+            g = group_served(x, chosen, sched, routing.weights, lambda: routing.coef, routing.gate,
+                             self.policy.understudy_weight)
+        else:                                    # every pair exact: the lossless grouping
+            c.host += a[3]
+            g = group_pairs(x, chosen, routing.weights)
+        ops = sched.ops
+        n = sched.leading_loads
+        if n < 0:                                # loads wait for computes (or host computes): the ops in order
+            return self._execute(layer, ops, x, g)
+        if n:                                    # a direct call: its loads and prefetches, then the computes
+            self._load_run(ops, 0)
+        order = [op[2] for op in ops[n:]]        # the cached experts (ascending), then the loaded ones
+        if self._groupable(layer, x, g):         # several tokens: grouped over the slots
+            y = x.new_empty((len(g.tok), x.shape[1]))                   # [N, H] unweighted outputs, pair order
+            self._compute_grouped(layer, g, order, y)
+            return g.mix_rows(x, y)
+        if g.whole and not self.tickets and self.events is None and self.store.computes_as_held(x.dtype):
+            held, fn = self.cache.held[layer], self.expert_fn           # one token, every slot landed: f_e(x)
+            return g.mix(x, {e: fn(x, held[e]) for e in order})
+        return self._execute(layer, ops[n:], x, g)
+
+    def _top_arrays(self, routing: Routing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """chosen [T, k] int64, topk ids of the score table [T, W] int64 (the chosen when W <= k) and the score table
+        [T, E] float32, on the host."""
+        chosen = routing.idx.cpu().numpy()
+        if self.width <= chosen.shape[1]:
+            return chosen, chosen, routing.score.cpu().numpy()
+        return chosen, torch.topk(routing.score, self.width, dim=1).indices.cpu().numpy(), routing.score.cpu().numpy()
+
+    def _prediction(self, layer: int, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The next MoE layer's predicted routing as `_top_arrays`, where the policy prefetches; else None."""
+        if not self.policy.prefetch or self.next_router is None:
+            return None
+        nxt = self.next_router(layer, x)
+        return None if nxt is None else self._top_arrays(nxt[1])
 
     def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
         """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs

@@ -45,6 +45,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from runtime.policy.compiled import CompiledCacheModel, is_compiled
 from runtime.policy.config import PolicyConfig
 from runtime.policy.counts import Counts
 from runtime.policy.lean import LeanCacheModel, is_lean
@@ -67,11 +68,15 @@ def make_cache_model(slots: Mapping[int, int], num_experts: int, top_k: int, pol
                      params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None,
                      pinned: Mapping[int, Sequence[int]] | None = None, pools=None, **kw):
     """The cache model for `policy`: `FastCacheModel` for lossless lru/lfu/lfru with no pinned experts, no precision
-    `pools` and no future (Belady); else `LeanCacheModel` (runtime.policy.lean) for every policy but the oracle;
+    `pools` and no future (Belady); `CompiledCacheModel` (runtime.policy.compiled) for the score-evicting policies
+    (smoe, plan) with no pools; else `LeanCacheModel` (runtime.policy.lean) for every policy but the oracle;
     else the reference `CacheModel`; with the same arguments (`pools` only when given)."""
     if is_fast(policy, params) and pinned is None and pools is None and kw.get("future") is None \
             and set(kw) <= {"future", "host_batch_max"}:
         return FastCacheModel(slots, num_experts, top_k, policy, params, initial=initial)
+    if is_compiled(policy, params) and pinned is None and pools is None and kw.get("future") is None:
+        kw.pop("future", None)
+        return CompiledCacheModel(slots, num_experts, top_k, policy, params, initial=initial, **kw)
     if pools is not None:
         kw["pools"] = pools
     if kw.get("future") is None and is_lean(policy, params):

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from runtime import Runtime
+from runtime.policy.compiled import CompiledCacheModel
 from runtime.policy.config import preset
 from runtime.policy.fast import FastCacheModel, make_cache_model
 from runtime.policy.lean import LeanCacheModel
 from runtime.policy.plan_params import substitution_params
+from runtime.policy.pools import Pools
 from runtime.policy.schedule import CacheModel
 from runtime.policy.static import static_pins
 
@@ -120,11 +122,17 @@ def test_the_factory_picks_the_model():
         # a precision plan's pools go to another model
         with pytest.raises(Exception):
             make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]), pools=object())
-    for name, kw in [("smoe", {}), ("plan", {}), ("lru", {"host_compute": True}), ("lru", {"prefetch": True}),
-                     ("lru", {"alpha": 0.3})]:
+    for name, kw in [("smoe", {}), ("plan", {}), ("plan", {"alpha": 0.0})]:    # score eviction: compiled
+        pol = preset(name, **kw)
+        m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]))
+        assert type(m) is CompiledCacheModel, (name, kw)
+    for name, kw in [("lru", {"host_compute": True}), ("lru", {"prefetch": True}), ("lru", {"alpha": 0.3})]:
         pol = preset(name, **kw)
         m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]))
         assert type(m) is LeanCacheModel, (name, kw)
+    pol = preset("plan")                       # a precision plan's pools: the lean model
+    pools = Pools(("bfloat16", "int4"), (100, 28), {l: (0,) * 8 + (1,) * 8 for l in slots}, {l: (2, 2) for l in slots})
+    assert type(make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]), pools=pools)) is LeanCacheModel
     pol = preset("static", host_compute=False)
     m = make_cache_model(slots, e, k, pol, substitution_params(pol, [0, 1]),
                          pinned=static_pins({0: list(range(e)), 1: list(range(e))}, slots))

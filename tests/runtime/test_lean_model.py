@@ -102,8 +102,10 @@ def test_lean_model_decides_as_the_cache_model(case, e, k, batch, monkeypatch):
             kw["pools"] = Pools(("bfloat16", "int4"), (100, 28), of, {l: (max(1, slots // 2), slots) for l in LAYERS})
         initial = {l: rng.choice(e, size=slots, replace=False).tolist() for l in LAYERS} if slots % 2 else None
         ref = CacheModel({l: slots for l in LAYERS}, e, k, pol, params, initial=initial, **kw)
-        lean = make_cache_model({l: slots for l in LAYERS}, e, k, pol, params, initial=initial, **kw)
-        assert type(lean) is LeanCacheModel
+        lean = LeanCacheModel({l: slots for l in LAYERS}, e, k, pol, params, initial=initial, **kw)
+        if pinned or pooled or pol.eviction != "score":           # the runtime's choice, too
+            assert type(make_cache_model({l: slots for l in LAYERS}, e, k, pol, params, initial=initial,
+                                         **kw)) is LeanCacheModel
         assert _state(lean) == _state(ref)
         for n in range(24):
             layer = LAYERS[n % len(LAYERS)]
@@ -142,7 +144,8 @@ def test_lean_decisions_equal_the_rule():
 
 
 def test_lean_model_on_a_recorded_trace(small_profile):
-    """The routing and next-layer prediction the profiler recorded on the shared fixture, through smoe and plan."""
+    """The routing and next-layer prediction the profiler recorded on the shared fixture, through smoe and plan: the
+    lean and the compiled model decide as the reference."""
     from artifacts import Profile
 
     prof = Profile.load(small_profile)
@@ -155,7 +158,8 @@ def test_lean_model_on_a_recorded_trace(small_profile):
         params = substitution_params(pol, layers)
         for slots in (k, e // 2):
             ref = CacheModel({l: slots for l in layers}, e, k, pol, params)
-            lean = make_cache_model({l: slots for l in layers}, e, k, pol, params)
+            lean = LeanCacheModel({l: slots for l in layers}, e, k, pol, params)
+            fast = make_cache_model({l: slots for l in layers}, e, k, pol, params)     # the compiled model
             for start in range(0, len(ids), 2):                             # calls of 2 tokens, layer by layer
                 for m, l in enumerate(layers):
                     sl = slice(start, start + 2)
@@ -164,8 +168,11 @@ def test_lean_model_on_a_recorded_trace(small_profile):
                     chosen = [a[:k] for a in ids[sl, m].tolist()]
                     a = ref.schedule(l, rows, chosen, pred)
                     b = lean.schedule(l, rows, chosen, pred)
+                    c = fast.schedule(l, rows, chosen, pred)
                     assert (b.ops, b.counts, b.decisions) == (a.ops, a.counts, a.decisions)
+                    assert (c.ops, c.counts, c.decisions) == (a.ops, a.counts, a.decisions)
                     assert _state(lean) == _state(ref)
+                    assert _compiled_state(fast) == _ref_state(ref)
 
 
 def test_score_rows_are_the_top_view():
@@ -191,3 +198,110 @@ def test_score_rows_are_the_top_view():
                 assert chosen == idx.tolist()
                 assert [list(row.items()) for row in rows] == [list(zip(a, b)) for a, b in
                                                                zip(ids.tolist(), sc.tolist())]
+
+
+def _compiled_state(m):
+    return m.resident, m.prefetched, m.window_sums(), {l: int(m.held[i]) for i, l in enumerate(m.layers)}
+
+
+def _ref_state(m):
+    return m.resident, m.prefetched, {l: w._sum for l, w in m.windows.items()}, {l: len(w._steps) for l, w in m.windows.items()}
+
+
+COMPILED = sorted(c for c, (pol, _, pinned, pooled) in CASES.items() if pol.eviction == "score" and not pooled)
+
+
+@pytest.mark.parametrize("case", COMPILED + ["smoe-window-2"])
+@pytest.mark.parametrize("e,k", [(16, 4), (64, 6)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_model_decides_as_the_cache_model(case, e, k, batch):
+    """The compiled model (runtime.policy.compiled) of the score-evicting policies: the reference's ops, counts,
+    decisions and state after every call, from score dicts (`schedule`) and from the router's arrays
+    (`schedule_top`, the runtime's path: rows made as `score_rows` makes them)."""
+    import torch
+
+    from runtime.policy.compiled import CompiledCacheModel
+    from runtime.router import Routing, score_rows
+
+    pol, plan_style, _, _ = CASES.get(case, (preset("smoe", window=2), False, False, False))
+    rng = np.random.default_rng(abs(hash(("compiled", case, e, k, batch))) % 2**32)
+    params = (_plan_params(rng, e, pol.alpha, pol.pool_depth, pol.use_batch) if plan_style
+              else substitution_params(pol, list(LAYERS)))
+    weights = np.ones(e)
+    weights[rng.choice(e, size=k + 2, replace=False)] = 8.0
+    p = weights / weights.sum()
+    for slots in sorted({k - 1, k, k + 1, e // 4, e // 2, e - 1}):
+        initial = {l: rng.choice(e, size=slots, replace=False).tolist() for l in LAYERS} if slots % 2 else None
+        ref = CacheModel({l: slots for l in LAYERS}, e, k, pol, params, initial=initial)
+        fast = make_cache_model({l: slots for l in LAYERS}, e, k, pol, params, initial=initial)
+        assert type(fast) is CompiledCacheModel
+        for n in range(24):
+            layer = LAYERS[n % len(LAYERS)]
+            c_load, c_host = float(rng.choice([0.5, 1.0, 3.0])), float(rng.choice([0.5, 1.0, 3.0]))
+            if n % 2:                                    # score dicts
+                rows, chosen = _rows(rng, batch, e, k, p)
+                pred = _rows(rng, batch, e, k, p)[0] if rng.random() < 0.8 else None
+                b = fast.schedule(layer, rows, chosen, pred, c_load, c_host)
+            else:                                        # a routing: score table, chosen, topk ids
+                rt = []
+                for _ in range(2):
+                    score = torch.from_numpy(rng.random((batch, e)).astype(np.float32))
+                    score[torch.from_numpy(rng.random((batch, e)) < 0.2)] = 0.0
+                    score[:, 1:3] = score[:, :1]
+                    idx = torch.topk(score, k, dim=1).indices
+                    if rng.random() < 0.2:
+                        idx[:, -1] = torch.argmin(score, dim=1)
+                    rt.append(Routing(idx=idx, weights=torch.ones(batch, k), score=score, gate=score))
+                rows, chosen = score_rows(rt[0], 2 * k)
+                pred = score_rows(rt[1], 2 * k)[0] if n % 4 else None
+                arrays = [(r.idx.numpy(), torch.topk(r.score, 2 * k, dim=1).indices.numpy(), r.score.numpy())
+                          for r in rt]
+                b = fast.schedule_top(layer, *arrays[0], arrays[1] if pred is not None else None, c_load, c_host)
+            a = ref.schedule(layer, rows, chosen, pred, c_load, c_host)
+            assert b.ops == a.ops, (slots, n)
+            assert b.counts == a.counts, (slots, n)
+            assert b.decisions == a.decisions, (slots, n)
+            assert _compiled_state(fast) == _ref_state(ref), (slots, n)
+
+
+@pytest.mark.parametrize("mode", ["own", "replaced", "auto"])
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_served_groups_are_the_decisions_groups(mode, batch):
+    """The executor's grouping of a compiled schedule's pairs (`group_served`, over its arrays) equals the grouping
+    of its decisions (`OffloadExecutor._groups`): the same rows, spans, and weights bit for bit (bfloat16 routing
+    weights; understudies at their own or the replaced weight, drops), and the same mixed output."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from runtime.expert_compute import group_served
+    from runtime.offload_executor import OffloadExecutor
+    from runtime.policy.compiled import CompiledCacheModel
+    from runtime.router import Routing
+
+    e, k = 32, 4
+    rng = np.random.default_rng(batch)
+    pol = preset("plan", understudy_weight=mode)
+    params = _plan_params(rng, e, pol.alpha, None, True)
+    model = CompiledCacheModel({l: e // 4 for l in LAYERS}, e, k, pol, params)
+    ex = SimpleNamespace(policy=pol, _token_groups=OffloadExecutor._token_groups)
+    g = torch.Generator().manual_seed(batch)
+    seen = 0
+    for n in range(60):
+        logits = torch.randn(batch, e, generator=g)
+        gate = torch.softmax(logits, -1)
+        w, idx = torch.topk(gate, k)
+        r = Routing(idx=idx, weights=(w / w.sum(-1, keepdim=True)).to(torch.bfloat16), score=gate, gate=gate)
+        chosen = idx.numpy()
+        s = model.schedule_top(LAYERS[n % 3], chosen, torch.topk(gate, 2 * k).indices.numpy(), gate.numpy())
+        if not s.substituted:
+            continue
+        seen += 1
+        x = torch.randn(batch, 8, generator=g).to(torch.bfloat16)
+        a = OffloadExecutor._groups(ex, x, r, idx.tolist(), s.decisions)
+        b = group_served(x, chosen, s, r.weights, lambda: r.coef, r.gate, mode)
+        assert b.tok.tolist() == a.tok.tolist() and b.span == a.span and b.whole == a.whole
+        assert torch.equal(b.weights, a.weights)
+        ys = {ex_: torch.randn(hi - lo, 8, generator=g).to(torch.bfloat16) for ex_, (lo, hi) in a.span.items()}
+        assert torch.equal(b.mix(x, ys), a.mix(x, ys))
+    assert seen >= 10

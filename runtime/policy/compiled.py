@@ -1,0 +1,608 @@
+"""The compiled cache model of the score-evicting policies (smoe, and plan without precision pools): one call of a
+compiled kernel per layer call, over arrays.
+
+It makes exactly the decisions of the reference `runtime.policy.schedule.CacheModel` for these policies (the tests
+replay random and recorded traces through both, op for op, with the plan's near-twins, protected experts, drops,
+pool depth, prefetch guard and the host/transfer split). The kernel is the reference's rules written over dense
+per-layer arrays, each step a scan over at most E experts or a token's W scored experts:
+
+  decide   per token, with S = S(k+1) of its top-W scores, hi = (1 + alpha) S, lo = (1 - alpha) S
+           (runtime.policy.substitution): top-score experts (s > hi), protected, cached or (use_batch) another
+           token's top-score experts run exactly; a low-score miss i takes the least-error cached near-twin (plan),
+           else the best unused band expert (lo < s <= S, cached or batch-top, unchosen, among the token's d best
+           unchosen with a pool depth), else is dropped where allowed, else runs exactly (loaded)
+  window   the score window's step (per expert the mean score over the call's tokens) replaces its oldest step in
+           the running sum: sum(e) -= old(e), then sum(e) += new(e); mean(e) = sum(e) / steps held
+  victim   argmin (mean(e), e) over the layer's resident experts the call does not need (still) and, for a prefetch,
+           that the prediction does not name
+  ops      the reference's order: loads as slots allow (misses by (-best score, e), the host split's share on the
+           host), the next layer's prefetches (predicted top-score experts by (-score, e), up to the budget; with the
+           guard only over a victim of lower mean score), the cached experts' computes in ascending id (each freeing
+           its slot for the next load), the host computes, each loaded expert's compute in load order
+The state is what the rules read: residency, the prefetched marks and the score window, per layer. (The reference's
+last use and use counts feed only lru/lfu/lfru, which this model does not run.)
+
+Why compiled (numba), when the lossless fast model (runtime.policy.fast) and the lean model (runtime.policy.lean)
+are plain Python: substitution, the score window and prefetch make 60-80 us of Python work per decode layer call at
+batch 1 on the 128-expert shape, more than the runtime's own-time goal allows all of its work (docs/BENCHMARKS.md,
+decisions section); a numpy version pays microseconds of dispatch per operation. One compiled call does it all in a
+few microseconds. Kernels are compiled on first use and cached on disk (`cache=True`).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+from numba import njit
+
+from runtime.policy.config import PolicyConfig
+from runtime.policy.counts import Counts
+from runtime.policy.schedule import Scores
+from runtime.policy.substitution import SubstitutionParams, TokenDecision
+
+KINDS = ("load", "prefetch", "compute", "host")                 # op kinds by code
+REASONS = ("", "band", "batch", "similarity", "")               # pair actions: exact, the understudies, drop
+EXACT, BAND, BATCH, SIMILARITY, DROP = range(5)
+# counts vector: pairs hits misses host drops band batch similarity loads prefetch_issued prefetch_used
+N_COUNTS = 11
+
+
+def is_compiled(policy: PolicyConfig, params: Mapping[int, SubstitutionParams]) -> bool:
+    """Whether the compiled model runs `policy`: score eviction and 0 <= alpha <= 1 in every layer (the band's
+    lower edge is then >= 0, so only a token's scored experts can be in it)."""
+    return policy.eviction == "score" and all(0.0 <= p.alpha <= 1.0 for p in params.values())
+
+
+# ---- the kernel --------------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _before(a_s, a_e, b_s, b_e):
+    """(-a_s, a_e) < (-b_s, b_e): best score first, ties by lower id."""
+    return a_s > b_s or (a_s == b_s and a_e < b_e)
+
+
+@njit(cache=True)
+def _best_first(ids, vals, n):
+    """ids[:n] sorted in place by (-vals, id) (insertion sort: n <= W or k), vals moved along."""
+    for a in range(1, n):
+        e, s = ids[a], vals[a]
+        b = a - 1
+        while b >= 0 and _before(s, e, vals[b], ids[b]):
+            ids[b + 1], vals[b + 1] = ids[b], vals[b]
+            b -= 1
+        ids[b + 1], vals[b + 1] = e, s
+
+
+@njit(cache=True)
+def rows_from_top(chosen, top_ids, table):
+    """`runtime.router.score_rows`'s rows as arrays (ids [T, W], scores [T, W] float64, lengths [T]): per token its
+    k chosen experts, then the first W - k unchosen of its topk ids (W = top_ids' width; none when W <= k), scores
+    from the score table [T, E]."""
+    t_n, k = chosen.shape
+    w = max(top_ids.shape[1], k)
+    rid = np.empty((t_n, w), np.int64)
+    rval = np.empty((t_n, w), np.float64)
+    rlen = np.empty(t_n, np.int64)
+    for t in range(t_n):
+        for p in range(k):
+            e = chosen[t, p]
+            rid[t, p], rval[t, p] = e, table[t, e]
+        n = k
+        for q in range(top_ids.shape[1]):
+            if n >= w:
+                break
+            e = top_ids[t, q]
+            c = False
+            for p in range(k):
+                c = c or chosen[t, p] == e
+            if not c:
+                rid[t, n], rval[t, n] = e, table[t, e]
+                n += 1
+        rlen[t] = n
+    return rid, rval, rlen
+
+
+@njit(cache=True)
+def _kth_next(rval, t, n, k):
+    """S(k+1) of token t's n scores (0 when n <= k)."""
+    if n <= k:
+        return 0.0
+    v = np.sort(rval[t, :n])
+    return v[n - 1 - k]
+
+
+@njit(cache=True)
+def _victim(res_l, busy, wsum_l, held):
+    """argmin (mean(e), e) over resident, not busy experts; -1 when there is none."""
+    m = max(held, 1)
+    best, best_mean = -1, 0.0
+    for e in range(res_l.shape[0]):
+        if res_l[e] and not busy[e]:
+            mean = wsum_l[e] / m
+            if best < 0 or mean < best_mean:
+                best, best_mean = e, mean
+    return best
+
+
+@njit(cache=True)
+def _issue(li, lid, queue, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts):
+    """Load queue[q:n_load] into layer index li (layer id lid) as slots allow (a victim evicted when the layer is
+    full); returns (q, n_ops)."""
+    while q < n_load:
+        e = queue[q]
+        v = -1
+        if n_res[li] >= slots[li]:
+            v = _victim(res[li], pending, wsum[li], held[li])
+            if v < 0:
+                break
+            res[li, v] = 0
+            pf[li, v] = 0
+            n_res[li] -= 1
+        res[li, e] = 1
+        n_res[li] += 1
+        ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 0, lid, e, v
+        n_ops += 1
+        counts[8] += 1
+        q += 1
+    return q, n_ops
+
+
+@njit(cache=True)
+def schedule_kernel(li, nli, k, alphas, use_batch, depths, by_error, protected, drop_ok, tw_ids, tw_err,
+                    res, n_res, slots, pf, wsum, ring, head, held, window, layer_ids,
+                    rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load, c_host):
+    """One layer call of layer index li (nli: the next MoE layer's index, -1 for the last); per-layer parameters
+    (alphas, use_batch, depths (-1: none), by_error [L]; protected, drop_ok [L, E]; near-twins tw_ids / tw_err
+    [L, E, D], -1 padded) and state (res, pf [L, E], n_res [L], the window's wsum [L, E] and steps ring [L, n, E],
+    head / held [L]) by layer index; rows rid / rval [T, W] with lengths rlen [T]; chosen [T, k]; the prediction's
+    rows pid / pval / plen (no rows: no prediction). Returns (n_ops, out_i, out_act, out_j, ops, counts): per token
+    the chosen experts in the order the rule settles them, each one's action and understudy (-1: none) [T, k]; ops
+    [n, 4] (kind code, layer id, expert, victim or -1); counts [N_COUNTS]. n_ops is -(2 + e) when no slot can be
+    freed for expert e."""
+    alpha, depth, lid = alphas[li], depths[li], layer_ids[li]
+    t_n = chosen.shape[0]
+    out_i = np.empty((t_n, k), np.int64)
+    out_act = np.empty((t_n, k), np.int64)
+    out_j = np.empty((t_n, k), np.int64)
+    ops = np.empty((3 * t_n * k + budget + 1, 4), np.int64)
+    counts = np.zeros(N_COUNTS, np.int64)
+    t_n = chosen.shape[0]
+    e_n = res.shape[1]
+    cached = res[li].copy()                                      # [E] resident at the start
+    exact_n = np.zeros(e_n, np.int64)                            # [E] exact pairs per expert
+    subs_n = np.zeros(e_n, np.int64)                             # [E] pairs each understudy stands in for
+    best = np.full(e_n, -np.inf)                                 # [E] best score over the tokens that chose e
+    score = np.zeros(e_n)                                        # [E] one token's scores (0: unscored)
+    for t in range(t_n):
+        for w in range(rlen[t]):
+            score[rid[t, w]] = rval[t, w]
+        for p in range(k):
+            e = chosen[t, p]
+            if score[e] > best[e]:
+                best[e] = score[e]
+        for w in range(rlen[t]):
+            score[rid[t, w]] = 0.0
+    counts[0] = t_n * k
+    # ---- decisions (runtime.policy.substitution)
+    if alpha <= 0.0:
+        for t in range(t_n):
+            for p in range(k):
+                e = chosen[t, p]
+                out_i[t, p], out_act[t, p], out_j[t, p] = e, EXACT, -1
+                exact_n[e] += 1
+    else:
+        s_next = np.empty(t_n)
+        top_n = np.zeros(e_n, np.int64)                          # [E] tokens whose top-score experts include e
+        is_top = np.zeros((t_n, k), np.uint8)                    # [T, k] chosen[t, p] is a top-score expert of t
+        for t in range(t_n):
+            s_next[t] = _kth_next(rval, t, rlen[t], k)
+            hi = (1.0 + alpha) * s_next[t]
+            for w in range(rlen[t]):
+                score[rid[t, w]] = rval[t, w]
+            for p in range(k):
+                e = chosen[t, p]
+                if score[e] > hi:
+                    is_top[t, p] = 1
+                    top_n[e] += 1
+            for w in range(rlen[t]):
+                score[rid[t, w]] = 0.0
+        is_chosen = np.zeros(e_n, np.uint8)
+        used = np.zeros(e_n, np.uint8)
+        own_top = np.zeros(e_n, np.int64)
+        pool = np.empty(rid.shape[1], np.int64)
+        pool_s = np.empty(rid.shape[1])
+        ranked = np.empty(rid.shape[1], np.int64)
+        ranked_s = np.empty(rid.shape[1])
+        order = np.empty(k, np.int64)
+        order_s = np.empty(k)
+        for t in range(t_n):
+            n = rlen[t]
+            for w in range(n):
+                score[rid[t, w]] = rval[t, w]
+            for p in range(k):
+                is_chosen[chosen[t, p]] = 1
+                own_top[chosen[t, p]] = is_top[t, p]
+            hi, lo, sn = (1.0 + alpha) * s_next[t], (1.0 - alpha) * s_next[t], s_next[t]
+            # E_s: unchosen scored experts with lo < s <= S, cached or batch-top, best first
+            n_pool = 0
+            for w in range(n):
+                e = rid[t, w]
+                s = rval[t, w]
+                if not is_chosen[e] and lo < s and s <= sn and (
+                        cached[e] or (use_batch[li] and top_n[e] - own_top[e] > 0)):
+                    pool[n_pool], pool_s[n_pool] = e, s
+                    n_pool += 1
+            _best_first(pool, pool_s, n_pool)
+            if depth >= 0 and n_pool > 0:                        # only among the d best unchosen
+                n_r = 0
+                for w in range(n):
+                    if not is_chosen[rid[t, w]]:
+                        ranked[n_r], ranked_s[n_r] = rid[t, w], rval[t, w]
+                        n_r += 1
+                _best_first(ranked, ranked_s, n_r)
+                kept = 0
+                for a in range(n_pool):
+                    ok = False
+                    for b in range(min(depth, n_r)):
+                        ok = ok or ranked[b] == pool[a]
+                    if ok:
+                        pool[kept], pool_s[kept] = pool[a], pool_s[a]
+                        kept += 1
+                n_pool = kept
+            for p in range(k):
+                order[p] = chosen[t, p]
+                order_s[p] = score[chosen[t, p]]
+            _best_first(order, order_s, k)
+            for p in range(k):
+                i = order[p]
+                out_i[t, p], out_j[t, p] = i, -1
+                if order_s[p] > hi or protected[li, i] or cached[i] or (use_batch[li] and top_n[i] - own_top[i] > 0):
+                    out_act[t, p] = EXACT
+                    exact_n[i] += 1
+                    continue
+                j, act = -1, EXACT
+                if by_error[li]:                                     # the least-error cached near-twin (first on ties)
+                    best_err = np.inf
+                    for d in range(tw_ids.shape[2]):
+                        c = tw_ids[li, i, d]
+                        if c < 0:
+                            break
+                        if cached[c] and not used[c] and not is_chosen[c] and (j < 0 or tw_err[li, i, d] < best_err):
+                            j, best_err, act = c, tw_err[li, i, d], SIMILARITY
+                if j < 0:
+                    for a in range(n_pool):
+                        if not used[pool[a]]:
+                            j = pool[a]
+                            act = BAND if cached[j] else BATCH
+                            break
+                if j >= 0:
+                    used[j] = 1
+                    out_act[t, p], out_j[t, p] = act, j
+                    subs_n[j] += 1
+                    counts[5 + act - 1] += 1                     # band, batch, similarity
+                elif drop_ok[li, i]:
+                    out_act[t, p] = DROP
+                    counts[4] += 1
+                else:
+                    out_act[t, p] = EXACT
+                    exact_n[i] += 1
+            for w in range(n):
+                score[rid[t, w]] = 0.0
+            for p in range(k):
+                is_chosen[chosen[t, p]] = 0
+                own_top[chosen[t, p]] = 0
+            for p in range(k):
+                if out_j[t, p] >= 0:
+                    used[out_j[t, p]] = 0
+    # ---- the score window moves (the victims' key)
+    if held[li] == window:                                       # full: the oldest step leaves, its slot is reused
+        old = head[li]
+        for e in range(e_n):                                     # (an unscored expert's 0.0 changes no sum)
+            wsum[li, e] -= ring[li, old, e]
+        head[li] = (old + 1) % window
+    else:
+        old = (head[li] + held[li]) % window
+        held[li] += 1
+    step = ring[li, old]                                         # [E] the step: mean score over the call's tokens
+    step[:] = 0.0
+    for t in range(t_n):
+        for w in range(rlen[t]):
+            step[rid[t, w]] += rval[t, w] if t_n == 1 else rval[t, w] / t_n
+    for e in range(e_n):
+        wsum[li, e] += step[e]
+    # ---- misses, the host split, the pair counts
+    needed = np.zeros(e_n, np.uint8)
+    n_miss = 0
+    misses = np.empty(e_n, np.int64)
+    miss_s = np.empty(e_n)
+    for e in range(e_n):
+        if exact_n[e] > 0 or subs_n[e] > 0:
+            needed[e] = 1
+            if not cached[e]:
+                misses[n_miss], miss_s[n_miss] = e, (best[e] if best[e] > -np.inf else 0.0)
+                n_miss += 1
+    _best_first(misses, miss_s, n_miss)
+    n_load = n_miss
+    if host_split and n_miss > 0:                                # argmin_n max(n c_load, (N - n) c_host), ties: more loads
+        best_cost = np.inf
+        for m in range(n_miss + 1):
+            cost = max(m * c_load, (n_miss - m) * c_host)
+            if cost <= best_cost:
+                best_cost, n_load = cost, m
+    pending = np.zeros(e_n, np.uint8)                            # needed, not on the host, not yet computed
+    for a in range(n_load):
+        pending[misses[a]] = 1
+    for e in range(e_n):
+        if needed[e] and cached[e]:
+            pending[e] = 1
+            if pf[li, e]:
+                counts[10] += 1
+                pf[li, e] = 0
+        if exact_n[e] > 0:
+            if cached[e]:
+                counts[1] += exact_n[e]
+            else:
+                on_host = False
+                for a in range(n_load, n_miss):
+                    on_host = on_host or misses[a] == e
+                counts[3 if on_host else 2] += exact_n[e]
+    # ---- ops
+    n_ops = 0
+    q, n_ops = _issue(li, lid, misses, 0, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+    if prefetch and nli >= 0 and plen.shape[0] > 0:
+        pmax = np.zeros(e_n)
+        named = np.zeros(e_n, np.uint8)                          # predicted: busy in the next layer
+        ranked = np.empty(pid.shape[1], np.int64)
+        ranked_s = np.empty(pid.shape[1])
+        for t in range(plen.shape[0]):
+            n = plen[t]
+            for w in range(n):
+                ranked[w], ranked_s[w] = pid[t, w], pval[t, w]
+            _best_first(ranked, ranked_s, n)
+            thr = (1.0 + alphas[nli]) * (ranked_s[k] if n > k else 0.0)
+            for w in range(min(k, n)):
+                e = ranked[w]
+                if ranked_s[w] > thr:
+                    if not named[e]:
+                        named[e], pmax[e] = 1, max(0.0, ranked_s[w])
+                    elif ranked_s[w] > pmax[e]:
+                        pmax[e] = ranked_s[w]
+        want = np.empty(e_n, np.int64)
+        want_s = np.empty(e_n)
+        n_want = 0
+        for e in range(e_n):
+            if named[e]:
+                want[n_want], want_s[n_want] = e, pmax[e]
+                n_want += 1
+        _best_first(want, want_s, n_want)
+        m = max(held[nli], 1)
+        for a in range(min(budget, n_want)):
+            e = want[a]
+            if res[nli, e]:
+                continue
+            full = n_res[nli] >= slots[nli]
+            v = -1
+            if full:
+                v = _victim(res[nli], named, wsum[nli], held[nli])
+                if guard and (v < 0 or wsum[nli, v] / m >= pmax[e]):
+                    continue
+                if v < 0:
+                    break
+                res[nli, v] = 0
+                pf[nli, v] = 0
+                n_res[nli] -= 1
+            res[nli, e] = 1
+            n_res[nli] += 1
+            pf[nli, e] = 1
+            ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 1, layer_ids[nli], e, v
+            n_ops += 1
+            counts[8] += 1
+            counts[9] += 1
+    for e in range(e_n):
+        if needed[e] and cached[e]:
+            ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 2, lid, e, -1
+            n_ops += 1
+            pending[e] = 0
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+    for a in range(n_load, n_miss):
+        ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 3, lid, misses[a], -1
+        n_ops += 1
+    for a in range(n_load):
+        e = misses[a]
+        if not res[li, e]:
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+        if not res[li, e]:
+            return -(2 + e), out_i, out_act, out_j, ops, counts
+        ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 2, lid, e, -1
+        n_ops += 1
+        pending[e] = 0
+        q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+    return n_ops, out_i, out_act, out_j, ops, counts
+
+
+@njit(cache=True)
+def schedule_from_top(li, nli, k, alphas, use_batch, depths, by_error, protected, drop_ok, tw_ids, tw_err,
+                      res, n_res, slots, pf, wsum, ring, head, held, window, layer_ids,
+                      chosen, top, table, p_chosen, p_top, p_table, prefetch, budget, guard, host_split, c_load,
+                      c_host):
+    """`schedule_kernel` on a routing as the router returns it: chosen [T, k], topk ids [T, W] and the score table
+    [T, E], and the same of the prediction (no rows: none); the rows made by `rows_from_top`."""
+    rid, rval, rlen = rows_from_top(chosen, top, table)
+    pid, pval, plen = rows_from_top(p_chosen, p_top, p_table)
+    return schedule_kernel(li, nli, k, alphas, use_batch, depths, by_error, protected, drop_ok, tw_ids, tw_err,
+                           res, n_res, slots, pf, wsum, ring, head, held, window, layer_ids,
+                           rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load,
+                           c_host)
+
+
+# ---- the model -----------------------------------------------------------------------------------------------------
+class CompiledSchedule:
+    """`LayerSchedule`'s contract (decisions, ops, counts) over the kernel's arrays, each built when read.
+
+    actions: per token the chosen experts in the order the rule settles them (`chosen_order` [T, k]), each one's
+    action (`action` [T, k]: EXACT, BAND, BATCH, SIMILARITY, DROP) and understudy (`understudy` [T, k], -1: none);
+    `substituted`: whether any pair is served otherwise than exactly; `op_array` [n, 4] (kind code, layer, expert,
+    victim or -1); `count_array` [N_COUNTS]."""
+
+    __slots__ = ("chosen_order", "action", "understudy", "op_array", "count_array", "substituted", "_ops", "_dec")
+
+    def __init__(self, chosen_order, action, understudy, op_array, count_array):
+        self.chosen_order, self.action, self.understudy = chosen_order, action, understudy
+        self.op_array, self.count_array = op_array, count_array
+        self.substituted = bool(count_array[4] or count_array[5] or count_array[6] or count_array[7])
+        self._ops = self._dec = None
+
+    @property
+    def ops(self) -> list[tuple[str, int, int, int | None]]:
+        if self._ops is None:
+            self._ops = [(KINDS[a], l, e, v if v >= 0 else None) for a, l, e, v in self.op_array.tolist()]
+        return self._ops
+
+    @property
+    def leading_loads(self) -> int:
+        """n when the ops are n loads and prefetches then only slot computes (a direct call), else -1."""
+        ops, n = self.ops, 0
+        while n < len(ops) and ops[n][0] in ("load", "prefetch"):
+            n += 1
+        return n if all(op[0] == "compute" for op in ops[n:]) else -1
+
+    @property
+    def decisions(self) -> list[TokenDecision]:
+        if self._dec is None:
+            self._dec = []
+            for ii, aa, jj in zip(self.chosen_order.tolist(), self.action.tolist(), self.understudy.tolist()):
+                d = TokenDecision()
+                for i, a, j in zip(ii, aa, jj):
+                    if a == EXACT:
+                        d.exact.append(i)
+                    elif a == DROP:
+                        d.dropped.append(i)
+                    else:
+                        d.understudy[i] = (j, REASONS[a])
+                self._dec.append(d)
+        return self._dec
+
+    @property
+    def counts(self) -> Counts:
+        c = self.count_array.tolist()
+        return Counts(pairs=c[0], hits=c[1], misses=c[2], host=c[3], drops=c[4],
+                      understudies={"band": c[5], "similarity": c[7], "batch": c[6]},
+                      loads=c[8], prefetch_issued=c[9], prefetch_used=c[10])
+
+
+class CompiledCacheModel:
+    """`CacheModel`'s contract for the score-evicting policies (`is_compiled`), decided by the compiled kernel."""
+
+    def __init__(self, slots: Mapping[int, int], num_experts: int, top_k: int, policy: PolicyConfig,
+                 params: Mapping[int, SubstitutionParams], initial: Mapping[int, Sequence[int]] | None = None,
+                 host_batch_max: int = 8):
+        assert is_compiled(policy, params), f"policy {policy.name}: not a score-evicting policy with 0 <= alpha <= 1"
+        self.e, self.k, self.policy, self.params = num_experts, top_k, policy, params
+        self.layers = list(slots)
+        self.index = {l: i for i, l in enumerate(self.layers)}
+        self.next_index = {l: self.index.get(n, -1) for l, n in zip(self.layers, self.layers[1:] + [None])}
+        self.host_batch_max = host_batch_max
+        n_l, e, n = len(self.layers), num_experts, policy.window
+        self.slots = np.array([slots[l] for l in self.layers], dtype=np.int64)          # [L]
+        self.layer_ids = np.array(self.layers, dtype=np.int64)                         # [L]
+        self.res = np.zeros((n_l, e), np.uint8)                                        # [L, E] resident
+        self.n_res = np.zeros(n_l, np.int64)                                           # [L]
+        self.pf = np.zeros((n_l, e), np.uint8)                                         # [L, E] prefetched, unused
+        self.wsum = np.zeros((n_l, e))                                                 # [L, E] window sums
+        self.ring = np.zeros((n_l, n, e))                                              # [L, n, E] window steps (0: unscored)
+        self.head = np.zeros(n_l, np.int64)                                            # [L] oldest step
+        self.held = np.zeros(n_l, np.int64)                                            # [L] steps held
+        ps = [params[l] for l in self.layers]
+        self.alphas = np.array([p.alpha for p in ps], dtype=np.float64)
+        self.use_batch = np.array([p.use_batch for p in ps], dtype=np.uint8)
+        self.depths = np.array([-1 if p.pool_depth is None else p.pool_depth for p in ps], dtype=np.int64)
+        self.by_error = np.array([p.by_error for p in ps], dtype=np.uint8)
+        self.protected = np.zeros((n_l, e), np.uint8)
+        self.drop_ok = np.zeros((n_l, e), np.uint8)
+        d = max([len(v) for p in ps for v in (p.similar or {}).values()] + [1])
+        self.tw_ids = np.full((n_l, e, d), -1, np.int64)                               # [L, E, D] near-twins
+        self.tw_err = np.full((n_l, e, d), np.inf)                                     # [L, E, D] their errors
+        for li, p in enumerate(ps):
+            self.protected[li, list(p.protected)] = 1
+            self.drop_ok[li, list(p.drop_ok)] = 1
+            for i, twins in (p.similar or {}).items():
+                err = (p.error or {}).get(i, {})
+                for a, (j, _) in enumerate(twins):
+                    self.tw_ids[li, i, a], self.tw_err[li, i, a] = j, err.get(j, np.inf)
+        self.budget = policy.prefetch_max or top_k
+        self.guard = policy.prefetch_guard
+        for l, es in (initial or {}).items():
+            li = self.index[l]
+            for x in es:
+                if not self.res[li, x] and self.n_res[li] < self.slots[li]:
+                    self.res[li, x] = 1
+                    self.n_res[li] += 1
+
+    @property
+    def resident(self) -> dict[int, set[int]]:
+        """Per layer the resident experts (a fresh copy)."""
+        return {l: set(np.flatnonzero(self.res[li]).tolist()) for li, l in enumerate(self.layers)}
+
+    @property
+    def prefetched(self) -> dict[int, set[int]]:
+        """Per layer the prefetched experts not used since (a fresh copy)."""
+        return {l: set(np.flatnonzero(self.pf[li]).tolist()) for li, l in enumerate(self.layers)}
+
+    def window_sums(self) -> dict[int, list[float]]:
+        """Per layer the score window's running sums [E] (the reference's `ScoreWindow._sum`)."""
+        return {l: self.wsum[li].tolist() for li, l in enumerate(self.layers)}
+
+    def _state(self):
+        return (self.alphas, self.use_batch, self.depths, self.by_error, self.protected, self.drop_ok, self.tw_ids,
+                self.tw_err, self.res, self.n_res, self.slots, self.pf, self.wsum, self.ring, self.head,
+                self.held, self.policy.window, self.layer_ids)
+
+    def _result(self, layer: int, out) -> CompiledSchedule:
+        n_ops, order, act, und, ops, counts = out
+        if n_ops < 0:
+            raise RuntimeError(f"layer {layer}: no slot can be freed for expert {-n_ops - 2}")
+        return CompiledSchedule(order, act, und, ops[:n_ops], counts)
+
+    def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
+                 prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
+                 ) -> CompiledSchedule:
+        """`CacheModel.schedule`'s contract: rows, per token its top-W scores; chosen [T][k]; prediction, per token
+        the next layer's predicted top-W scores."""
+        rid, rval, rlen = _rows(rows)
+        pid, pval, plen = _rows(prediction or [])
+        ch = np.asarray(chosen, dtype=np.int64).reshape(len(chosen), self.k)
+        p = self.policy
+        return self._result(layer, schedule_kernel(
+            self.index[layer], self.next_index[layer], self.k, *self._state(), rid, rval, rlen, ch, pid, pval, plen,
+            p.prefetch and prediction is not None, self.budget, self.guard,
+            p.host_compute and len(chosen) <= self.host_batch_max, float(c_load), float(c_host)))
+
+    def schedule_top(self, layer: int, chosen: np.ndarray, top: np.ndarray, table: np.ndarray,
+                     prediction: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
+                     c_host: float = 1.0) -> CompiledSchedule:
+        """`schedule` on a routing as the router returns it: chosen [T, k] int64, the topk ids [T, W] int64 of the
+        score table [T, E] float32, and the same three of the prediction (`runtime.router.score_rows`' rows, made
+        in the kernel)."""
+        p = self.policy
+        pred = prediction if prediction is not None else _no_prediction(self.k, top.shape[1], table.shape[1])
+        return self._result(layer, schedule_from_top(
+            self.index[layer], self.next_index[layer], self.k, *self._state(), chosen, top, table, *pred,
+            p.prefetch and prediction is not None, self.budget, self.guard,
+            p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host)))
+
+
+def _no_prediction(k: int, w: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prediction of no tokens (the kernel's arguments keep one type)."""
+    return np.empty((0, k), np.int64), np.empty((0, w), np.int64), np.empty((0, e), np.float32)
+
+
+def _rows(rows: Sequence[Scores]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score dicts as the kernel's rows: ids [T, W] int64, scores [T, W] float64, lengths [T] (W: the longest)."""
+    w = max([len(r) for r in rows] + [1])
+    rid = np.zeros((len(rows), w), np.int64)
+    rval = np.zeros((len(rows), w))
+    rlen = np.array([len(r) for r in rows], dtype=np.int64)
+    for t, r in enumerate(rows):
+        rid[t, :len(r)] = list(r.keys())
+        rval[t, :len(r)] = list(r.values())
+    return rid, rval, rlen
+
