@@ -28,7 +28,7 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
-from runtime.router import Routing, score_rows
+from runtime.router import Routing, score_rows, top_arrays
 from runtime.stats import RunStats
 
 LOADS = ("load", "prefetch")
@@ -82,11 +82,11 @@ class OffloadExecutor:
         predicted routing) handed to the compiled model as the router's arrays, chosen [T, k], topk ids [T, W] and
         the score table [T, E], which makes `score_rows`' rows from them; the pair counts added from its count vector;
         the schedule's ops carried out as `__call__` does."""
-        top = self._top_arrays(routing)
+        top = top_arrays(routing, self.width)
         chosen = top[0]                                                 # [T, k]
         sched = self.model.schedule_top(layer, *top, self._prediction(layer, x), self.c_load.value,
                                         self.c_host.value)
-        a = sched.count_array.tolist()
+        a = sched.count_array
         c = self.stats.layer(layer)
         c.pairs += a[0]
         c.hits += a[1]
@@ -120,20 +120,12 @@ class OffloadExecutor:
             return g.mix(x, {e: fn(x, held[e]) for e in order})
         return self._execute(layer, ops[n:], x, g)
 
-    def _top_arrays(self, routing: Routing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """chosen [T, k] int64, topk ids of the score table [T, W] int64 (the chosen when W <= k) and the score table
-        [T, E] float32, on the host."""
-        chosen = routing.idx.cpu().numpy()
-        if self.width <= chosen.shape[1]:
-            return chosen, chosen, routing.score.cpu().numpy()
-        return chosen, torch.topk(routing.score, self.width, dim=1).indices.cpu().numpy(), routing.score.cpu().numpy()
-
     def _prediction(self, layer: int, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The next MoE layer's predicted routing as `_top_arrays`, where the policy prefetches; else None."""
+        """The next MoE layer's predicted routing as `top_arrays`, where the policy prefetches; else None."""
         if not self.policy.prefetch or self.next_router is None:
             return None
         nxt = self.next_router(layer, x)
-        return None if nxt is None else self._top_arrays(nxt[1])
+        return None if nxt is None else top_arrays(nxt[1], self.width)
 
     def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
         """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs

@@ -2,6 +2,7 @@
 returning the full score table the policies and the profiler need, not only the top-k."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -150,3 +151,13 @@ def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], li
                     break
         rows.append(row)
     return rows, idx
+
+
+def top_arrays(routing: Routing, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The routing as the compiled cache model reads it (runtime.policy.compiled, which makes `score_rows`' rows from
+    it): chosen [T, k] int64, the ids of topk(score, width) [T, width] int64 (the chosen when width <= k) and the
+    score table [T, E] float32, on the host."""
+    chosen = routing.idx.cpu().numpy()
+    if width <= chosen.shape[1]:
+        return chosen, chosen, routing.score.cpu().numpy()
+    return chosen, torch.topk(routing.score, width, dim=1).indices.cpu().numpy(), routing.score.cpu().numpy()

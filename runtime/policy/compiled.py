@@ -45,6 +45,7 @@ REASONS = ("", "band", "batch", "similarity", "")               # pair actions: 
 EXACT, BAND, BATCH, SIMILARITY, DROP = range(5)
 # counts vector: pairs hits misses host drops band batch similarity loads prefetch_issued prefetch_used
 N_COUNTS = 11
+HEAD = 2 + N_COUNTS                                             # the kernel's result: n_ops, leading loads, counts
 
 
 def is_compiled(policy: PolicyConfig, params: Mapping[int, SubstitutionParams]) -> bool:
@@ -147,25 +148,30 @@ def _issue(li, lid, queue, q, n_load, res, n_res, slots, pending, pf, wsum, held
 
 
 @njit(cache=True)
-def schedule_kernel(li, nli, k, alphas, use_batch, depths, by_error, protected, drop_ok, tw_ids, tw_err,
-                    res, n_res, slots, pf, wsum, ring, head, held, window, layer_ids,
+def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
                     rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load, c_host):
-    """One layer call of layer index li (nli: the next MoE layer's index, -1 for the last); per-layer parameters
-    (alphas, use_batch, depths (-1: none), by_error [L]; protected, drop_ok [L, E]; near-twins tw_ids / tw_err
-    [L, E, D], -1 padded) and state (res, pf [L, E], n_res [L], the window's wsum [L, E] and steps ring [L, n, E],
-    head / held [L]) by layer index; rows rid / rval [T, W] with lengths rlen [T]; chosen [T, k]; the prediction's
-    rows pid / pval / plen (no rows: no prediction). Returns (n_ops, out_i, out_act, out_j, ops, counts): per token
-    the chosen experts in the order the rule settles them, each one's action and understudy (-1: none) [T, k]; ops
-    [n, 4] (kind code, layer id, expert, victim or -1); counts [N_COUNTS]. n_ops is -(2 + e) when no slot can be
-    freed for expert e."""
+    """One layer call of layer index li (nli: the next MoE layer's index, -1 for the last), on the model's arrays
+    by layer index (`CompiledCacheModel`: flags [4, L, E] uint8 = resident, prefetched, protected, drop_ok; ints
+    [8, L] = resident count, slots, window head, steps held, pool depth (-1: none), layer id, use_batch, by_error;
+    alphas [L]; the window's sums wsum [L, E] and steps ring [L, n, E]; near-twins tw_ids / tw_err [L, E, D], -1
+    padded); rows rid / rval [T, W] with lengths rlen [T]; chosen [T, k]; the prediction's rows pid / pval / plen
+    (no rows: no prediction). Returns one int64 array (`CompiledSchedule` reads it): [n_ops, leading loads (-1: not
+    a direct call), counts (N_COUNTS), per token the chosen experts in the order the rule settles them [T, k], each
+    one's action [T, k] and understudy [T, k] (-1: none), ops [n, 4] (kind code, layer id, expert, victim or -1)];
+    n_ops is -(2 + e) when no slot can be freed for expert e."""
+    res, pf, protected, drop_ok = flags[0], flags[1], flags[2], flags[3]
+    n_res, slots, head, held, depths, layer_ids, use_batch, by_error = (
+        ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7])
     alpha, depth, lid = alphas[li], depths[li], layer_ids[li]
     t_n = chosen.shape[0]
-    out_i = np.empty((t_n, k), np.int64)
-    out_act = np.empty((t_n, k), np.int64)
-    out_j = np.empty((t_n, k), np.int64)
-    ops = np.empty((3 * t_n * k + budget + 1, 4), np.int64)
-    counts = np.zeros(N_COUNTS, np.int64)
-    t_n = chosen.shape[0]
+    cap = 3 * t_n * k + budget + 1                               # ops at most: loads, computes, host computes
+    out = np.empty(HEAD + 3 * t_n * k + 4 * cap, np.int64)
+    out[:HEAD] = 0
+    counts = out[2:HEAD]
+    out_i = out[HEAD:HEAD + t_n * k].reshape((t_n, k))
+    out_act = out[HEAD + t_n * k:HEAD + 2 * t_n * k].reshape((t_n, k))
+    out_j = out[HEAD + 2 * t_n * k:HEAD + 3 * t_n * k].reshape((t_n, k))
+    ops = out[HEAD + 3 * t_n * k:].reshape((cap, 4))
     e_n = res.shape[1]
     cached = res[li].copy()                                      # [E] resident at the start
     exact_n = np.zeros(e_n, np.int64)                            # [E] exact pairs per expert
@@ -411,59 +417,68 @@ def schedule_kernel(li, nli, k, alphas, use_batch, depths, by_error, protected, 
         if not res[li, e]:
             q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
         if not res[li, e]:
-            return -(2 + e), out_i, out_act, out_j, ops, counts
+            out[0] = -(2 + e)
+            return out
         ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 2, lid, e, -1
         n_ops += 1
         pending[e] = 0
         q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
-    return n_ops, out_i, out_act, out_j, ops, counts
+    out[0] = n_ops
+    lead = 0
+    while lead < n_ops and ops[lead, 0] < 2:
+        lead += 1
+    out[1] = lead
+    for a in range(lead, n_ops):
+        if ops[a, 0] != 2:
+            out[1] = -1
+    return out
 
 
 @njit(cache=True)
-def schedule_from_top(li, nli, k, alphas, use_batch, depths, by_error, protected, drop_ok, tw_ids, tw_err,
-                      res, n_res, slots, pf, wsum, ring, head, held, window, layer_ids,
+def schedule_from_top(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
                       chosen, top, table, p_chosen, p_top, p_table, prefetch, budget, guard, host_split, c_load,
                       c_host):
     """`schedule_kernel` on a routing as the router returns it: chosen [T, k], topk ids [T, W] and the score table
     [T, E], and the same of the prediction (no rows: none); the rows made by `rows_from_top`."""
     rid, rval, rlen = rows_from_top(chosen, top, table)
     pid, pval, plen = rows_from_top(p_chosen, p_top, p_table)
-    return schedule_kernel(li, nli, k, alphas, use_batch, depths, by_error, protected, drop_ok, tw_ids, tw_err,
-                           res, n_res, slots, pf, wsum, ring, head, held, window, layer_ids,
+    return schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
                            rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load,
                            c_host)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
 class CompiledSchedule:
-    """`LayerSchedule`'s contract (decisions, ops, counts) over the kernel's arrays, each built when read.
+    """`LayerSchedule`'s contract (decisions, ops, counts) over the kernel's result, each built when read.
 
-    actions: per token the chosen experts in the order the rule settles them (`chosen_order` [T, k]), each one's
-    action (`action` [T, k]: EXACT, BAND, BATCH, SIMILARITY, DROP) and understudy (`understudy` [T, k], -1: none);
-    `substituted`: whether any pair is served otherwise than exactly; `op_array` [n, 4] (kind code, layer, expert,
-    victim or -1); `count_array` [N_COUNTS]."""
+    Per token the chosen experts in the order the rule settles them (`chosen_order` [T, k]), each one's action
+    (`action` [T, k]: EXACT, BAND, BATCH, SIMILARITY, DROP) and understudy (`understudy` [T, k], -1: none);
+    `count_array` [N_COUNTS]; `substituted`: whether any pair is served otherwise than exactly; `leading_loads`: n
+    when the ops are n loads and prefetches, then only slot computes (a direct call), else -1."""
 
-    __slots__ = ("chosen_order", "action", "understudy", "op_array", "count_array", "substituted", "_ops", "_dec")
+    __slots__ = ("chosen_order", "action", "understudy", "count_array", "substituted", "leading_loads", "_out",
+                 "_n", "_ops", "_dec")
 
-    def __init__(self, chosen_order, action, understudy, op_array, count_array):
-        self.chosen_order, self.action, self.understudy = chosen_order, action, understudy
-        self.op_array, self.count_array = op_array, count_array
-        self.substituted = bool(count_array[4] or count_array[5] or count_array[6] or count_array[7])
+    def __init__(self, out: np.ndarray, t_n: int, k: int):
+        head = out[:HEAD].tolist()
+        n = t_n * k
+        self.chosen_order = out[HEAD:HEAD + n].reshape(t_n, k)
+        self.action = out[HEAD + n:HEAD + 2 * n].reshape(t_n, k)
+        self.understudy = out[HEAD + 2 * n:HEAD + 3 * n].reshape(t_n, k)
+        self.count_array = head[2:]
+        self.substituted = any(head[6:10])                     # drops, band, batch, similarity
+        self.leading_loads = head[1]
+        self._out, self._n = out, (HEAD + 3 * n, head[0])
         self._ops = self._dec = None
 
     @property
     def ops(self) -> list[tuple[str, int, int, int | None]]:
         if self._ops is None:
-            self._ops = [(KINDS[a], l, e, v if v >= 0 else None) for a, l, e, v in self.op_array.tolist()]
+            a, n = self._n
+            o = self._out[a:a + 4 * n].tolist()
+            self._ops = [(KINDS[o[i]], o[i + 1], o[i + 2], o[i + 3] if o[i + 3] >= 0 else None)
+                         for i in range(0, 4 * n, 4)]
         return self._ops
-
-    @property
-    def leading_loads(self) -> int:
-        """n when the ops are n loads and prefetches then only slot computes (a direct call), else -1."""
-        ops, n = self.ops, 0
-        while n < len(ops) and ops[n][0] in ("load", "prefetch"):
-            n += 1
-        return n if all(op[0] == "compute" for op in ops[n:]) else -1
 
     @property
     def decisions(self) -> list[TokenDecision]:
@@ -483,7 +498,7 @@ class CompiledSchedule:
 
     @property
     def counts(self) -> Counts:
-        c = self.count_array.tolist()
+        c = self.count_array
         return Counts(pairs=c[0], hits=c[1], misses=c[2], host=c[3], drops=c[4],
                       understudies={"band": c[5], "similarity": c[7], "batch": c[6]},
                       loads=c[8], prefetch_issued=c[9], prefetch_used=c[10])
@@ -502,22 +517,19 @@ class CompiledCacheModel:
         self.next_index = {l: self.index.get(n, -1) for l, n in zip(self.layers, self.layers[1:] + [None])}
         self.host_batch_max = host_batch_max
         n_l, e, n = len(self.layers), num_experts, policy.window
-        self.slots = np.array([slots[l] for l in self.layers], dtype=np.int64)          # [L]
-        self.layer_ids = np.array(self.layers, dtype=np.int64)                         # [L]
-        self.res = np.zeros((n_l, e), np.uint8)                                        # [L, E] resident
-        self.n_res = np.zeros(n_l, np.int64)                                           # [L]
-        self.pf = np.zeros((n_l, e), np.uint8)                                         # [L, E] prefetched, unused
+        ps = [params[l] for l in self.layers]
+        self.flags = np.zeros((4, n_l, e), np.uint8)                                   # [4, L, E]
+        self.res, self.pf, self.protected, self.drop_ok = self.flags                  # resident, prefetched (unused)
+        self.ints = np.zeros((8, n_l), np.int64)                                       # [8, L]
+        self.n_res, self.slots, self.head, self.held, depths, ids, batch, by_error = self.ints
+        self.slots[:] = [slots[l] for l in self.layers]
+        depths[:] = [-1 if p.pool_depth is None else p.pool_depth for p in ps]
+        ids[:] = self.layers
+        batch[:] = [p.use_batch for p in ps]
+        by_error[:] = [p.by_error for p in ps]
+        self.alphas = np.array([p.alpha for p in ps], dtype=np.float64)                # [L]
         self.wsum = np.zeros((n_l, e))                                                 # [L, E] window sums
         self.ring = np.zeros((n_l, n, e))                                              # [L, n, E] window steps (0: unscored)
-        self.head = np.zeros(n_l, np.int64)                                            # [L] oldest step
-        self.held = np.zeros(n_l, np.int64)                                            # [L] steps held
-        ps = [params[l] for l in self.layers]
-        self.alphas = np.array([p.alpha for p in ps], dtype=np.float64)
-        self.use_batch = np.array([p.use_batch for p in ps], dtype=np.uint8)
-        self.depths = np.array([-1 if p.pool_depth is None else p.pool_depth for p in ps], dtype=np.int64)
-        self.by_error = np.array([p.by_error for p in ps], dtype=np.uint8)
-        self.protected = np.zeros((n_l, e), np.uint8)
-        self.drop_ok = np.zeros((n_l, e), np.uint8)
         d = max([len(v) for p in ps for v in (p.similar or {}).values()] + [1])
         self.tw_ids = np.full((n_l, e, d), -1, np.int64)                               # [L, E, D] near-twins
         self.tw_err = np.full((n_l, e, d), np.inf)                                     # [L, E, D] their errors
@@ -552,15 +564,12 @@ class CompiledCacheModel:
         return {l: self.wsum[li].tolist() for li, l in enumerate(self.layers)}
 
     def _state(self):
-        return (self.alphas, self.use_batch, self.depths, self.by_error, self.protected, self.drop_ok, self.tw_ids,
-                self.tw_err, self.res, self.n_res, self.slots, self.pf, self.wsum, self.ring, self.head,
-                self.held, self.policy.window, self.layer_ids)
+        return self.flags, self.ints, self.alphas, self.wsum, self.ring, self.tw_ids, self.tw_err, self.policy.window
 
-    def _result(self, layer: int, out) -> CompiledSchedule:
-        n_ops, order, act, und, ops, counts = out
-        if n_ops < 0:
-            raise RuntimeError(f"layer {layer}: no slot can be freed for expert {-n_ops - 2}")
-        return CompiledSchedule(order, act, und, ops[:n_ops], counts)
+    def _result(self, layer: int, out: np.ndarray, t_n: int) -> CompiledSchedule:
+        if out[0] < 0:
+            raise RuntimeError(f"layer {layer}: no slot can be freed for expert {-int(out[0]) - 2}")
+        return CompiledSchedule(out, t_n, self.k)
 
     def schedule(self, layer: int, rows: Sequence[Scores], chosen: Sequence[Sequence[int]],
                  prediction: Sequence[Scores] | None = None, c_load: float = 1.0, c_host: float = 1.0
@@ -574,7 +583,7 @@ class CompiledCacheModel:
         return self._result(layer, schedule_kernel(
             self.index[layer], self.next_index[layer], self.k, *self._state(), rid, rval, rlen, ch, pid, pval, plen,
             p.prefetch and prediction is not None, self.budget, self.guard,
-            p.host_compute and len(chosen) <= self.host_batch_max, float(c_load), float(c_host)))
+            p.host_compute and len(chosen) <= self.host_batch_max, float(c_load), float(c_host)), len(chosen))
 
     def schedule_top(self, layer: int, chosen: np.ndarray, top: np.ndarray, table: np.ndarray,
                      prediction: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
@@ -587,7 +596,7 @@ class CompiledCacheModel:
         return self._result(layer, schedule_from_top(
             self.index[layer], self.next_index[layer], self.k, *self._state(), chosen, top, table, *pred,
             p.prefetch and prediction is not None, self.budget, self.guard,
-            p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host)))
+            p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host)), chosen.shape[0])
 
 
 def _no_prediction(k: int, w: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
