@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
 from runtime.policy.compiled import DROP, EXACT, SIMILARITY
+from runtime.router import host_arrays
 
 ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
 
@@ -324,10 +325,13 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, sched, weights: torch.Tens
     dtype."""
     m = {"own": 0, "replaced": 1, "auto": 2}[mode]
     own = m == 0 or (m == 2 and bool(sched.count_array[5] or sched.count_array[6]))     # band or batch understudies
-    c = coef().float().cpu().numpy() if own else np.zeros(chosen.shape[0], np.float32)
+    c = coef().float()[:, None] if own else torch.zeros_like(gate[:, :1])               # [T, 1]
+    if gate.device.type == "cpu":
+        w32, c, g32 = weights.float().numpy(), c.numpy(), gate.numpy()
+    else:                                                                               # one copy to the host
+        w32, c, g32 = host_arrays(weights, c, gate)
     tok, wt, experts, bounds, by_token = _served_kernel(
-        chosen, sched.chosen_order, sched.action, sched.understudy, weights.float().cpu().numpy(), c,
-        gate.cpu().numpy(), m)
+        chosen, sched.chosen_order, sched.action, sched.understudy, w32, c.reshape(-1), g32, m)
     b = bounds.tolist()
     span = {e: (b[i], b[i + 1]) for i, e in enumerate(experts.tolist())}
     w = torch.from_numpy(wt).to(x.device, weights.dtype)                                 # [N]

@@ -157,7 +157,20 @@ def top_arrays(routing: Routing, width: int) -> tuple[np.ndarray, np.ndarray, np
     """The routing as the compiled cache model reads it (runtime.policy.compiled, which makes `score_rows`' rows from
     it): chosen [T, k] int64, the ids of topk(score, width) [T, width] int64 (the chosen when width <= k) and the
     score table [T, E] float32, on the host."""
-    chosen = routing.idx.cpu().numpy()
-    if width <= chosen.shape[1]:
-        return chosen, chosen, routing.score.cpu().numpy()
-    return chosen, torch.topk(routing.score, width, dim=1).indices.cpu().numpy(), routing.score.cpu().numpy()
+    k = routing.idx.shape[1]
+    top = routing.idx if width <= k else torch.topk(routing.score, width, dim=1).indices            # [T, W]
+    if routing.idx.device.type == "cpu":                            # views, no copy
+        return routing.idx.numpy(), top.numpy(), routing.score.numpy()
+    return host_arrays(routing.idx, top, routing.score)
+
+
+def host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Tensors [T, n_i] of one device, integer (ids below 2^24) or float32, on the host in one copy (one wait for
+    the device instead of one per tensor): concatenated as float32 columns, copied, split; ids back to int64."""
+    host = torch.cat([t.float() for t in tensors], dim=1).cpu().numpy()                         # [T, sum n_i]
+    out, a = [], 0
+    for t in tensors:
+        part = host[:, a:a + t.shape[1]]
+        out.append(part.astype(np.int64) if not t.is_floating_point() else np.ascontiguousarray(part))
+        a += t.shape[1]
+    return out

@@ -103,12 +103,18 @@ def rows_from_top(chosen, top_ids, table):
 
 
 @njit(cache=True)
-def _kth_next(rval, t, n, k):
-    """S(k+1) of token t's n scores (0 when n <= k)."""
+def _kth_next(rval, t, n, k, buf):
+    """S(k+1) of token t's n scores (0 when n <= k); buf [>= n] scratch."""
     if n <= k:
         return 0.0
-    v = np.sort(rval[t, :n])
-    return v[n - 1 - k]
+    for a in range(n):                                           # insertion sort, descending (n <= W)
+        v = rval[t, a]
+        b = a - 1
+        while b >= 0 and buf[b] < v:
+            buf[b + 1] = buf[b]
+            b -= 1
+        buf[b + 1] = v
+    return buf[k]
 
 
 @njit(cache=True)
@@ -173,11 +179,23 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
     out_j = out[HEAD + 2 * t_n * k:HEAD + 3 * t_n * k].reshape((t_n, k))
     ops = out[HEAD + 3 * t_n * k:].reshape((cap, 4))
     e_n = res.shape[1]
-    cached = res[li].copy()                                      # [E] resident at the start
-    exact_n = np.zeros(e_n, np.int64)                            # [E] exact pairs per expert
-    subs_n = np.zeros(e_n, np.int64)                             # [E] pairs each understudy stands in for
-    best = np.full(e_n, -np.inf)                                 # [E] best score over the tokens that chose e
-    score = np.zeros(e_n)                                        # [E] one token's scores (0: unscored)
+    # scratch, three allocations: [E] per expert, [w] per scored expert of a token, [T] / [T, k] per token
+    w_n = max(rid.shape[1], pid.shape[1], k)
+    ib = np.zeros(6 * e_n + 3 * w_n, np.int64)
+    exact_n, subs_n, top_n = ib[:e_n], ib[e_n:2 * e_n], ib[2 * e_n:3 * e_n]    # exact pairs; understudy pairs;
+    own_top, misses, want = ib[3 * e_n:4 * e_n], ib[4 * e_n:5 * e_n], ib[5 * e_n:6 * e_n]   # tokens topping e
+    pool, ranked, order = ib[6 * e_n:6 * e_n + w_n], ib[6 * e_n + w_n:6 * e_n + 2 * w_n], ib[6 * e_n + 2 * w_n:]
+    fb = np.zeros(5 * e_n + 3 * w_n + t_n)
+    best, score, miss_s = fb[:e_n], fb[e_n:2 * e_n], fb[2 * e_n:3 * e_n]   # best score over the tokens that chose
+    pmax, want_s = fb[3 * e_n:4 * e_n], fb[4 * e_n:5 * e_n]                # e; one token's scores (0: unscored)
+    pool_s, ranked_s = fb[5 * e_n:5 * e_n + w_n], fb[5 * e_n + w_n:5 * e_n + 2 * w_n]
+    order_s, s_next = fb[5 * e_n + 2 * w_n:5 * e_n + 3 * w_n], fb[5 * e_n + 3 * w_n:]
+    ub = np.zeros(6 * e_n + t_n * k, np.uint8)
+    cached, is_chosen, used = ub[:e_n], ub[e_n:2 * e_n], ub[2 * e_n:3 * e_n]    # resident at the start
+    needed, pending, named = ub[3 * e_n:4 * e_n], ub[4 * e_n:5 * e_n], ub[5 * e_n:6 * e_n]
+    is_top = ub[6 * e_n:].reshape((t_n, k))                      # chosen[t, p] is a top-score expert of t
+    cached[:] = res[li]
+    best[:] = -np.inf
     for t in range(t_n):
         for w in range(rlen[t]):
             score[rid[t, w]] = rval[t, w]
@@ -196,11 +214,8 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
                 out_i[t, p], out_act[t, p], out_j[t, p] = e, EXACT, -1
                 exact_n[e] += 1
     else:
-        s_next = np.empty(t_n)
-        top_n = np.zeros(e_n, np.int64)                          # [E] tokens whose top-score experts include e
-        is_top = np.zeros((t_n, k), np.uint8)                    # [T, k] chosen[t, p] is a top-score expert of t
         for t in range(t_n):
-            s_next[t] = _kth_next(rval, t, rlen[t], k)
+            s_next[t] = _kth_next(rval, t, rlen[t], k, ranked_s)
             hi = (1.0 + alpha) * s_next[t]
             for w in range(rlen[t]):
                 score[rid[t, w]] = rval[t, w]
@@ -211,15 +226,6 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
                     top_n[e] += 1
             for w in range(rlen[t]):
                 score[rid[t, w]] = 0.0
-        is_chosen = np.zeros(e_n, np.uint8)
-        used = np.zeros(e_n, np.uint8)
-        own_top = np.zeros(e_n, np.int64)
-        pool = np.empty(rid.shape[1], np.int64)
-        pool_s = np.empty(rid.shape[1])
-        ranked = np.empty(rid.shape[1], np.int64)
-        ranked_s = np.empty(rid.shape[1])
-        order = np.empty(k, np.int64)
-        order_s = np.empty(k)
         for t in range(t_n):
             n = rlen[t]
             for w in range(n):
@@ -316,10 +322,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
     for e in range(e_n):
         wsum[li, e] += step[e]
     # ---- misses, the host split, the pair counts
-    needed = np.zeros(e_n, np.uint8)
     n_miss = 0
-    misses = np.empty(e_n, np.int64)
-    miss_s = np.empty(e_n)
     for e in range(e_n):
         if exact_n[e] > 0 or subs_n[e] > 0:
             needed[e] = 1
@@ -334,7 +337,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
             cost = max(m * c_load, (n_miss - m) * c_host)
             if cost <= best_cost:
                 best_cost, n_load = cost, m
-    pending = np.zeros(e_n, np.uint8)                            # needed, not on the host, not yet computed
+    # pending: needed, not on the host, not yet computed
     for a in range(n_load):
         pending[misses[a]] = 1
     for e in range(e_n):
@@ -355,10 +358,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
     n_ops = 0
     q, n_ops = _issue(li, lid, misses, 0, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     if prefetch and nli >= 0 and plen.shape[0] > 0:
-        pmax = np.zeros(e_n)
-        named = np.zeros(e_n, np.uint8)                          # predicted: busy in the next layer
-        ranked = np.empty(pid.shape[1], np.int64)
-        ranked_s = np.empty(pid.shape[1])
+        # named: predicted, busy in the next layer; pmax: its best predicted score
         for t in range(plen.shape[0]):
             n = plen[t]
             for w in range(n):
@@ -372,8 +372,6 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
                         named[e], pmax[e] = 1, max(0.0, ranked_s[w])
                     elif ranked_s[w] > pmax[e]:
                         pmax[e] = ranked_s[w]
-        want = np.empty(e_n, np.int64)
-        want_s = np.empty(e_n)
         n_want = 0
         for e in range(e_n):
             if named[e]:
@@ -456,20 +454,32 @@ class CompiledSchedule:
     `count_array` [N_COUNTS]; `substituted`: whether any pair is served otherwise than exactly; `leading_loads`: n
     when the ops are n loads and prefetches, then only slot computes (a direct call), else -1."""
 
-    __slots__ = ("chosen_order", "action", "understudy", "count_array", "substituted", "leading_loads", "_out",
-                 "_n", "_ops", "_dec")
+    __slots__ = ("count_array", "substituted", "leading_loads", "_out", "_tk", "_n", "_ops", "_dec")
 
     def __init__(self, out: np.ndarray, t_n: int, k: int):
         head = out[:HEAD].tolist()
-        n = t_n * k
-        self.chosen_order = out[HEAD:HEAD + n].reshape(t_n, k)
-        self.action = out[HEAD + n:HEAD + 2 * n].reshape(t_n, k)
-        self.understudy = out[HEAD + 2 * n:HEAD + 3 * n].reshape(t_n, k)
         self.count_array = head[2:]
         self.substituted = any(head[6:10])                     # drops, band, batch, similarity
         self.leading_loads = head[1]
-        self._out, self._n = out, (HEAD + 3 * n, head[0])
+        self._out, self._tk, self._n = out, (t_n, k), (HEAD + 3 * t_n * k, head[0])
         self._ops = self._dec = None
+
+    def _part(self, i: int) -> np.ndarray:
+        t_n, k = self._tk
+        a = HEAD + i * t_n * k
+        return self._out[a:a + t_n * k].reshape(t_n, k)
+
+    @property
+    def chosen_order(self) -> np.ndarray:
+        return self._part(0)
+
+    @property
+    def action(self) -> np.ndarray:
+        return self._part(1)
+
+    @property
+    def understudy(self) -> np.ndarray:
+        return self._part(2)
 
     @property
     def ops(self) -> list[tuple[str, int, int, int | None]]:

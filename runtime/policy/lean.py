@@ -1,6 +1,7 @@
-"""The lean cache model of every policy the lossless fast model (runtime.policy.fast) does not run and that does not
-read the future: smoe and plan (substitution, score eviction, prefetch, the host/transfer split, precision pools),
-static (pinned experts), and lru/lfu/lfru with prefetch or host compute.
+"""The lean cache model of every policy that neither the lossless fast model (runtime.policy.fast) nor the compiled
+model of the score-evicting policies (runtime.policy.compiled) runs and that does not read the future: plan with a
+precision plan's pools, static (pinned experts), and lru/lfu/lfru with prefetch or host compute. It runs smoe and
+plan as well (substitution, score eviction, prefetch, the host/transfer split), as the tests do.
 
 It is `CacheModel` (the reference, runtime.policy.schedule), with the same state, and decides exactly as it does
 (the tests replay random and recorded traces through both, op for op, with the plan's near-twins, protected experts,

@@ -305,3 +305,20 @@ def test_served_groups_are_the_decisions_groups(mode, batch):
         ys = {ex_: torch.randn(hi - lo, 8, generator=g).to(torch.bfloat16) for ex_, (lo, hi) in a.span.items()}
         assert torch.equal(b.mix(x, ys), a.mix(x, ys))
     assert seen >= 10
+
+
+def test_host_arrays_are_the_tensors():
+    """A device's routing reaches the host in one copy (`host_arrays`, what `top_arrays` uses off the CPU): the same
+    ids and scores as each tensor's own copy, ids as int64, scores float32 bit for bit."""
+    import torch
+
+    from runtime.router import host_arrays
+
+    g = torch.Generator().manual_seed(0)
+    score = torch.rand(3, 128, generator=g)
+    top = torch.topk(score, 16, dim=1).indices
+    w = torch.rand(3, 8, generator=g).to(torch.bfloat16)
+    ids, sc, ws = host_arrays(top[:, :8], score, w)
+    assert ids.dtype == np.int64 and np.array_equal(ids, top[:, :8].numpy())
+    assert sc.dtype == np.float32 and np.array_equal(sc.view(np.int32), score.numpy().view(np.int32))
+    assert np.array_equal(ws, w.float().numpy()) and ws.flags.c_contiguous and sc.flags.c_contiguous
