@@ -109,7 +109,10 @@ class OffloadExecutor:
         if n < 0:                                # loads wait for computes (or host computes): the ops in order
             return self._execute(layer, ops, x, g)
         if n:                                    # a direct call: its loads and prefetches, then the computes
-            self._load_run(ops, 0)
+            if self.loader.inline and not self.tickets and self.events is None:
+                self._copy_run(ops, n)
+            else:
+                self._load_run(ops, 0)
         order = [op[2] for op in ops[n:]]        # the cached experts (ascending), then the loaded ones
         if self._groupable(layer, x, g):         # several tokens: grouped over the slots
             y = x.new_empty((len(g.tok), x.shape[1]))                   # [N, H] unweighted outputs, pair order
@@ -256,6 +259,28 @@ class OffloadExecutor:
         if cache.used_bytes > stats.peak_cache_bytes:   # a run only adds bytes: its end is its peak
             stats.peak_cache_bytes = cache.used_bytes
         return i
+
+    def _copy_run(self, ops: list[tuple[str, int, int, int | None]], n: int) -> None:
+        """`_load_run_inline` of the first n ops, all loads and prefetches (a direct call of the compiled model: no
+        pools, every expert's copy a slot's bytes), each layer's copies made back to back as one timed span
+        (`Loader.copy_inline_many`); the span goes to the layer's `copy_s` and, spread evenly over its copies, to the
+        load-cost meter."""
+        cache, stats, i = self.cache, self.stats, 0
+        while i < n:
+            layer, dsts, c = ops[i][1], [], stats.layer(ops[i][1])
+            while i < n and ops[i][1] == layer:
+                kind, _, e, victim = ops[i]
+                dsts.append((e, cache.assign(layer, e) if victim is None else cache.replace(layer, victim, e)))
+                c.prefetch_issued += kind == "prefetch"
+                i += 1
+            dt = self.loader.copy_inline_many(layer, dsts)
+            c.copy_s += dt
+            c.loads += len(dsts)
+            c.load_bytes += len(dsts) * cache.expert_bytes
+            for _ in dsts:
+                self.c_load.add(dt / len(dsts))
+        if cache.used_bytes > stats.peak_cache_bytes:   # loads only add bytes: the run's end is its peak
+            stats.peak_cache_bytes = cache.used_bytes
 
     def _call_lossless(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The lean path of lossless lru/lfu/lfru (`FastCacheModel`): routing as arrays, no per-token dicts, every
