@@ -25,6 +25,8 @@ and c = (n - 1) x L MoE layer calls:
     C  = time the compute thread spent copying experts inline (the runtime's `copy_s`: the link's work, done on the
          compute thread where there is no link; 0 when the loader thread copies)
     X  = time inside the MoE blocks' executor calls (the block routes before the call; shared experts after it)
+    P  = time inside the prediction a prefetching policy reads (the executor's `next_router`: the next MoE layer's
+         router on the call's input), part of X's own time; reported apart
     own per MoE layer call            = (T - E - S - C) / c   everything but expert compute and the link (waits and
                                                               inline copies): attention, norms, routers, sampling,
                                                               and the executor's own work
@@ -194,11 +196,15 @@ class Timed:
 
 
 class Probe:
-    """Spans of one Runtime's expert-function calls and executor calls, on the compute thread."""
+    """Spans of one Runtime's expert-function calls, executor calls and (prefetching policies) predictions, on the
+    compute thread."""
 
     def __init__(self, rt):
         self.expert: list[tuple[float, float]] = []
         self.executor: list[tuple[float, float]] = []
+        self.predict: list[tuple[float, float]] = []
+        if getattr(rt.executor, "next_router", None) is not None:   # the next layer's router on the call's input
+            rt.executor.next_router = Timed(rt.executor.next_router, self.predict)
         rt.executor.expert_fn = Timed(rt.executor.expert_fn, self.expert)
         if getattr(rt.executor, "grouped_fn", None) is not None:    # the grouped call over experts or slots
             rt.executor.grouped_fn = Timed(rt.executor.grouped_fn, self.expert)
@@ -209,6 +215,7 @@ class Probe:
     def clear(self) -> None:
         self.expert.clear()
         self.executor.clear()
+        self.predict.clear()
 
 
 def inside_each(spans, windows) -> list[float]:
@@ -245,6 +252,7 @@ class Measure:
     step_wall: tuple[float, ...] = ()   # T
     step_own: tuple[float, ...] = ()    # T - E - S - C
     step_exec: tuple[float, ...] = ()   # X - E - S - C
+    predict_s: float = 0.0              # P: inside the prediction prefetching reads (part of X - E - S - C)
 
     def per_call_ms(self, seconds: float) -> float:
         return 1e3 * seconds / self.calls
@@ -389,7 +397,8 @@ def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int, turns: Turns,
                    expert_s=sum(e_w), executor_s=sum(x_w), stall_s=total.stall_s, inline_copy_s=total.copy_s,
                    copy_s=copies / max(n_copies, 1), loads=d["loads"], hit_rate=d["hit_rate"], step_wall=tuple(wall_w),
                    step_own=tuple(w - e - sc for w, e, sc in zip(wall_w, e_w, s_c)),
-                   step_exec=tuple(x - e - sc for x, e, sc in zip(x_w, e_w, s_c)))
+                   step_exec=tuple(x - e - sc for x, e, sc in zip(x_w, e_w, s_c)),
+                   predict_s=sum(inside_each(probe.predict, turn.windows)))
 
 
 def hf_decode(model, ids: torch.Tensor, tokens: int, turns: Turns, name: str) -> Measure:
@@ -637,6 +646,13 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                    + "." + (" With the thread the expert function itself ran slower in every pair (the loader "
                             "thread's Python holds the GIL the compute thread's torch ops take again)."
                             if all(t.m.expert_s / t.m.calls > c.m.expert_s / c.m.calls for c, t in pairs) else ""))
+    pred = [c for c in cells if c.m.predict_s > 0 and (c.model, c.batch) in refs]
+    if pred:
+        out.append("- The prediction a prefetching policy reads (the next MoE layer's router on the call's input: its "
+                   "logits, gate and top-k) is part of its own time: "
+                   + "; ".join(f"{c.policy}, {c.model}, batch {c.batch}: {f3(c.m.per_call_ms(c.m.predict_s))} of its "
+                               f"{f3(compare(c, refs[(c.model, c.batch)], 'own')[0])} ms per MoE layer call over "
+                               "resident" for c in pred) + ".")
     q = {c.policy: c for c in cells if c.model == "qwen3-30b-a3b" and c.batch == 1}
     if "resident" in q and {"lru", "smoe"} <= set(q):
         lo, hi = ISSUE_RANGE_MS
