@@ -23,10 +23,11 @@ The state is what the rules read: residency, the prefetched marks and the score 
 last use and use counts feed only lru/lfu/lfru, which this model does not run.)
 
 Why compiled (numba), when the lossless fast model (runtime.policy.fast) and the lean model (runtime.policy.lean)
-are plain Python: substitution, the score window and prefetch make 60-80 us of Python work per decode layer call at
-batch 1 on the 128-expert shape, more than the runtime's own-time goal allows all of its work (docs/BENCHMARKS.md,
-decisions section); a numpy version pays microseconds of dispatch per operation. One compiled call does it all in a
-few microseconds. Kernels are compiled on first use and cached on disk (`cache=True`).
+are plain Python: in the lean model smoe's substitution, score window and prefetch took 52.5 us per decode layer
+call at batch 1 and 122.8 us at batch 3 on the 128-expert shape (`benchmarks/decisions.py` at 3cc8209), against a
+goal of 50 us for all of the runtime's own work per call; a numpy version pays microseconds of dispatch per
+operation. One compiled call makes the whole decision (what it costs now: the decisions section of
+docs/BENCHMARKS.md). Kernels are compiled on first use and cached on disk (`cache=True`).
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def _before(a_s, a_e, b_s, b_e):
 
 @njit(cache=True)
 def _best_first(ids, vals, n):
-    """ids[:n] sorted in place by (-vals, id) (insertion sort: n <= W or k), vals moved along."""
+    """ids[:n] sorted in place by (-vals, id), vals moved along (insertion sort: n is a token's W scored experts,
+    k, or a call's misses or predicted experts)."""
     for a in range(1, n):
         e, s = ids[a], vals[a]
         b = a - 1
