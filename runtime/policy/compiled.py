@@ -133,6 +133,24 @@ def _victim(res_l, busy, wsum_l, held):
 
 
 @njit(cache=True)
+def _admit(res, n_res, pf, li, e, v):
+    """e enters layer index li in victim v's place (v < 0: a free slot); v's prefetched mark leaves with it."""
+    if v >= 0:
+        res[li, v] = 0
+        pf[li, v] = 0
+        n_res[li] -= 1
+    res[li, e] = 1
+    n_res[li] += 1
+
+
+@njit(cache=True)
+def _op(ops, n, kind, lid, e, v):
+    """Write op n (kind code, layer id, expert, victim or -1); returns n + 1."""
+    ops[n, 0], ops[n, 1], ops[n, 2], ops[n, 3] = kind, lid, e, v
+    return n + 1
+
+
+@njit(cache=True)
 def _issue(li, lid, queue, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts):
     """Load queue[q:n_load] into layer index li (layer id lid) as slots allow (a victim evicted when the layer is
     full); returns (q, n_ops)."""
@@ -143,13 +161,8 @@ def _issue(li, lid, queue, q, n_load, res, n_res, slots, pending, pf, wsum, held
             v = _victim(res[li], pending, wsum[li], held[li])
             if v < 0:
                 break
-            res[li, v] = 0
-            pf[li, v] = 0
-            n_res[li] -= 1
-        res[li, e] = 1
-        n_res[li] += 1
-        ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 0, lid, e, v
-        n_ops += 1
+        _admit(res, n_res, pf, li, e, v)
+        n_ops = _op(ops, n_ops, 0, lid, e, v)
         counts[8] += 1
         q += 1
     return q, n_ops
@@ -385,33 +398,25 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
             e = want[a]
             if res[nli, e]:
                 continue
-            full = n_res[nli] >= slots[nli]
             v = -1
-            if full:
+            if n_res[nli] >= slots[nli]:
                 v = _victim(res[nli], named, wsum[nli], held[nli])
                 if guard and (v < 0 or wsum[nli, v] / m >= pmax[e]):
                     continue
                 if v < 0:
                     break
-                res[nli, v] = 0
-                pf[nli, v] = 0
-                n_res[nli] -= 1
-            res[nli, e] = 1
-            n_res[nli] += 1
+            _admit(res, n_res, pf, nli, e, v)
             pf[nli, e] = 1
-            ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 1, layer_ids[nli], e, v
-            n_ops += 1
+            n_ops = _op(ops, n_ops, 1, layer_ids[nli], e, v)
             counts[8] += 1
             counts[9] += 1
     for e in range(e_n):
         if needed[e] and cached[e]:
-            ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 2, lid, e, -1
-            n_ops += 1
+            n_ops = _op(ops, n_ops, 2, lid, e, -1)
             pending[e] = 0
             q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     for a in range(n_load, n_miss):
-        ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 3, lid, misses[a], -1
-        n_ops += 1
+        n_ops = _op(ops, n_ops, 3, lid, misses[a], -1)
     for a in range(n_load):
         e = misses[a]
         if not res[li, e]:
@@ -419,8 +424,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
         if not res[li, e]:
             out[0] = -(2 + e)
             return out
-        ops[n_ops, 0], ops[n_ops, 1], ops[n_ops, 2], ops[n_ops, 3] = 2, lid, e, -1
-        n_ops += 1
+        n_ops = _op(ops, n_ops, 2, lid, e, -1)
         pending[e] = 0
         q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     out[0] = n_ops
