@@ -337,3 +337,11 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, sched, weights: torch.Tens
     w = torch.from_numpy(wt).to(x.device, weights.dtype)                                 # [N]
     whole = chosen.shape[0] == 1 and x.is_contiguous()
     return PairGroups(tok, span, w, x, whole, by_token if len(by_token) else None)
+
+
+def warm_served() -> None:
+    """Compile `_served_kernel` for the runtime's argument types (or load it from numba's disk cache), so that a
+    runtime's first call with an understudy does not."""
+    ids = np.zeros((1, 2), np.int64)
+    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros(1, np.float32),
+                   np.zeros((1, 4), np.float32), 0)

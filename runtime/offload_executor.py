@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from runtime.expert_cache import ExpertCache
-from runtime.expert_compute import PairGroups, group_pairs, group_served, make_expert_fn, make_grouped_fn
+from runtime.expert_compute import (PairGroups, group_pairs, group_served, make_expert_fn, make_grouped_fn,
+                                    warm_served)
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
-from runtime.policy.compiled import CompiledCacheModel
+from runtime.policy.compiled import CompiledCacheModel, warm_kernels
 from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
@@ -52,6 +53,9 @@ class OffloadExecutor:
         self.c_load, self.c_host = CostMeter(), CostMeter()
         self.tickets: dict[tuple[int, int], Ticket] = {}    # (layer, expert) -> the load that filled its slot
         self.events: list[tuple] | None = [] if record_events else None
+        if isinstance(model, CompiledCacheModel):  # compiled (or read from numba's disk cache) now, not in a decode
+            warm_kernels()
+            warm_served()
 
     # ---- the layer ---------------------------------------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:

@@ -631,3 +631,14 @@ def _rows(rows: Sequence[Scores]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rval[t, :len(r)] = list(r.values())
     return rid, rval, rlen
 
+
+def warm_kernels() -> None:
+    """Compile the runtime's kernel for its argument types (or load it from numba's disk cache), on a throwaway
+    one-layer model, so that a runtime's first layer call does not (the runtime calls it when it loads)."""
+    from runtime.policy.config import preset
+    pol = preset("smoe")
+    model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, {0: SubstitutionParams(alpha=pol.alpha),
+                                                          1: SubstitutionParams(alpha=pol.alpha)})
+    chosen, table = np.array([[0, 1]], np.int64), np.full((1, 4), 0.25, np.float32)
+    top = np.array([[0, 1, 2, 3]], np.int64)
+    model.schedule_top(0, chosen, top, table, (chosen, top, table))
