@@ -90,8 +90,8 @@ def replay(calls, slots, e, k, policy: str, reference: bool) -> float:
         if lean:
             model.schedule_arrays(layer, routing.idx.numpy(), table=lambda r=routing: r.score.numpy())
         elif compiled:
-            pred = top_arrays(nxt[1], width) if pol.prefetch and nxt is not None else None
-            model.schedule_top(layer, *top_arrays(routing, width), pred)
+            arrays = top_arrays([routing] if nxt is None or not pol.prefetch else [routing, nxt[1]], width)
+            model.schedule_top(layer, *arrays[0], arrays[1] if len(arrays) > 1 else None)
         else:
             rows, chosen = score_rows(routing, width)
             pred = score_rows(nxt[1], width)[0] if pol.prefetch and nxt is not None else None

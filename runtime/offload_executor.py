@@ -82,14 +82,16 @@ class OffloadExecutor:
         return self._execute(layer, sched.ops, x, g)
 
     def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The path of the score-evicting policies (`CompiledCacheModel`): the routing (and the next layer's
-        predicted routing) handed to the compiled model as the router's arrays, chosen [T, k], topk ids [T, W] and
-        the score table [T, E], which makes `score_rows`' rows from them; the pair counts added from its count vector;
-        the schedule's ops carried out as `__call__` does."""
-        top = top_arrays(routing, self.width)
-        chosen = top[0]                                                 # [T, k]
-        sched = self.model.schedule_top(layer, *top, self._prediction(layer, x), self.c_load.value,
-                                        self.c_host.value)
+        """The path of the score-evicting policies (`CompiledCacheModel`): the routing (and, where the policy
+        prefetches, the next layer's predicted routing) handed to the compiled model as the router's arrays, chosen
+        [T, k], topk ids [T, W] and the score table [T, E] (`top_arrays`: one copy to the host off the CPU), from
+        which it makes `score_rows`' rows; the pair counts added from its count vector; a direct call's copies made,
+        then its experts computed; any other call's ops carried out in order (`_execute`)."""
+        nxt = self.next_router(layer, x) if self.policy.prefetch and self.next_router is not None else None
+        arrays = top_arrays([routing] if nxt is None else [routing, nxt[1]], self.width)   # the prediction's too
+        chosen = arrays[0][0]                                           # [T, k]
+        sched = self.model.schedule_top(layer, *arrays[0], arrays[1] if nxt is not None else None,
+                                        self.c_load.value, self.c_host.value)
         a = sched.count_array
         c = self.stats.layer(layer)
         c.pairs += a[0]
@@ -126,13 +128,6 @@ class OffloadExecutor:
             held, fn = self.cache.held[layer], self.expert_fn           # one token, every slot landed: f_e(x)
             return g.mix(x, {e: fn(x, held[e]) for e in order})
         return self._execute(layer, ops[n:], x, g)
-
-    def _prediction(self, layer: int, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The next MoE layer's predicted routing as `top_arrays`, where the policy prefetches; else None."""
-        if not self.policy.prefetch or self.next_router is None:
-            return None
-        nxt = self.next_router(layer, x)
-        return None if nxt is None else top_arrays(nxt[1], self.width)
 
     def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
         """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs

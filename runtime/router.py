@@ -2,6 +2,8 @@
 returning the full score table the policies and the profiler need, not only the top-k."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -153,15 +155,18 @@ def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], li
     return rows, idx
 
 
-def top_arrays(routing: Routing, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The routing as the compiled cache model reads it (runtime.policy.compiled, which makes `score_rows`' rows from
-    it): chosen [T, k] int64, the ids of topk(score, width) [T, width] int64 (the chosen when width <= k) and the
-    score table [T, E] float32, on the host."""
-    k = routing.idx.shape[1]
-    top = routing.idx if width <= k else torch.topk(routing.score, width, dim=1).indices            # [T, W]
-    if routing.idx.device.type == "cpu":                            # views, no copy
-        return routing.idx.numpy(), top.numpy(), routing.score.numpy()
-    return host_arrays(routing.idx, top, routing.score)
+def top_arrays(routings: Sequence[Routing], width: int, one_copy: bool | None = None
+               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Routings of one call's tokens as the compiled cache model reads them (runtime.policy.compiled, which makes
+    `score_rows`' rows from them), each as chosen [T, k] int64, the ids of topk(score, width) [T, width] int64 (the
+    chosen when width <= k) and the score table [T, E] float32, on the host: views on the CPU, else (or with
+    `one_copy`) all of them in one copy (`host_arrays`)."""
+    parts = [(r.idx, r.idx if width <= r.idx.shape[1] else torch.topk(r.score, width, dim=1).indices, r.score)
+             for r in routings]                                                                 # [T, k], [T, W], [T, E]
+    if not (routings[0].idx.device.type != "cpu" if one_copy is None else one_copy):
+        return [tuple(t.numpy() for t in p) for p in parts]
+    flat = host_arrays(*(t for p in parts for t in p))
+    return [tuple(flat[3 * i:3 * i + 3]) for i in range(len(parts))]
 
 
 def host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:

@@ -309,10 +309,11 @@ def test_served_groups_are_the_decisions_groups(mode, batch):
 
 def test_host_arrays_are_the_tensors():
     """A device's routing reaches the host in one copy (`host_arrays`, what `top_arrays` uses off the CPU): the same
-    ids and scores as each tensor's own copy, ids as int64, scores float32 bit for bit."""
+    ids and scores as each tensor's own copy, ids as int64, scores float32 bit for bit; `top_arrays` of a call's
+    routing and its prediction, so copied, equals their views."""
     import torch
 
-    from runtime.router import host_arrays
+    from runtime.router import Routing, host_arrays, top_arrays
 
     g = torch.Generator().manual_seed(0)
     score = torch.rand(3, 128, generator=g)
@@ -322,3 +323,10 @@ def test_host_arrays_are_the_tensors():
     assert ids.dtype == np.int64 and np.array_equal(ids, top[:, :8].numpy())
     assert sc.dtype == np.float32 and np.array_equal(sc.view(np.int32), score.numpy().view(np.int32))
     assert np.array_equal(ws, w.float().numpy()) and ws.flags.c_contiguous and sc.flags.c_contiguous
+    routings = [Routing(idx=top[:, :8].contiguous(), weights=w, score=score, gate=score),
+                Routing(idx=torch.topk(score.flip(1), 8, dim=1).indices, weights=None, score=score.flip(1).contiguous(),
+                        gate=score)]
+    for width in (8, 16):
+        views, copied = top_arrays(routings, width), top_arrays(routings, width, one_copy=True)
+        for a, b in zip(views, copied):
+            assert all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(a, b))
