@@ -97,9 +97,9 @@ class OffloadExecutor:
         c.pairs += a[0]
         c.hits += a[1]
         c.misses += a[2]
+        c.host += a[3]
         c.prefetch_used += a[10]
         if sched.substituted:
-            c.host += a[3]
             c.drops += a[4]
             und = c.understudies
             und["band"] += a[5]
@@ -108,7 +108,6 @@ class OffloadExecutor:
             g = group_served(x, chosen, sched, routing.weights, lambda: routing.coef, routing.gate,
                              self.policy.understudy_weight)
         else:                                    # every pair exact: the lossless grouping
-            c.host += a[3]
             g = group_pairs(x, chosen, routing.weights)
         ops = sched.ops
         n = sched.leading_loads
