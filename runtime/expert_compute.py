@@ -324,7 +324,8 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, sched, weights: torch.Tens
     routing weights; an understudy's own weight coef x gate_j a float32 product) and moved once, in the routing's
     dtype."""
     m = {"own": 0, "replaced": 1, "auto": 2}[mode]
-    own = m == 0 or (m == 2 and bool(sched.count_array[5] or sched.count_array[6]))     # band or batch understudies
+    band, batch, similarity = sched.count_array[5:8]                                   # understudies by reason
+    own = bool(band or batch or (m == 0 and similarity)) and m != 1                    # some at their own weight
     c = coef().float()[:, None] if own else torch.zeros_like(gate[:, :1])               # [T, 1]
     if gate.device.type == "cpu":
         w32, c, g32 = weights.float().numpy(), c.numpy(), gate.numpy()
