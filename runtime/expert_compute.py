@@ -16,7 +16,7 @@ from numba import njit
 from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
-from runtime.policy.compiled import DROP, EXACT, SIMILARITY
+from runtime.policy.compiled import BAND, BATCH, DROP, EXACT, SIMILARITY
 from runtime.router import host_arrays
 
 ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
@@ -315,24 +315,25 @@ def _served_kernel(chosen, order, action, understudy, w, coef, gate, mode):
     return tok, wt, experts, bounds, by_token
 
 
-def group_served(x: torch.Tensor, chosen: np.ndarray, sched, weights: torch.Tensor, coef: Callable[[], torch.Tensor],
-                 gate: torch.Tensor, mode: str) -> PairGroups:
-    """The pairs of a call whose schedule (`runtime.policy.compiled.CompiledSchedule`) serves some of them by an
-    understudy or drops them, grouped by serving expert (`_served_kernel`); chosen [T, k], weights [T, k] (the
-    routing's), coef (the routing's, read only for an understudy at its own weight), gate [T, E] float32; mode the
-    policy's `understudy_weight`. The weights are gathered on the host in float32 (exact for float32 or bfloat16
-    routing weights; an understudy's own weight coef x gate_j a float32 product) and moved once, in the routing's
-    dtype."""
+def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action: np.ndarray, understudy: np.ndarray,
+                 weights: torch.Tensor, coef: Callable[[], torch.Tensor], gate: torch.Tensor, mode: str) -> PairGroups:
+    """The pairs of a call some of which an understudy serves or that are dropped, grouped by serving expert
+    (`_served_kernel`): chosen [T, k]; per token its chosen experts in some order with each one's action and
+    understudy (order, action, understudy [T, k]: a compiled schedule's, or `decision_arrays` of decisions); weights
+    [T, k] (the routing's), coef (the routing's, read only for an understudy at its own weight), gate [T, E] float32;
+    mode the policy's `understudy_weight`. The weights are gathered on the host in float32 (exact for float32 or
+    bfloat16 routing weights; an understudy's own weight coef x gate_j a float32 product) and moved once, in the
+    routing's dtype."""
     m = {"own": 0, "replaced": 1, "auto": 2}[mode]
-    band, batch, similarity = sched.count_array[5:8]                                   # understudies by reason
-    own = bool(band or batch or (m == 0 and similarity)) and m != 1                    # some at their own weight
+    acts = set(action.ravel().tolist())
+    own = m != 1 and bool(acts & ({BAND, BATCH, SIMILARITY} if m == 0 else {BAND, BATCH}))   # some at own weight
     c = coef().float()[:, None] if own else torch.zeros_like(gate[:, :1])               # [T, 1]
     if gate.device.type == "cpu":
         w32, c, g32 = weights.float().numpy(), c.numpy(), gate.numpy()
     else:                                                                               # one copy to the host
         w32, c, g32 = host_arrays(weights, c, gate)
-    tok, wt, experts, bounds, by_token = _served_kernel(
-        chosen, sched.chosen_order, sched.action, sched.understudy, w32, c.reshape(-1), g32, m)
+    tok, wt, experts, bounds, by_token = _served_kernel(chosen, order, action, understudy, w32, c.reshape(-1), g32,
+                                                        m)
     b = bounds.tolist()
     span = {e: (b[i], b[i + 1]) for i, e in enumerate(experts.tolist())}
     w = torch.from_numpy(wt).to(x.device, weights.dtype)                                 # [N]

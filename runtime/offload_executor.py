@@ -24,7 +24,7 @@ from runtime.expert_compute import (PairGroups, group_pairs, group_served, make_
                                     warm_served)
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
-from runtime.policy.compiled import CompiledCacheModel, warm_kernels
+from runtime.policy.compiled import CompiledCacheModel, decision_arrays, warm_kernels
 from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
@@ -75,10 +75,12 @@ class OffloadExecutor:
         sched = self.model.schedule(layer, rows, chosen, prediction, self.c_load.value, self.c_host.value)
         self._count(layer, sched)
         decisions = sched.decisions
+        ids = np.array(chosen, dtype=np.int64)                          # [T, k]
         if any(d.understudy or d.dropped for d in decisions):
-            g = self._groups(x, routing, chosen, decisions)
+            g = group_served(x, ids, *decision_arrays(decisions, ids), routing.weights, lambda: routing.coef,
+                             routing.gate, self.policy.understudy_weight)
         else:                                    # every pair exact: the lossless grouping
-            g = group_pairs(x, np.array(chosen, dtype=np.int64), routing.weights)
+            g = group_pairs(x, ids, routing.weights)
         return self._execute(layer, sched.ops, x, g)
 
     def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -105,8 +107,8 @@ class OffloadExecutor:
             und["band"] += a[5]
             und["batch"] += a[6]
             und["similarity"] += a[7]
-            g = group_served(x, chosen, sched, routing.weights, lambda: routing.coef, routing.gate,
-                             self.policy.understudy_weight)
+            g = group_served(x, chosen, sched.chosen_order, sched.action, sched.understudy, routing.weights,
+                             lambda: routing.coef, routing.gate, self.policy.understudy_weight)
         else:                                    # every pair exact: the lossless grouping
             g = group_pairs(x, chosen, routing.weights)
         ops = sched.ops
@@ -127,83 +129,6 @@ class OffloadExecutor:
             held, fn = self.cache.held[layer], self.expert_fn           # one token, every slot landed: f_e(x)
             return g.mix(x, {e: fn(x, held[e]) for e in order})
         return self._execute(layer, ops[n:], x, g)
-
-    def _groups(self, x: torch.Tensor, routing: Routing, chosen: list[list[int]], decisions) -> PairGroups:
-        """The call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own pairs
-        not served otherwise, in HF's (position, token) order, then the tokens it stands in for, in token order; each
-        with its weight: the routing weight, or an understudy's (its own gate, coef x gate_j, a float32 product
-        rounded to the weights' dtype, or with `understudy_weight` "replaced" / "auto" for a near-twin, the replaced
-        expert's weight). The weights are gathered on the host (exact for the routing's float32 or bfloat16 weights)
-        and moved once."""
-        t_n, k = len(chosen), len(chosen[0])
-        mode = self.policy.understudy_weight
-        if t_n == 1 and x.is_contiguous():       # one token: its serving experts are distinct, each computes x itself
-            return self._token_groups(x, routing, chosen[0], decisions[0], mode)
-        skip: set[int] = set()                                          # pairs t * k + p served otherwise
-        subs: list[tuple[int, int, int, str]] = []                      # (j, token, position of the replaced i, reason)
-        for t, d in enumerate(decisions):
-            if d.understudy or d.dropped:
-                ch = chosen[t]
-                for i, (j, reason) in d.understudy.items():
-                    p = ch.index(i)
-                    skip.add(t * k + p)
-                    subs.append((j, t, p, reason))
-                for i in d.dropped:
-                    skip.add(t * k + ch.index(i))
-        subs.sort(key=lambda s: (s[0], s[1]))                           # by understudy, tokens in order
-        own: dict[int, list[int]] = {}                                  # e -> its pairs t * k + p, (p, t) order
-        for p in range(k):
-            for t in range(t_n):
-                if t * k + p not in skip:
-                    own.setdefault(chosen[t][p], []).append(t * k + p)
-        # weights as Python floats: float32 (or bfloat16) values exactly; a product of two float32 values is exact in
-        # a double, so rounding it to float32 once (np.array below) is float32 multiplication
-        w = [v for row in routing.weights.tolist() for v in row]        # [T*k]
-        if subs:
-            coef = routing.coef.tolist()                                # [T]
-            if t_n <= 8:                                                # t -> [E]
-                gate = dict(enumerate(routing.gate.tolist()))
-            else:                                                       # only the tokens with understudies
-                rows_t = sorted({t for _, t, _, _ in subs})
-                gate = dict(zip(rows_t, routing.gate[rows_t].tolist()))
-        by_j: dict[int, list[tuple[int, float]]] = {}
-        for j, t, p, reason in subs:
-            if mode == "replaced" or (mode == "auto" and reason == "similarity"):
-                v = w[t * k + p]                                        # the replaced expert's weight
-            else:
-                v = coef[t] * gate[t][j]                                # own gate: float32 x float32
-            by_j.setdefault(j, []).append((t, v))
-        tok, wt, span = [], [], {}
-        for e in sorted(own.keys() | by_j.keys()):
-            a = len(tok)
-            for f in own.get(e, ()):
-                tok.append(f // k)
-                wt.append(w[f])
-            for t, v in by_j.get(e, ()):
-                tok.append(t)
-                wt.append(v)
-            span[e] = (a, len(tok))
-        weights = torch.from_numpy(np.array(wt, dtype=np.float32)).to(x.device, routing.weights.dtype)   # [N]
-        tok_np = np.asarray(tok, dtype=np.int64)
-        return PairGroups(tok_np, span, weights, x, False)
-
-    @staticmethod
-    def _token_groups(x: torch.Tensor, routing: Routing, ch: list[int], d, mode: str) -> PairGroups:
-        """`_groups` of a one-token call: the chosen experts not replaced or dropped and the understudies (all
-        distinct: an understudy is never one of the token's chosen), one pair each, in ascending id, x their rows."""
-        w = routing.weights.tolist()[0]                                 # [k] exact as Python floats
-        gone = d.understudy.keys() | set(d.dropped)
-        serving = {e: w[p] for p, e in enumerate(ch) if e not in gone}
-        if d.understudy:
-            coef, gate = routing.coef.tolist()[0], routing.gate.tolist()[0]   # gate [E]
-            for i, (j, reason) in d.understudy.items():
-                own = not (mode == "replaced" or (mode == "auto" and reason == "similarity"))
-                serving[j] = coef * gate[j] if own else w[ch.index(i)]
-        order = sorted(serving)
-        weights = torch.from_numpy(np.array([serving[e] for e in order], dtype=np.float32)).to(
-            x.device, routing.weights.dtype)                            # [n] float32, then the weights' dtype
-        return PairGroups(np.zeros(len(order), dtype=np.int64), {e: (n, n + 1) for n, e in enumerate(order)},
-                          weights, x, True)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns

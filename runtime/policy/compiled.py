@@ -520,6 +520,22 @@ class CompiledSchedule:
                       loads=c[8], prefetch_issued=c[9], prefetch_used=c[10])
 
 
+def decision_arrays(decisions: Sequence[TokenDecision], chosen: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decisions as a compiled schedule's arrays: (order, action, understudy) [T, k], the chosen experts in routing
+    order, each one's action (EXACT, BAND, BATCH, SIMILARITY, DROP) and understudy (-1: none)."""
+    action = np.full(chosen.shape, EXACT, np.int64)
+    understudy = np.full(chosen.shape, -1, np.int64)
+    code = {"band": BAND, "batch": BATCH, "similarity": SIMILARITY}
+    for t, (d, ch) in enumerate(zip(decisions, chosen.tolist())):
+        for i, (j, reason) in d.understudy.items():
+            p = ch.index(i)
+            action[t, p], understudy[t, p] = code[reason], j
+        for i in d.dropped:
+            action[t, ch.index(i)] = DROP
+    return chosen, action, understudy
+
+
 class CompiledCacheModel:
     """`CacheModel`'s contract for the score-evicting policies (`is_compiled`), decided by the compiled kernel."""
 

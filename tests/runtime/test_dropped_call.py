@@ -3,8 +3,8 @@ a 12.5% plan dropped all four experts of a token and the mix of no outputs raise
 import numpy as np
 import torch
 
-from runtime.expert_compute import PairGroups
-from runtime.offload_executor import OffloadExecutor
+from runtime.expert_compute import PairGroups, group_served
+from runtime.policy.compiled import decision_arrays
 from runtime.policy.substitution import TokenDecision
 from runtime.router import Routing
 
@@ -14,7 +14,9 @@ def test_a_token_with_every_pair_dropped_adds_nothing():
     score = torch.tensor([[0.3, 0.25, 0.2, 0.15, 0.1]])
     routing = Routing(idx=torch.tensor([[0, 1]]), weights=score[:, :2].to(torch.bfloat16), score=score,
                       coef=torch.ones(1), gate=score)
-    g = OffloadExecutor._token_groups(x, routing, [0, 1], TokenDecision(dropped=[0, 1]), "auto")
+    chosen = routing.idx.numpy()
+    g = group_served(x, chosen, *decision_arrays([TokenDecision(dropped=[0, 1])], chosen), routing.weights,
+                     lambda: routing.coef, routing.gate, "auto")
     assert g.span == {}
     out = g.mix(x, {})
     assert out.shape == x.shape and out.dtype == x.dtype and not out.any()

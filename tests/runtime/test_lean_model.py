@@ -264,19 +264,39 @@ def test_compiled_model_decides_as_the_cache_model(case, e, k, batch):
             assert _compiled_state(fast) == _ref_state(ref), (slots, n)
 
 
+def _reference_groups(chosen, decisions, w, coef, gate, mode):
+    """The served pairs by the rule, in plain Python: per serving expert in ascending id, its own exact pairs in
+    (position, token) order, then the tokens it stands in for in token order, each with its weight (the routing's;
+    an understudy's own, coef x gate_j rounded to float32, or the replaced expert's); (tok, span, weights)."""
+    pairs = {}
+    for p in range(len(chosen[0])):
+        for t, d in enumerate(decisions):
+            if chosen[t][p] in d.exact:
+                pairs.setdefault(chosen[t][p], []).append((t, w[t][p]))
+    for t, d in enumerate(decisions):
+        for i, (j, reason) in d.understudy.items():
+            replaced = mode == "replaced" or (mode == "auto" and reason == "similarity")
+            v = w[t][chosen[t].index(i)] if replaced else float(np.float32(coef[t] * gate[t][j]))
+            pairs.setdefault(j, []).append((t, v))
+    tok, wt, span = [], [], {}
+    for e in sorted(pairs):
+        span[e] = (len(tok), len(tok) + len(pairs[e]))
+        tok += [t for t, _ in pairs[e]]
+        wt += [v for _, v in pairs[e]]
+    return tok, span, wt
+
+
 @pytest.mark.parametrize("mode", ["own", "replaced", "auto"])
 @pytest.mark.parametrize("batch", [1, 3, 5])
-def test_served_groups_are_the_decisions_groups(mode, batch):
-    """The executor's grouping of a compiled schedule's pairs (`group_served`, over its arrays) equals the grouping
-    of its decisions (`OffloadExecutor._groups`): the same rows, spans, and weights bit for bit (bfloat16 routing
-    weights; understudies at their own or the replaced weight, drops), and the same mixed output."""
-    from types import SimpleNamespace
-
+def test_served_groups_follow_the_rule(mode, batch):
+    """The executor's grouping of served pairs (`group_served`, a compiled kernel) of a compiled schedule's arrays and
+    of the same schedule's decisions (`decision_arrays`, the lean model's path) equals the rule written in plain
+    Python: the same rows, spans, and weights bit for bit (bfloat16 routing weights; understudies at their own or
+    the replaced weight, drops), and the same mixed output."""
     import torch
 
     from runtime.expert_compute import group_served
-    from runtime.offload_executor import OffloadExecutor
-    from runtime.policy.compiled import CompiledCacheModel
+    from runtime.policy.compiled import CompiledCacheModel, decision_arrays
     from runtime.router import Routing
 
     e, k = 32, 4
@@ -284,7 +304,6 @@ def test_served_groups_are_the_decisions_groups(mode, batch):
     pol = preset("plan", understudy_weight=mode)
     params = _plan_params(rng, e, pol.alpha, None, True)
     model = CompiledCacheModel({l: e // 4 for l in LAYERS}, e, k, pol, params)
-    ex = SimpleNamespace(policy=pol, _token_groups=OffloadExecutor._token_groups)
     g = torch.Generator().manual_seed(batch)
     seen = 0
     for n in range(60):
@@ -298,12 +317,16 @@ def test_served_groups_are_the_decisions_groups(mode, batch):
             continue
         seen += 1
         x = torch.randn(batch, 8, generator=g).to(torch.bfloat16)
-        a = OffloadExecutor._groups(ex, x, r, idx.tolist(), s.decisions)
-        b = group_served(x, chosen, s, r.weights, lambda: r.coef, r.gate, mode)
-        assert b.tok.tolist() == a.tok.tolist() and b.span == a.span and b.whole == a.whole
-        assert torch.equal(b.weights, a.weights)
-        ys = {ex_: torch.randn(hi - lo, 8, generator=g).to(torch.bfloat16) for ex_, (lo, hi) in a.span.items()}
-        assert torch.equal(b.mix(x, ys), a.mix(x, ys))
+        tok, span, wt = _reference_groups(idx.tolist(), s.decisions, r.weights.float().tolist(), r.coef.tolist(),
+                                          gate.tolist(), mode)
+        ys = {ex_: torch.randn(hi - lo, 8, generator=g).to(torch.bfloat16) for ex_, (lo, hi) in span.items()}
+        outs = []
+        for arrays in ((s.chosen_order, s.action, s.understudy), decision_arrays(s.decisions, chosen)):
+            b = group_served(x, chosen, *arrays, r.weights, lambda: r.coef, r.gate, mode)
+            assert b.tok.tolist() == tok and b.span == span and b.whole == (batch == 1)
+            assert torch.equal(b.weights, torch.tensor(wt, dtype=torch.float32).to(torch.bfloat16))
+            outs.append(b.mix(x, ys))
+        assert torch.equal(outs[0], outs[1])
     assert seen >= 10
 
 
