@@ -27,7 +27,8 @@ are plain Python: in the lean model smoe's substitution, score window and prefet
 call at batch 1 and 122.8 us at batch 3 on the 128-expert shape (`benchmarks/decisions.py` at 3cc8209), against a
 goal of 50 us for all of the runtime's own work per call; a numpy version pays microseconds of dispatch per
 operation. One compiled call makes the whole decision (what it costs now: the decisions section of
-docs/BENCHMARKS.md). Kernels are compiled on first use and cached on disk (`cache=True`).
+docs/BENCHMARKS.md). Kernels are compiled on first use (a runtime warms them when it loads, `warm_kernels`) and
+cached on disk (`cache=True`).
 """
 from __future__ import annotations
 
@@ -361,14 +362,8 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
             if pf[li, e]:
                 counts[10] += 1
                 pf[li, e] = 0
-        if exact_n[e] > 0:
-            if cached[e]:
-                counts[1] += exact_n[e]
-            else:
-                on_host = False
-                for a in range(n_load, n_miss):
-                    on_host = on_host or misses[a] == e
-                counts[3 if on_host else 2] += exact_n[e]
+        if exact_n[e] > 0:                                       # hits; misses (loaded: pending) or host
+            counts[1 if cached[e] else 2 if pending[e] else 3] += exact_n[e]
     # ---- ops
     n_ops = 0
     q, n_ops = _issue(li, lid, misses, 0, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
