@@ -16,7 +16,7 @@ from numba import njit
 from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
-from runtime.policy.compiled import BAND, BATCH, DROP, EXACT, SIMILARITY
+from runtime.policy.compiled import DROP, EXACT, SIMILARITY
 from runtime.router import host_arrays
 
 ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
@@ -242,12 +242,14 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
 
 
 @njit(cache=True)
-def _served_kernel(chosen, order, action, understudy, w, coef, gate, mode):
+def _served_kernel(chosen, order, action, understudy, w, gate, mode):
     """A call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own exact pairs
     in (position, token) order, then the tokens it stands in for, in token order (`group_served`).
     chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
-    weights; coef [T] float32 (read only for an own-weight understudy); gate [T, E] float32; mode: 0 own
-    (coef x gate_j, a float32 product), 1 replaced (the replaced expert's weight), 2 auto (replaced for a near-twin).
+    weights; gate [T, E] float32; mode: 0 own (coef x gate_j, a float32 product), 1 replaced (the replaced expert's
+    weight), 2 auto (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
+    (runtime.router), computed here from w and gate when a token has an own-weight understudy:
+        coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
     Returns (tok [N], weights [N] float32, experts [n] ascending, bounds [n + 1], by_token [N]: the pairs in
     (token, group) order when every token has the same number of pairs, else empty)."""
     t_n, k = chosen.shape
@@ -299,7 +301,12 @@ def _served_kernel(chosen, order, action, understudy, w, coef, gate, mode):
                 if mode == 1 or (mode == 2 and act[t, p] == SIMILARITY):
                     wt[fill[j]] = w[t, p]
                 else:
-                    wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
+                    sw, sg = 0.0, 0.0
+                    for q in range(k):
+                        sw += np.float64(w[t, q])
+                        sg += np.float64(gate[t, chosen[t, q]])
+                    coef = np.float32(sw / max(sg, 1e-30))
+                    wt[fill[j]] = np.float32(np.float64(coef) * np.float64(gate[t, j]))
                 fill[j] += 1
     uniform = True
     for t in range(t_n):
@@ -316,24 +323,19 @@ def _served_kernel(chosen, order, action, understudy, w, coef, gate, mode):
 
 
 def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action: np.ndarray, understudy: np.ndarray,
-                 weights: torch.Tensor, coef: Callable[[], torch.Tensor], gate: torch.Tensor, mode: str) -> PairGroups:
+                 weights: torch.Tensor, gate: torch.Tensor, mode: str) -> PairGroups:
     """The pairs of a call some of which an understudy serves or that are dropped, grouped by serving expert
     (`_served_kernel`): chosen [T, k]; per token its chosen experts in some order with each one's action and
     understudy (order, action, understudy [T, k]: a compiled schedule's, or `decision_arrays` of decisions); weights
-    [T, k] (the routing's), coef (the routing's, read only for an understudy at its own weight), gate [T, E] float32;
-    mode the policy's `understudy_weight`. The weights are gathered on the host in float32 (exact for float32 or
-    bfloat16 routing weights; an understudy's own weight coef x gate_j a float32 product) and moved once, in the
-    routing's dtype."""
-    m = {"own": 0, "replaced": 1, "auto": 2}[mode]
-    acts = set(action.ravel().tolist())
-    own = m != 1 and bool(acts & ({BAND, BATCH, SIMILARITY} if m == 0 else {BAND, BATCH}))   # some at own weight
-    c = coef().float()[:, None] if own else torch.zeros_like(gate[:, :1])               # [T, 1]
+    [T, k] and gate [T, E] float32, the routing's; mode the policy's `understudy_weight`. The weights are gathered on
+    the host in float32 (exact for float32 or bfloat16 routing weights; an understudy's own weight coef x gate_j a
+    float32 product) and moved once, in the routing's dtype."""
     if gate.device.type == "cpu":
-        w32, c, g32 = weights.float().numpy(), c.numpy(), gate.numpy()
+        w32, g32 = weights.float().numpy(), gate.numpy()
     else:                                                                               # one copy to the host
-        w32, c, g32 = host_arrays(weights, c, gate)
-    tok, wt, experts, bounds, by_token = _served_kernel(chosen, order, action, understudy, w32, c.reshape(-1), g32,
-                                                        m)
+        w32, g32 = host_arrays(weights, gate)
+    tok, wt, experts, bounds, by_token = _served_kernel(chosen, order, action, understudy, w32, g32,
+                                                        _MODES[mode])
     b = bounds.tolist()
     span = {e: (b[i], b[i + 1]) for i, e in enumerate(experts.tolist())}
     w = torch.from_numpy(wt).to(x.device, weights.dtype)                                 # [N]
@@ -341,9 +343,11 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
     return PairGroups(tok, span, w, x, whole, by_token if len(by_token) else None)
 
 
+_MODES = {"own": 0, "replaced": 1, "auto": 2}    # understudy_weight -> the kernel's mode
+
+
 def warm_served() -> None:
     """Compile `_served_kernel` for the runtime's argument types (or load it from numba's disk cache), so that a
     runtime's first call with an understudy does not."""
     ids = np.zeros((1, 2), np.int64)
-    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros(1, np.float32),
-                   np.zeros((1, 4), np.float32), 0)
+    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0)

@@ -29,7 +29,7 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
-from runtime.router import Routing, score_rows, top_arrays
+from runtime.router import Routing, routing_arrays, score_rows
 from runtime.stats import RunStats
 
 LOADS = ("load", "prefetch")
@@ -77,8 +77,8 @@ class OffloadExecutor:
         decisions = sched.decisions
         ids = np.array(chosen, dtype=np.int64)                          # [T, k]
         if any(d.understudy or d.dropped for d in decisions):
-            g = group_served(x, ids, *decision_arrays(decisions, ids), routing.weights, lambda: routing.coef,
-                             routing.gate, self.policy.understudy_weight)
+            g = group_served(x, ids, *decision_arrays(decisions, ids), routing.weights, routing.gate,
+                             self.policy.understudy_weight)
         else:                                    # every pair exact: the lossless grouping
             g = group_pairs(x, ids, routing.weights)
         return self._execute(layer, sched.ops, x, g)
@@ -86,14 +86,14 @@ class OffloadExecutor:
     def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The path of the score-evicting policies (`CompiledCacheModel`): the routing (and, where the policy
         prefetches, the next layer's predicted routing) handed to the compiled model as the router's arrays, chosen
-        [T, k], topk ids [T, W] and the score table [T, E] (`top_arrays`: one copy to the host off the CPU), from
-        which it makes `score_rows`' rows; the pair counts added from its count vector; a direct call's copies made,
-        then its experts computed; any other call's ops carried out in order (`_execute`)."""
+        [T, k] and the score table [T, E] (`routing_arrays`: one copy to the host off the CPU), from which it makes
+        `score_rows`' rows; the pair counts added from its count vector; a direct call's copies made, then its
+        experts computed; any other call's ops carried out in order (`_execute`)."""
         nxt = self.next_router(layer, x) if self.policy.prefetch and self.next_router is not None else None
-        arrays = top_arrays([routing] if nxt is None else [routing, nxt[1]], self.width)   # the prediction's too
+        arrays = routing_arrays([routing] if nxt is None else [routing, nxt[1]])   # the prediction's too
         chosen = arrays[0][0]                                           # [T, k]
-        sched = self.model.schedule_top(layer, *arrays[0], arrays[1] if nxt is not None else None,
-                                        self.c_load.value, self.c_host.value)
+        sched = self.model.schedule_table(layer, *arrays[0], self.width, arrays[1] if nxt is not None else None,
+                                          self.c_load.value, self.c_host.value)
         a = sched.count_array
         c = self.stats.layer(layer)
         c.pairs += a[0]
@@ -108,7 +108,7 @@ class OffloadExecutor:
             und["batch"] += a[6]
             und["similarity"] += a[7]
             g = group_served(x, chosen, sched.chosen_order, sched.action, sched.understudy, routing.weights,
-                             lambda: routing.coef, routing.gate, self.policy.understudy_weight)
+                             routing.gate, self.policy.understudy_weight)
         else:                                    # every pair exact: the lossless grouping
             g = group_pairs(x, chosen, routing.weights)
         ops = sched.ops

@@ -21,8 +21,12 @@ class Routing:
     gate    [T, E]  float32 gate of every expert (before renormalisation and scaling).
     coef    [T]     float32 weight per unit of gate: weight_i = coef * gate_i for every chosen i, so an
                     understudy j gets coef * gate_j:
-                        coef = sum_i weights_i / max(sum_i gate_i, 1e-30)   over the chosen i, the gate in its own dtype
-                    Computed on first read (only understudies and the profiler read it), unless given.
+                        coef = float32(sum_i weights_i / max(sum_i gate_i, 1e-30))   over the chosen i, the gate in
+                    its own dtype, both sums and the quotient in float64. A sum of k float32 values in float64 is exact,
+                    hence the same in any order, while they span less than 2^26 (a token's chosen gates always do in
+                    practice), so the executor's grouping kernel, which sums on the host in routing order
+                    (runtime.expert_compute), gets these bits. Computed on first read (the profiler reads it), unless
+                    given.
     """
 
     __slots__ = ("idx", "weights", "score", "gate", "_coef", "_gate_raw")
@@ -36,8 +40,8 @@ class Routing:
     def coef(self) -> torch.Tensor:
         if self._coef is None:
             gate = self._gate_raw if self._gate_raw is not None else self.gate
-            chosen_gate = gate.gather(1, self.idx).sum(dim=-1)                     # [T]
-            self._coef = self.weights.float().sum(dim=-1) / chosen_gate.clamp(min=1e-30)
+            chosen_gate = gate.gather(1, self.idx).double().sum(dim=-1)            # [T] float64
+            self._coef = (self.weights.double().sum(dim=-1) / chosen_gate.clamp(min=1e-30)).float()
         return self._coef
 
 
@@ -105,16 +109,25 @@ def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
     return Routing(idx=idx, weights=weights, score=score.float(), gate=gate.float(), gate_raw=gate)
 
 
+def top_ids(score: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, ids) [T, width]: each token's `width` best experts by (-score, id), a stable descending sort's first
+    `width`. Not torch.topk, which orders tied scores as its kernel happens to (by device and shape): the compiled
+    cache model selects the same experts on the host (runtime.policy.compiled.rows_from_table), and a trace recorded
+    on one device replays as it ran on another."""
+    vals, ids = torch.sort(score, dim=1, descending=True, stable=True)
+    return vals[:, :width], ids[:, :width]
+
+
 def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids, scores [T, width]: the chosen experts by descending score (ties: routing order), then the first
-    `width - k` unchosen experts of topk(score, width) (the best of the rest). This is what the routing trace stores
+    `width - k` unchosen experts of `top_ids(score, width)` (the best of the rest by (-score, id)). This is what the routing trace stores
     and what cache decisions see (other experts count as score 0); `score_rows` is the same view as Python rows."""
     score, idx = routing.score, routing.idx
     k = idx.shape[1]
     order = torch.argsort(score.gather(1, idx), dim=1, descending=True, stable=True)
     chosen = idx.gather(1, order)
     if width > k:
-        top = torch.topk(score, width, dim=1).indices                                  # [T, width]
+        top = top_ids(score, width)[1]                                                 # [T, width]
         is_chosen = (top.unsqueeze(2) == idx.unsqueeze(1)).any(dim=2)                   # [T, width]
         rest = torch.argsort(is_chosen.to(torch.uint8), dim=1, stable=True)[:, :width - k]
         ids = torch.cat([chosen, top.gather(1, rest)], dim=1)
@@ -125,19 +138,19 @@ def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], list[list[int]]]:
     """`top_view` as per token a dict {expert: score} (chosen first, by descending score) and the chosen experts in
-    routing order: one topk and a few host copies, then a few Python operations per token (a decode call has 1-3).
-    The scores are topk's values (the score table's own); the whole row is read only for a token whose chosen experts
-    are not all in its top `width` (a biased router's choice)."""
+    routing order: one sort (`top_ids`) and a few host copies, then a few Python operations per token (a decode call
+    has 1-3). The scores are the sort's values (the score table's own); the whole row is read only for a token whose
+    chosen experts are not all in its top `width` (a biased router's choice)."""
     idx = routing.idx.tolist()
     k = len(idx[0]) if idx else 0
     if width <= k:
         score = routing.score.tolist()                                                  # [T][E]
         return [{e: s[e] for e in sorted(ch, key=lambda e: -s[e])} for s, ch in zip(score, idx)], idx
-    vals, top = torch.topk(routing.score, width, dim=1)
+    vals, top = top_ids(routing.score, width)
     rows = []
     for t, (v, tp, ch) in enumerate(zip(vals.tolist(), top.tolist(), idx)):
         if len(set(v[:k])) == k and set(tp[:k]) == set(ch):
-            # the chosen are topk's first k, their scores distinct (descending): the row is topk's order as it is
+            # the chosen are the first k, their scores distinct (descending): the row is the sort's order as it is
             rows.append(dict(zip(tp, v)))
             continue
         s = dict(zip(tp, v))                                                            # the top `width` scores
@@ -155,18 +168,14 @@ def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], li
     return rows, idx
 
 
-def top_arrays(routings: Sequence[Routing], width: int, one_copy: bool | None = None
-               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def routing_arrays(routings: Sequence[Routing], one_copy: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Routings of one call's tokens as the compiled cache model reads them (runtime.policy.compiled, which makes
-    `score_rows`' rows from them), each as chosen [T, k] int64, the ids of topk(score, width) [T, width] int64 (the
-    chosen when width <= k) and the score table [T, E] float32, on the host: views on the CPU, else (or with
-    `one_copy`) all of them in one copy (`host_arrays`)."""
-    parts = [(r.idx, r.idx if width <= r.idx.shape[1] else torch.topk(r.score, width, dim=1).indices, r.score)
-             for r in routings]                                                                 # [T, k], [T, W], [T, E]
+    `score_rows`' rows from them), each as chosen [T, k] int64 and the score table [T, E] float32, on the host:
+    views on the CPU, else (or with `one_copy`) all of them in one copy (`host_arrays`)."""
     if not (routings[0].idx.device.type != "cpu" if one_copy is None else one_copy):
-        return [tuple(t.numpy() for t in p) for p in parts]
-    flat = host_arrays(*(t for p in parts for t in p))
-    return [tuple(flat[3 * i:3 * i + 3]) for i in range(len(parts))]
+        return [(r.idx.numpy(), r.score.numpy()) for r in routings]
+    flat = host_arrays(*(t for r in routings for t in (r.idx, r.score)))
+    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(routings))]
 
 
 def host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:

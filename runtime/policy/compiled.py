@@ -77,30 +77,42 @@ def _best_first(ids, vals, n):
 
 
 @njit(cache=True)
-def rows_from_top(chosen, top_ids, table):
+def rows_from_table(chosen, table, width):
     """`runtime.router.score_rows`'s rows as arrays (ids [T, W], scores [T, W] float64, lengths [T]): per token its
-    k chosen experts, then the first W - k unchosen of its topk ids (W = top_ids' width; none when W <= k), scores
-    from the score table [T, E]."""
+    k chosen experts, then its best W - k unchosen experts by (-score, id) (`runtime.router.top_ids`' order; none
+    when W <= k), scores from the score table [T, E] float32; W = min(width, E). One pass over E per token, each
+    unchosen expert inserted into the kept ones (best first) when it beats the worst kept: ids ascend, so a tie
+    keeps the lower id."""
     t_n, k = chosen.shape
-    w = max(top_ids.shape[1], k)
+    e_n = table.shape[1]
+    w = max(min(width, e_n), k)
     rid = np.empty((t_n, w), np.int64)
     rval = np.empty((t_n, w), np.float64)
     rlen = np.empty(t_n, np.int64)
+    mark = np.zeros(e_n, np.uint8)                               # [E] token t's chosen
     for t in range(t_n):
         for p in range(k):
             e = chosen[t, p]
             rid[t, p], rval[t, p] = e, table[t, e]
+            mark[e] = 1
         n = k
-        for q in range(top_ids.shape[1]):
-            if n >= w:
-                break
-            e = top_ids[t, q]
-            c = False
-            for p in range(k):
-                c = c or chosen[t, p] == e
-            if not c:
-                rid[t, n], rval[t, n] = e, table[t, e]
+        for e in range(e_n):
+            if mark[e]:
+                continue
+            s = np.float64(table[t, e])
+            if n < w:
+                a = n
                 n += 1
+            elif s > rval[t, w - 1]:
+                a = w - 1
+            else:
+                continue
+            while a > k and s > rval[t, a - 1]:
+                rid[t, a], rval[t, a] = rid[t, a - 1], rval[t, a - 1]
+                a -= 1
+            rid[t, a], rval[t, a] = e, s
+        for p in range(k):
+            mark[chosen[t, p]] = 0
         rlen[t] = n
     return rid, rval, rlen
 
@@ -434,13 +446,12 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
 
 
 @njit(cache=True)
-def schedule_from_top(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
-                      chosen, top, table, p_chosen, p_top, p_table, prefetch, budget, guard, host_split, c_load,
-                      c_host):
-    """`schedule_kernel` on a routing as the router returns it: chosen [T, k], topk ids [T, W] and the score table
-    [T, E], and the same of the prediction (no rows: none); the rows made by `rows_from_top`."""
-    rid, rval, rlen = rows_from_top(chosen, top, table)
-    pid, pval, plen = rows_from_top(p_chosen, p_top, p_table)
+def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
+                        chosen, table, p_chosen, p_table, width, prefetch, budget, guard, host_split, c_load, c_host):
+    """`schedule_kernel` on a routing as the router returns it: chosen [T, k] and the score table [T, E], and the
+    same of the prediction (no tokens: none); the rows made by `rows_from_table` (width W)."""
+    rid, rval, rlen = rows_from_table(chosen, table, width)
+    pid, pval, plen = rows_from_table(p_chosen, p_table, width)
     return schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
                            rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load,
                            c_host)
@@ -612,23 +623,23 @@ class CompiledCacheModel:
             p.prefetch and prediction is not None, self.budget, self.guard,
             p.host_compute and len(chosen) <= self.host_batch_max, float(c_load), float(c_host)), len(chosen))
 
-    def schedule_top(self, layer: int, chosen: np.ndarray, top: np.ndarray, table: np.ndarray,
-                     prediction: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
-                     c_host: float = 1.0) -> CompiledSchedule:
-        """`schedule` on a routing as the router returns it: chosen [T, k] int64, the topk ids [T, W] int64 of the
-        score table [T, E] float32, and the same three of the prediction (`runtime.router.score_rows`' rows, made
-        in the kernel)."""
+    def schedule_table(self, layer: int, chosen: np.ndarray, table: np.ndarray, width: int,
+                       prediction: tuple[np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
+                       c_host: float = 1.0) -> CompiledSchedule:
+        """`schedule` on a routing as the router returns it: chosen [T, k] int64 and the score table [T, E] float32,
+        and the same two of the prediction (`runtime.router.routing_arrays`); `runtime.router.score_rows`' rows of
+        width `width`, made in the kernel."""
         p = self.policy
-        pred = prediction if prediction is not None else _no_prediction(self.k, top.shape[1], table.shape[1])
-        return self._result(layer, schedule_from_top(
-            self.index[layer], self.next_index[layer], self.k, *self._state(), chosen, top, table, *pred,
+        pred = prediction if prediction is not None else _no_prediction(self.k, table.shape[1])
+        return self._result(layer, schedule_from_table(
+            self.index[layer], self.next_index[layer], self.k, *self._state(), chosen, table, *pred, width,
             p.prefetch and prediction is not None, self.budget, self.guard,
             p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host)), chosen.shape[0])
 
 
-def _no_prediction(k: int, w: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _no_prediction(k: int, e: int) -> tuple[np.ndarray, np.ndarray]:
     """A prediction of no tokens (the kernel's arguments keep one type)."""
-    return np.empty((0, k), np.int64), np.empty((0, w), np.int64), np.empty((0, e), np.float32)
+    return np.empty((0, k), np.int64), np.empty((0, e), np.float32)
 
 
 def _rows(rows: Sequence[Scores]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -651,5 +662,4 @@ def warm_kernels() -> None:
     model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, {0: SubstitutionParams(alpha=pol.alpha),
                                                           1: SubstitutionParams(alpha=pol.alpha)})
     chosen, table = np.array([[0, 1]], np.int64), np.full((1, 4), 0.25, np.float32)
-    top = np.array([[0, 1, 2, 3]], np.int64)
-    model.schedule_top(0, chosen, top, table, (chosen, top, table))
+    model.schedule_table(0, chosen, table, 4, (chosen, table))

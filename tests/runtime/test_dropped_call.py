@@ -16,7 +16,7 @@ def test_a_token_with_every_pair_dropped_adds_nothing():
                       coef=torch.ones(1), gate=score)
     chosen = routing.idx.numpy()
     g = group_served(x, chosen, *decision_arrays([TokenDecision(dropped=[0, 1])], chosen), routing.weights,
-                     lambda: routing.coef, routing.gate, "auto")
+                     routing.gate, "auto")
     assert g.span == {}
     out = g.mix(x, {})
     assert out.shape == x.shape and out.dtype == x.dtype and not out.any()
