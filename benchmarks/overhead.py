@@ -27,6 +27,9 @@ and c = (n - 1) x L MoE layer calls:
     X  = time inside the MoE blocks' executor calls (the block routes before the call; shared experts after it)
     P  = time inside the prediction a prefetching policy reads (the executor's `next_router`: the next MoE layer's
          router on the call's input), part of X's own time; reported apart
+    R  = time inside the MoE blocks' routers (`MoEBlock.route`, and `route_paired`, where a substituting policy that
+         prefetches routes and predicts the next layer in one matmul, runtime.moe_block): the layer's routing and any
+         prediction; R(policy) - R(resident) is what the prediction costs, paired or not; reported apart
     own per MoE layer call            = (T - E - S - C) / c   everything but expert compute and the link (waits and
                                                               inline copies): attention, norms, routers, sampling,
                                                               and the executor's own work
@@ -188,9 +191,9 @@ class Timed:
     def __init__(self, fn, spans: list[tuple[float, float]]):
         self.fn, self.spans = fn, spans
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kw):
         t0 = time.perf_counter()
-        out = self.fn(*args)
+        out = self.fn(*args, **kw)
         self.spans.append((t0, time.perf_counter()))
         return out
 
@@ -203,6 +206,7 @@ class Probe:
         self.expert: list[tuple[float, float]] = []
         self.executor: list[tuple[float, float]] = []
         self.predict: list[tuple[float, float]] = []
+        self.route: list[tuple[float, float]] = []
         if getattr(rt.executor, "next_router", None) is not None:   # the next layer's router on the call's input
             rt.executor.next_router = Timed(rt.executor.next_router, self.predict)
         rt.executor.expert_fn = Timed(rt.executor.expert_fn, self.expert)
@@ -211,11 +215,14 @@ class Probe:
         timed = Timed(rt.executor, self.executor)
         for block in rt.lm.blocks.values():
             block.executor = timed
+            block.route = Timed(block.route, self.route)
+            block.route_paired = Timed(block.route_paired, self.route)
 
     def clear(self) -> None:
         self.expert.clear()
         self.executor.clear()
         self.predict.clear()
+        self.route.clear()
 
 
 def inside_each(spans, windows) -> list[float]:
@@ -253,6 +260,8 @@ class Measure:
     step_own: tuple[float, ...] = ()    # T - E - S - C
     step_exec: tuple[float, ...] = ()   # X - E - S - C
     predict_s: float = 0.0              # P: inside the prediction prefetching reads (part of X - E - S - C)
+    route_s: float = 0.0                # R: inside the blocks' routers (routing and any prediction)
+    paired: bool = False                # the blocks route and predict in one matmul (MoEBlock.pair)
 
     def per_call_ms(self, seconds: float) -> float:
         return 1e3 * seconds / self.calls
@@ -398,7 +407,9 @@ def timed_decode(rt, probe: Probe, ids: torch.Tensor, tokens: int, turns: Turns,
                    copy_s=copies / max(n_copies, 1), loads=d["loads"], hit_rate=d["hit_rate"], step_wall=tuple(wall_w),
                    step_own=tuple(w - e - sc for w, e, sc in zip(wall_w, e_w, s_c)),
                    step_exec=tuple(x - e - sc for x, e, sc in zip(x_w, e_w, s_c)),
-                   predict_s=sum(inside_each(probe.predict, turn.windows)))
+                   predict_s=sum(inside_each(probe.predict, turn.windows)),
+                   route_s=sum(inside_each(probe.route, turn.windows)),
+                   paired=any(b.paired is not None for b in rt.lm.blocks.values()))
 
 
 def hf_decode(model, ids: torch.Tensor, tokens: int, turns: Turns, name: str) -> Measure:
@@ -646,13 +657,21 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                    + "." + (" With the thread the expert function itself ran slower in every pair (the loader "
                             "thread's Python holds the GIL the compute thread's torch ops take again)."
                             if all(t.m.expert_s / t.m.calls > c.m.expert_s / c.m.calls for c, t in pairs) else ""))
-    pred = [c for c in cells if c.m.predict_s > 0 and (c.model, c.batch) in refs]
+    from runtime.policy.config import preset
+
+    pred = [c for c in cells if c.policy in OverheadConfig().policies and preset(c.policy).prefetch
+            and (c.model, c.batch) in refs]
     if pred:
+        def share(c: Cell) -> str:
+            r = refs[(c.model, c.batch)]
+            routing = c.m.per_call_ms(c.m.route_s) - r.m.per_call_ms(r.m.route_s)
+            return (f"{c.policy}, {c.model}, batch {c.batch}: {f3(routing)} of its "
+                    f"{f3(compare(c, r, 'own')[0])} ms per MoE layer call over resident"
+                    + (" (its routing and the prediction in one matmul)" if c.m.paired else
+                       f" ({f3(c.m.per_call_ms(c.m.predict_s))} in the executor's next_router)"))
         out.append("- The prediction a prefetching policy reads (the next MoE layer's router on the call's input: its "
-                   "logits, gate and top-k) is part of its own time: "
-                   + "; ".join(f"{c.policy}, {c.model}, batch {c.batch}: {f3(c.m.per_call_ms(c.m.predict_s))} of its "
-                               f"{f3(compare(c, refs[(c.model, c.batch)], 'own')[0])} ms per MoE layer call over "
-                               "resident" for c in pred) + ".")
+                   "logits, gate and top-k) is part of its own time; what it costs is the policy's time inside the "
+                   "routers less resident's (R, the script's docstring): " + "; ".join(share(c) for c in pred) + ".")
     q = {c.policy: c for c in cells if c.model == "qwen3-30b-a3b" and c.batch == 1}
     if "resident" in q and {"lru", "smoe"} <= set(q):
         lo, hi = ISSUE_RANGE_MS

@@ -33,6 +33,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     generation_eos: int | list[int] | None = None   # generation_config.json's eos_token_id (chat models' end of turn)
+    routers: torch.Tensor | None = None   # [L x E, H] every MoE layer's router weight, in layer order (`_stack_routers`)
 
 
 def load_config(model_dir: str | Path):
@@ -115,6 +116,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
         setattr(parent, name, block)
         blocks[layer] = block
     model.to_empty(device=device)
+    routers = _stack_routers(blocks, arch)
 
     _load_dense(model, ckpt, arch)
     # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: let HF compute them.
@@ -123,7 +125,40 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
             model._init_weights(module)
     model.eval()
     return LoadedModel(model=model, arch=arch, config=config, ckpt=ckpt, blocks=blocks, dtype=dtype, device=device,
-                       generation_eos=_generation_eos(Path(model_dir)))
+                       generation_eos=_generation_eos(Path(model_dir)), routers=routers)
+
+
+def _stack_routers(blocks: dict[int, MoEBlock], arch: MoEArch) -> torch.Tensor | None:
+    """Make every MoE block's router weight [E, H] a view of one buffer [L x E, H], in MoE layer order, before the
+    dense weights load into it (no memory added: the empty weights it replaces are freed): a layer's router rows and
+    the next MoE layer's are then adjacent, and one matmul can compute both (`pair_routers`). A view has the shape,
+    strides and dtype of the weight it replaces, so the router computes as before. None (nothing changed) where the
+    routers have a bias (GPT-OSS) or differ in shape, dtype or device."""
+    routers = [getattr(b, arch.router_attr) for _, b in sorted(blocks.items())]
+    ws = [r.weight for r in routers]
+    if not ws or arch.router.logit_bias or any(
+            w.dim() != 2 or (w.shape, w.dtype, w.device) != (ws[0].shape, ws[0].dtype, ws[0].device) for w in ws):
+        return None
+    e = ws[0].shape[0]
+    buf = torch.empty((len(ws) * e, ws[0].shape[1]), dtype=ws[0].dtype, device=ws[0].device)   # [L x E, H]
+    for i, w in enumerate(ws):
+        w.data = buf[i * e:(i + 1) * e]
+    return buf
+
+
+def pair_routers(lm: LoadedModel, on: bool = True) -> bool:
+    """Pair each MoE block with the next MoE layer's (`MoEBlock.pair`: one matmul for its routing and the next
+    layer's prediction, over their adjacent router rows), or unpair them all (`on` False). Returns whether the
+    blocks are paired (not where the routers are not stacked, `_stack_routers`)."""
+    layers = sorted(lm.blocks)
+    if lm.routers is None or not on:
+        for l in layers:
+            lm.blocks[l].pair(None)
+        return False
+    e = lm.arch.num_experts
+    for i, (l, nxt) in enumerate(zip(layers, layers[1:])):
+        lm.blocks[l].pair(lm.routers[i * e:(i + 2) * e], lm.blocks[nxt])
+    return True
 
 
 def _generation_eos(model_dir: Path) -> int | list[int] | None:

@@ -4,6 +4,14 @@ It keeps HF's router and shared-expert submodules under their HF names (dense, r
 routes with the family's rule (`runtime.router.route`) and hands the routed experts to an executor:
 `executor(layer, x [T, H], routing) -> [T, H]` (weighted sum of routed experts). The executor is what differs
 between resident execution, the offloading runtime and the profiler; the block is the same everywhere.
+
+A block paired with the next MoE layer's (`pair`: the offloading runtime, for a policy that prefetches from the
+next layer's predicted routing and substitutes) computes both routers' logits in one matmul, its router's rows and
+the next one's being adjacent rows of one buffer (`runtime.model_loader`), and hands the executor the prediction
+too: `executor(layer, x, routing, prediction)`. On this machine's CPU a bf16 matmul of a router's size costs about
+13 us of fixed overhead, paid once instead of twice per layer. The shared matmul's columns are not promised to
+equal the lone matmul's bit for bit (BLAS kernels are chosen by shape; bf16 ones agreed in tests/runtime), which is
+why only a substituting policy, whose output departs from HF's anyway, pairs; lossless ones route as HF does.
 """
 from __future__ import annotations
 
@@ -13,9 +21,9 @@ import torch
 from torch import nn
 
 from runtime.families.arch import MoEArch
-from runtime.router import Routing, route
+from runtime.router import Routing, route, route_logits, router_logits
 
-Executor = Callable[[int, torch.Tensor, Routing], torch.Tensor]
+Executor = Callable[..., torch.Tensor]   # (layer, x [T, H], routing[, prediction]) -> [T, H]
 
 
 class MoEBlock(nn.Module):
@@ -28,13 +36,33 @@ class MoEBlock(nn.Module):
         if arch.shared_gate_attr:
             self.add_module(arch.shared_gate_attr, getattr(hf_block, arch.shared_gate_attr))
         self.executor: Executor | None = None
+        # (weight [2E, H]: this router's rows, then the next MoE layer's; the next router's correction bias) or None;
+        # a tuple, so that nn.Module does not register the next block's tensors as this one's
+        self.paired: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def pair(self, weight: torch.Tensor | None, nxt: "MoEBlock | None" = None) -> None:
+        """Route with the next MoE block nxt's prediction from one matmul over `weight` [2E, H] (this router's weight
+        rows, then nxt's: views of one buffer); `pair(None)`: route as HF does."""
+        self.paired = None if weight is None else (weight, nxt._router_args()[2])
+
+    def _router_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        router = getattr(self, self.arch.router_attr)
+        return router.weight, getattr(router, "bias", None), getattr(router, "e_score_correction_bias", None)
 
     def route(self, x: torch.Tensor, mixture: bool = True) -> Routing:
         """Routing of x [T, H] (`mixture` False: the choice and scores only, runtime.router.route)."""
-        router = getattr(self, self.arch.router_attr)
-        return route(x, router.weight, self.arch.router, self.arch.top_k,
-                     bias=getattr(router, "bias", None),
-                     correction_bias=getattr(router, "e_score_correction_bias", None), mixture=mixture)
+        weight, bias, correction = self._router_args()
+        return route(x, weight, self.arch.router, self.arch.top_k, bias=bias, correction_bias=correction,
+                     mixture=mixture)
+
+    def route_paired(self, x: torch.Tensor) -> tuple[Routing, Routing]:
+        """(routing of x, the next MoE block's prediction `route(x, mixture=False)`) from one matmul over the paired
+        routers' rows: logits [T, 2E], this router's the first E columns."""
+        weight, next_correction = self.paired
+        logits = router_logits(x, weight, self.arch.router)                             # [T, 2E]
+        e, rule, k = self.arch.num_experts, self.arch.router, self.arch.top_k
+        return (route_logits(logits[:, :e], rule, k, self._router_args()[2]),
+                route_logits(logits[:, e:], rule, k, next_correction, mixture=False))
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """Output of the shared experts on x [T, H] (gated where the family gates it), or None."""
@@ -50,8 +78,12 @@ class MoEBlock(nn.Module):
         assert self.executor is not None, "MoEBlock has no executor; load the model through runtime"
         b, s, h = hidden_states.shape
         x = hidden_states.reshape(-1, h)  # [T, H]
-        routing = self.route(x)
-        out = self.executor(self.layer, x, routing)
+        if self.paired is not None:
+            routing, prediction = self.route_paired(x)
+            out = self.executor(self.layer, x, routing, prediction)
+        else:
+            routing = self.route(x)
+            out = self.executor(self.layer, x, routing)
         shared = self.shared(x)
         if shared is not None:
             out = out + shared

@@ -58,21 +58,22 @@ class OffloadExecutor:
             warm_served()
 
     # ---- the layer ---------------------------------------------------------------------------------------------
-    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing, prediction: Routing | None = None
+                 ) -> torch.Tensor:
+        """The layer's routed experts' output [T, H] for x [T, H]; `prediction`, the next MoE layer's predicted
+        routing where the block computed it with its own (`MoEBlock.pair`), else made here when the policy reads
+        it (`_prediction`)."""
         if torch.is_grad_enabled():              # the runtime's entry points run without grad; entering no_grad
             with torch.no_grad():                # again costs microseconds a call, so only here
-                return self(layer, x, routing)
+                return self(layer, x, routing, prediction)
         if isinstance(self.model, FastCacheModel):
             return self._call_lossless(layer, x, routing)
         if isinstance(self.model, CompiledCacheModel):
-            return self._call_compiled(layer, x, routing)
+            return self._call_compiled(layer, x, routing, self._prediction(layer, x, prediction))
         rows, chosen = score_rows(routing, self.width)                  # per token: top-W scores, k experts
-        prediction = None
-        if self.policy.prefetch and self.next_router is not None:
-            nxt = self.next_router(layer, x)
-            if nxt is not None:
-                prediction, _ = score_rows(nxt[1], self.width)
-        sched = self.model.schedule(layer, rows, chosen, prediction, self.c_load.value, self.c_host.value)
+        nxt = self._prediction(layer, x, prediction)
+        pred = score_rows(nxt, self.width)[0] if nxt is not None else None
+        sched = self.model.schedule(layer, rows, chosen, pred, self.c_load.value, self.c_host.value)
         self._count(layer, sched)
         decisions = sched.decisions
         ids = np.array(chosen, dtype=np.int64)                          # [T, k]
@@ -83,14 +84,21 @@ class OffloadExecutor:
             g = group_pairs(x, ids, routing.weights)
         return self._execute(layer, sched.ops, x, g)
 
-    def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The path of the score-evicting policies (`CompiledCacheModel`): the routing (and, where the policy
-        prefetches, the next layer's predicted routing) handed to the compiled model as the router's arrays, chosen
-        [T, k] and the score table [T, E] (`routing_arrays`: one copy to the host off the CPU), from which it makes
+    def _prediction(self, layer: int, x: torch.Tensor, prediction: Routing | None) -> Routing | None:
+        """The next MoE layer's predicted routing where the policy prefetches: the block's (paired routers), else
+        the next router's on x (`next_router`); None for the last MoE layer."""
+        if not self.policy.prefetch or prediction is not None:
+            return prediction if self.policy.prefetch else None
+        nxt = self.next_router(layer, x) if self.next_router is not None else None
+        return None if nxt is None else nxt[1]
+
+    def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing, nxt: Routing | None) -> torch.Tensor:
+        """The path of the score-evicting policies (`CompiledCacheModel`): the routing and the next layer's
+        predicted routing nxt (None: none read) handed to the compiled model as the router's arrays, chosen [T, k]
+        and the score table [T, E] (`routing_arrays`: one copy to the host off the CPU), from which it makes
         `score_rows`' rows; the pair counts added from its count vector; a direct call's copies made, then its
         experts computed; any other call's ops carried out in order (`_execute`)."""
-        nxt = self.next_router(layer, x) if self.policy.prefetch and self.next_router is not None else None
-        arrays = routing_arrays([routing] if nxt is None else [routing, nxt[1]])   # the prediction's too
+        arrays = routing_arrays([routing] if nxt is None else [routing, nxt])    # the prediction's too
         chosen = arrays[0][0]                                           # [T, k]
         sched = self.model.schedule_table(layer, *arrays[0], self.width, arrays[1] if nxt is not None else None,
                                           self.c_load.value, self.c_host.value)

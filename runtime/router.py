@@ -59,16 +59,27 @@ def _group_mask(choice: torch.Tensor, rule: RouterRule) -> torch.Tensor:
     return group_mask.unsqueeze(-1).expand(t, rule.n_group, e // rule.n_group).reshape(t, e).bool()
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The router's logits [T, E] of x [T, H] for a weight [E, H] (and bias [E]), in HF's op order: float32 where the
+    family computes them so (DeepSeek), else in x's dtype. A weight of several routers' rows (`MoEBlock.paired`)
+    gives each router's logits as its columns."""
+    if rule.float32_logits:
+        return F.linear(x.type(torch.float32), weight.type(torch.float32))
+    return F.linear(x, weight, bias if rule.logit_bias else None)
+
+
 def route(x: torch.Tensor, weight: torch.Tensor, rule: RouterRule, top_k: int,
           bias: torch.Tensor | None = None, correction_bias: torch.Tensor | None = None,
           mixture: bool = True) -> Routing:
     """Route x [T, H] with router weight [E, H] (and bias [E]) by `rule`. `mixture` False: the choice and the scores
     only (a prediction), without renormalising, scaling or casting the mixture weights (`weights` is then None)."""
-    if rule.float32_logits:
-        logits = F.linear(x.type(torch.float32), weight.type(torch.float32))
-    else:
-        logits = F.linear(x, weight, bias if rule.logit_bias else None)  # [T, E]
+    return route_logits(router_logits(x, weight, rule, bias), rule, top_k, correction_bias, mixture)
 
+
+def route_logits(logits: torch.Tensor, rule: RouterRule, top_k: int, correction_bias: torch.Tensor | None = None,
+                 mixture: bool = True) -> Routing:
+    """`route` from the router's logits [T, E] (`router_logits`)."""
     if rule.topk_on_logits:  # GPT-OSS
         top_v, idx = torch.topk(logits, top_k, dim=-1)
         weights = F.softmax(top_v, dim=1, dtype=top_v.dtype) if mixture else None

@@ -25,12 +25,13 @@ from runtime.config import RunConfig, SamplingConfig
 from runtime.generate import decode
 from runtime.link import parse_link
 from runtime.loader import Loader
-from runtime.model_loader import LoadedModel, load_model, load_tokenizer, next_layer_router
+from runtime.model_loader import LoadedModel, load_model, load_tokenizer, next_layer_router, pair_routers
 from runtime.offload_executor import OffloadExecutor
 from runtime.policy.config import PolicyConfig, preset
 from runtime.policy.fast import make_cache_model
 from runtime.policy.slots import resolve_slots
 from runtime.policy.static import static_pins
+from runtime.policy.substitution import substitutes
 from runtime.policy.plan_params import plan_policy, plan_pools, substitution_params
 from runtime.policy.pools import native_slots
 from runtime.pooled_store import PooledStore
@@ -171,6 +172,8 @@ class Runtime:
         width = min((the_plan.choices.width if use_plan else None) or 2 * lm.arch.top_k, lm.arch.num_experts)
         executor = OffloadExecutor(experts, kv, loader, model, cfg, stats, width, next_router=next_layer_router(lm),
                                    record_events=record_events)
+        # a substituting policy that prefetches routes with the next layer's prediction in one matmul (MoEBlock.pair)
+        pair_routers(lm, cfg.prefetch and substitutes(params))
         rt = cls(lm, cfg, experts, tok, executor=executor, cache=kv, loader=loader, plan=the_plan, stats=stats,
                  budget=budget, config=config)
         log.info(budget.describe())

@@ -43,6 +43,12 @@ class SubstitutionParams:
     drop_ok: AbstractSet[int] = frozenset()              # low-score misses that may be left out
 
 
+def substitutes(params: Mapping[int, SubstitutionParams]) -> bool:
+    """Whether any layer may serve a pair otherwise than exactly (a band, batch or near-twin understudy, or a drop):
+    the policy's output then departs from the model's."""
+    return any(p.alpha > 0 or p.similar or p.drop_ok for p in params.values())
+
+
 @dataclass
 class TokenDecision:
     exact: list[int] = field(default_factory=list)                     # run with their own weights

@@ -48,3 +48,35 @@ def test_router_matches_hf_router(family, tiny_model):
         assert torch.equal(i, r.idx) and torch.equal(w, r.weights)
         # weights = coef * gate for every chosen expert
         torch.testing.assert_close(r.weights.float(), r.coef[:, None] * r.gate.gather(1, r.idx), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_paired_routers_route_and_predict(family, tiny_model):
+    """Every router a view of one buffer in MoE layer order (none copied) where the family allows (not with a router
+    bias); a paired block's one matmul gives its routing and the next MoE layer's prediction: the experts of routing
+    each apart, weights and scores within float tolerance (the shared matmul's bits are not promised); unpaired,
+    blocks route as HF does."""
+    from runtime.model_loader import pair_routers
+
+    lm = load_model(tiny_model(family), dtype=torch.float32)
+    layers = list(lm.arch.moe_layers)
+    if lm.arch.router.logit_bias:
+        assert lm.routers is None and not pair_routers(lm)
+        assert all(b.paired is None for b in lm.blocks.values())
+        return
+    e = lm.arch.num_experts
+    for i, l in enumerate(layers):
+        w = getattr(lm.blocks[l], lm.arch.router_attr).weight
+        assert w.data_ptr() == lm.routers[i * e].data_ptr() and w.shape == lm.routers[:e].shape
+    assert pair_routers(lm)
+    assert lm.blocks[layers[-1]].paired is None
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+    for l, n in zip(layers, layers[1:]):
+        r, p = lm.blocks[l].route_paired(x)
+        r0, p0 = lm.blocks[l].route(x), lm.blocks[n].route(x, mixture=False)
+        assert torch.equal(r.idx, r0.idx) and torch.equal(p.idx, p0.idx) and p.weights is None
+        torch.testing.assert_close(r.weights, r0.weights)
+        torch.testing.assert_close(r.score, r0.score)
+        torch.testing.assert_close(p.score, p0.score)
+    assert not pair_routers(lm, on=False)
+    assert all(b.paired is None for b in lm.blocks.values())

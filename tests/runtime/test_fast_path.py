@@ -269,3 +269,38 @@ def test_the_compiled_kernels_are_ready_when_the_runtime_is(fixture_model):
             rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=6)
         assert rt.stats.total().understudies["band"] > 0
         assert (len(schedule_from_table.signatures), len(_served_kernel.signatures)) == before
+
+
+def test_a_substituting_prefetching_policy_routes_paired(fixture_model):
+    """smoe (substitutes, prefetches) routes each MoE layer and predicts the next from one matmul (`pair_routers`):
+    the executor never runs the next layer's router itself, and the decode, its decisions included, is the one a
+    fresh runtime makes unpaired (on this CPU the shared bf16 matmul's columns are the lone ones'). Lossless
+    policies, and smoe without substitution, route as HF does."""
+    from runtime.model_loader import pair_routers
+
+    ids = torch.randint(1, 4096, (2, 8), generator=torch.Generator().manual_seed(7))
+    runs = []
+    for paired in (True, False):
+        with Runtime.load(fixture_model, policy="smoe", cache=4) as rt:
+            layers = sorted(rt.lm.blocks)
+            assert all(rt.lm.blocks[l].paired is not None for l in layers[:-1])
+            if not paired:
+                assert not pair_routers(rt.lm, on=False)
+            asked, ran = [], rt.executor.next_router
+
+            def counted(layer, x, ran=ran, asked=asked):
+                out = ran(layer, x)
+                asked.append(out is not None)
+                return out
+
+            rt.executor.next_router = counted
+            out = rt.generate_ids(ids, torch.ones_like(ids), max_new_tokens=6)
+            assert asked and any(asked) != paired    # paired: only the last MoE layer asks (no next layer)
+            d = rt.stats.to_dict()
+            runs.append((out, {k: d[k] for k in ("pairs", "hits", "misses", "drops", "understudies", "loads",
+                                                 "prefetch_issued", "prefetch_used")}))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+    assert runs[0][1]["prefetch_issued"] > 0 and sum(runs[0][1]["understudies"].values()) > 0
+    for policy, kw in (("lru", {}), ("smoe", {"lossless": True})):
+        with Runtime.load(fixture_model, policy=policy, cache=4, **kw) as rt:
+            assert all(b.paired is None for b in rt.lm.blocks.values())
