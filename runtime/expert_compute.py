@@ -16,7 +16,7 @@ from numba import njit
 from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
-from runtime.policy.compiled import DROP, EXACT, SIMILARITY
+from runtime.policy.compiled import DROP, EXACT, HEAD, SIMILARITY, CompiledCacheModel, CompiledSchedule, schedule_from_table
 from runtime.router import host_arrays
 
 ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
@@ -250,8 +250,9 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
     weight), 2 auto (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
     (runtime.router), computed here from w and gate when a token has an own-weight understudy:
         coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
-    Returns (tok [N], weights [N] float32, experts [n] ascending, bounds [n + 1], by_token [N]: the pairs in
-    (token, group) order when every token has the same number of pairs, else empty)."""
+    Returns (groups, weights [N] float32): groups int64 = [n, N, N', experts [n] ascending, bounds [n + 1], tok [N],
+    by_token [N']] (by_token: the pairs in (token, group) order when every token has the same number of pairs, N' = N;
+    else none, N' = 0), read by `_pair_groups`."""
     t_n, k = chosen.shape
     e_n = gate.shape[1]
     act = np.empty((t_n, k), np.int64)                           # [T, k] by routing position
@@ -285,7 +286,14 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
             bounds[a + 1] = bounds[a] + n_of[e]
             a += 1
     n = bounds[n_e]
-    tok = np.empty(n, np.int64)
+    uniform = t_n > 0
+    for t in range(t_n):
+        uniform = uniform and per_tok[t] == per_tok[0]
+    grp = np.empty(3 + 2 * n_e + 1 + n + (n if uniform else 0), np.int64)
+    grp[0], grp[1], grp[2] = n_e, n, n if uniform else 0
+    grp[3:3 + n_e] = experts
+    grp[3 + n_e:4 + 2 * n_e] = bounds
+    tok = grp[4 + 2 * n_e:4 + 2 * n_e + n]
     wt = np.empty(n, np.float32)
     for p in range(k):
         for t in range(t_n):
@@ -308,18 +316,15 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
                     coef = np.float32(sw / max(sg, 1e-30))
                     wt[fill[j]] = np.float32(np.float64(coef) * np.float64(gate[t, j]))
                 fill[j] += 1
-    uniform = True
-    for t in range(t_n):
-        uniform = uniform and per_tok[t] == per_tok[0]
-    if not uniform or t_n == 0:
-        return tok, wt, experts, bounds, np.empty(0, np.int64)
-    by_token = np.empty(n, np.int64)                             # a stable counting sort of the rows by token
+    if not uniform:
+        return grp, wt
+    by_token = grp[4 + 2 * n_e + n:]                              # a stable counting sort of the rows by token
     nxt = np.zeros(t_n, np.int64)
     for r in range(n):
         t = tok[r]
         by_token[t * per_tok[0] + nxt[t]] = r
         nxt[t] += 1
-    return tok, wt, experts, bounds, by_token
+    return grp, wt
 
 
 def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action: np.ndarray, understudy: np.ndarray,
@@ -334,20 +339,66 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
         w32, g32 = weights.float().numpy(), gate.numpy()
     else:                                                                               # one copy to the host
         w32, g32 = host_arrays(weights, gate)
-    tok, wt, experts, bounds, by_token = _served_kernel(chosen, order, action, understudy, w32, g32,
-                                                        _MODES[mode])
-    b = bounds.tolist()
-    span = {e: (b[i], b[i + 1]) for i, e in enumerate(experts.tolist())}
-    w = torch.from_numpy(wt).to(x.device, weights.dtype)                                 # [N]
-    whole = chosen.shape[0] == 1 and x.is_contiguous()
-    return PairGroups(tok, span, w, x, whole, by_token if len(by_token) else None)
+    return _pair_groups(x, *_served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode]), weights.dtype)
+
+
+def _pair_groups(x: torch.Tensor, grp: np.ndarray, wt: np.ndarray, dtype: torch.dtype) -> PairGroups:
+    """`PairGroups` of `_served_kernel`'s result: its weights moved once, in the routing weights' dtype."""
+    n_e, n, n_b = grp[:3].tolist()
+    eb = grp[3:4 + 2 * n_e].tolist()                                     # experts [n_e], bounds [n_e + 1]
+    span = dict(zip(eb[:n_e], zip(eb[n_e:-1], eb[n_e + 1:])))
+    a = 4 + 2 * n_e
+    return PairGroups(grp[a:a + n], span, torch.from_numpy(wt).to(x.device, dtype), x,
+                      x.shape[0] == 1 and x.is_contiguous(), grp[a + n:] if n_b else None)
+
+
+@njit(cache=True)
+def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table, p_chosen,
+                        p_table, width, prefetch, budget, guard, host_split, c_load, c_host, w, gate, mode):
+    """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
+    expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode), in one compiled call:
+    (the schedule's array, groups, weights); no groups (empty) when no slot can be freed."""
+    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table,
+                              p_chosen, p_table, width, prefetch, budget, guard, host_split, c_load, c_host)
+    if out[0] < 0:
+        return out, np.zeros(3, np.int64), np.empty(0, np.float32)
+    t_n = chosen.shape[0]
+    a = HEAD
+    order = out[a:a + t_n * k].reshape((t_n, k))
+    action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
+    understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
+    grp, wt = _served_kernel(chosen, order, action, understudy, w, gate, mode)
+    return out, grp, wt
+
+
+def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, routing: tuple[np.ndarray, np.ndarray],
+                       prediction: tuple[np.ndarray, np.ndarray] | None, width: int, weights: torch.Tensor,
+                       gate: np.ndarray, mode: str, c_load: float = 1.0, c_host: float = 1.0
+                       ) -> tuple[CompiledSchedule, PairGroups]:
+    """`model.schedule_table` of the layer call's routing arrays (chosen [T, k], score table [T, E]) and prediction,
+    and the call's pairs grouped by serving expert as `group_served` groups them (every pair exact: the grouping
+    `group_pairs` makes), in one compiled call (`_schedule_and_group`); weights [T, k] the routing's, gate [T, E]
+    float32 on the host, mode the policy's `understudy_weight`."""
+    out, grp, wt = _schedule_and_group(*model.kernel_args(layer, *routing, width, prediction, c_load, c_host),
+                                       weights.float().numpy() if weights.device.type == "cpu"
+                                       else host_arrays(weights)[0], gate, _MODES[mode])
+    return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, weights.dtype)
 
 
 _MODES = {"own": 0, "replaced": 1, "auto": 2}    # understudy_weight -> the kernel's mode
 
 
 def warm_served() -> None:
-    """Compile `_served_kernel` for the runtime's argument types (or load it from numba's disk cache), so that a
-    runtime's first call with an understudy does not."""
+    """Compile `_served_kernel` and `_schedule_and_group` for the runtime's argument types (or load them from numba's
+    disk cache), so that a runtime's first layer call does not."""
+    from runtime.policy.config import preset
+    from runtime.policy.substitution import SubstitutionParams
+
     ids = np.zeros((1, 2), np.int64)
     _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0)
+    pol = preset("smoe")
+    model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, {0: SubstitutionParams(alpha=pol.alpha),
+                                                          1: SubstitutionParams(alpha=pol.alpha)})
+    chosen, table = np.array([[0, 1]], np.int64), np.full((1, 4), 0.25, np.float32)
+    schedule_and_group(model, 0, torch.zeros(1, 4), (chosen, table), (chosen, table), 4, torch.full((1, 2), 0.5),
+                       table, "auto")

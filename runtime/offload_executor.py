@@ -21,15 +21,15 @@ import torch
 
 from runtime.expert_cache import ExpertCache
 from runtime.expert_compute import (PairGroups, group_pairs, group_served, make_expert_fn, make_grouped_fn,
-                                    warm_served)
+                                    schedule_and_group, warm_served)
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
-from runtime.policy.compiled import CompiledCacheModel, decision_arrays, warm_kernels
+from runtime.policy.compiled import PREFETCH, CompiledCacheModel, decision_arrays, warm_kernels
 from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
-from runtime.router import Routing, routing_arrays, score_rows
+from runtime.router import Routing, host_arrays, routing_arrays, score_rows
 from runtime.stats import RunStats
 
 LOADS = ("load", "prefetch")
@@ -99,9 +99,12 @@ class OffloadExecutor:
         `score_rows`' rows; the pair counts added from its count vector; a direct call's copies made, then its
         experts computed; any other call's ops carried out in order (`_execute`)."""
         arrays = routing_arrays([routing] if nxt is None else [routing, nxt])    # the prediction's too
-        chosen = arrays[0][0]                                           # [T, k]
-        sched = self.model.schedule_table(layer, *arrays[0], self.width, arrays[1] if nxt is not None else None,
-                                          self.c_load.value, self.c_host.value)
+        gate = routing.gate                                             # [T, E] (most families': the score table)
+        gate = arrays[0][1] if gate is routing.score else gate.numpy() if gate.device.type == "cpu" else (
+            host_arrays(gate)[0])
+        sched, g = schedule_and_group(self.model, layer, x, arrays[0], arrays[1] if nxt is not None else None,
+                                      self.width, routing.weights, gate, self.policy.understudy_weight,
+                                      self.c_load.value, self.c_host.value)
         a = sched.count_array
         c = self.stats.layer(layer)
         c.pairs += a[0]
@@ -115,20 +118,16 @@ class OffloadExecutor:
             und["band"] += a[5]
             und["batch"] += a[6]
             und["similarity"] += a[7]
-            g = group_served(x, chosen, sched.chosen_order, sched.action, sched.understudy, routing.weights,
-                             routing.gate, self.policy.understudy_weight)
-        else:                                    # every pair exact: the lossless grouping
-            g = group_pairs(x, chosen, routing.weights)
-        ops = sched.ops
         n = sched.leading_loads
         if n < 0:                                # loads wait for computes (or host computes): the ops in order
-            return self._execute(layer, ops, x, g)
+            return self._execute(layer, sched.ops, x, g)
+        flat = sched.flat_ops                    # [kind code, layer, expert, victim or -1] per op
         if n:                                    # a direct call: its loads and prefetches, then the computes
             if self.loader.inline and not self.tickets and self.events is None:
-                self._copy_run(ops, n)
+                self._copy_run(flat, n)
             else:
-                self._load_run(ops, 0)
-        order = [op[2] for op in ops[n:]]        # the cached experts (ascending), then the loaded ones
+                self._load_run(sched.ops, 0)
+        order = flat[4 * n + 2::4]               # the cached experts (ascending), then the loaded ones
         if self._groupable(layer, x, g):         # several tokens: grouped over the slots
             y = x.new_empty((len(g.tok), x.shape[1]))                   # [N, H] unweighted outputs, pair order
             self._compute_grouped(layer, g, order, y)
@@ -136,7 +135,7 @@ class OffloadExecutor:
         if g.whole and not self.tickets and self.events is None and self.store.computes_as_held(x.dtype):
             held, fn = self.cache.held[layer], self.expert_fn           # one token, every slot landed: f_e(x)
             return g.mix(x, {e: fn(x, held[e]) for e in order})
-        return self._execute(layer, ops[n:], x, g)
+        return self._execute(layer, sched.ops[n:], x, g)
 
     def _load_run(self, ops: list[tuple[str, int, int, int | None]], i: int) -> int:
         """Issue the run of consecutive load/prefetch ops starting at ops[i], handed to the loader at once; returns
@@ -191,19 +190,20 @@ class OffloadExecutor:
             stats.peak_cache_bytes = cache.used_bytes
         return i
 
-    def _copy_run(self, ops: list[tuple[str, int, int, int | None]], n: int) -> None:
-        """`_load_run_inline` of the first n ops, all loads and prefetches (a direct call of the compiled model: no
-        pools, every expert's copy a slot's bytes), each layer's copies made back to back as one timed span
-        (`Loader.copy_inline_many`); the span goes to the layer's `copy_s` and, spread evenly over its copies, to the
-        load-cost meter."""
+    def _copy_run(self, flat: list[int], n: int) -> None:
+        """`_load_run_inline` of the first n ops, all loads and prefetches, given flat as a compiled schedule's
+        `flat_ops` (a direct call of the compiled model: no pools, every expert's copy a slot's bytes), each layer's
+        copies made back to back as one timed span (`Loader.copy_inline_many`); the span goes to the layer's `copy_s`
+        and, spread evenly over its copies, to the load-cost meter."""
         cache, stats, i = self.cache, self.stats, 0
-        while i < n:
-            layer, dsts, c = ops[i][1], [], stats.layer(ops[i][1])
-            while i < n and ops[i][1] == layer:
-                kind, _, e, victim = ops[i]
-                dsts.append((e, cache.assign(layer, e) if victim is None else cache.replace(layer, victim, e)))
-                c.prefetch_issued += kind == "prefetch"
-                i += 1
+        while i < 4 * n:
+            layer, dsts = flat[i + 1], []
+            c = stats.layer(layer)
+            while i < 4 * n and flat[i + 1] == layer:
+                kind, _, e, victim = flat[i:i + 4]
+                dsts.append((e, cache.assign(layer, e) if victim < 0 else cache.replace(layer, victim, e)))
+                c.prefetch_issued += kind == PREFETCH
+                i += 4
             dt = self.loader.copy_inline_many(layer, dsts)
             c.copy_s += dt
             c.loads += len(dsts)

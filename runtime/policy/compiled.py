@@ -43,6 +43,7 @@ from runtime.policy.schedule import Scores
 from runtime.policy.substitution import SubstitutionParams, TokenDecision
 
 KINDS = ("load", "prefetch", "compute", "host")                 # op kinds by code
+LOAD, PREFETCH, COMPUTE, HOST = range(4)
 REASONS = ("", "band", "batch", "similarity", "")               # pair actions: exact, the understudies, drop
 EXACT, BAND, BATCH, SIMILARITY, DROP = range(5)
 # counts vector: pairs hits misses host drops band batch similarity loads prefetch_issued prefetch_used
@@ -466,7 +467,7 @@ class CompiledSchedule:
     `count_array` [N_COUNTS]; `substituted`: whether any pair is served otherwise than exactly; `leading_loads`: n
     when the ops are n loads and prefetches, then only slot computes (a direct call), else -1."""
 
-    __slots__ = ("count_array", "substituted", "leading_loads", "_out", "_tk", "_n", "_ops", "_dec")
+    __slots__ = ("count_array", "substituted", "leading_loads", "_out", "_tk", "_n", "_flat", "_ops", "_dec")
 
     def __init__(self, out: np.ndarray, t_n: int, k: int):
         head = out[:HEAD].tolist()
@@ -474,7 +475,7 @@ class CompiledSchedule:
         self.substituted = any(head[6:10])                     # drops, band, batch, similarity
         self.leading_loads = head[1]
         self._out, self._tk, self._n = out, (t_n, k), (HEAD + 3 * t_n * k, head[0])
-        self._ops = self._dec = None
+        self._flat = self._ops = self._dec = None
 
     def _part(self, i: int) -> np.ndarray:
         t_n, k = self._tk
@@ -494,12 +495,20 @@ class CompiledSchedule:
         return self._part(2)
 
     @property
+    def flat_ops(self) -> list[int]:
+        """The ops as one list, four ints each: kind code (LOAD, PREFETCH, COMPUTE, HOST), layer, expert, victim
+        (-1: none)."""
+        if self._flat is None:
+            a, n = self._n
+            self._flat = self._out[a:a + 4 * n].tolist()
+        return self._flat
+
+    @property
     def ops(self) -> list[tuple[str, int, int, int | None]]:
         if self._ops is None:
-            a, n = self._n
-            o = self._out[a:a + 4 * n].tolist()
+            o = self.flat_ops
             self._ops = [(KINDS[o[i]], o[i + 1], o[i + 2], o[i + 3] if o[i + 3] >= 0 else None)
-                         for i in range(0, 4 * n, 4)]
+                         for i in range(0, len(o), 4)]
         return self._ops
 
     @property
@@ -580,6 +589,10 @@ class CompiledCacheModel:
                     self.tw_ids[li, i, a], self.tw_err[li, i, a] = j, err.get(j, np.inf)
         self.budget = policy.prefetch_max or top_k
         self.guard = policy.prefetch_guard
+        # per layer the kernel's first arguments (the arrays change in place only), and an empty prediction
+        self._static = {l: (self.index[l], self.next_index[l], top_k, self.flags, self.ints, self.alphas, self.wsum,
+                            self.ring, self.tw_ids, self.tw_err, n) for l in self.layers}
+        self._no_prediction = _no_prediction(top_k, e)
         for l, es in (initial or {}).items():
             li = self.index[l]
             for x in es:
@@ -601,10 +614,8 @@ class CompiledCacheModel:
         """Per layer the score window's running sums [E] (the reference's `ScoreWindow._sum`)."""
         return {l: self.wsum[li].tolist() for li, l in enumerate(self.layers)}
 
-    def _state(self):
-        return self.flags, self.ints, self.alphas, self.wsum, self.ring, self.tw_ids, self.tw_err, self.policy.window
-
-    def _result(self, layer: int, out: np.ndarray, t_n: int) -> CompiledSchedule:
+    def result(self, layer: int, out: np.ndarray, t_n: int) -> CompiledSchedule:
+        """The schedule of a layer call of t_n tokens from the kernel's array (`kernel_args`)."""
         if out[0] < 0:
             raise RuntimeError(f"layer {layer}: no slot can be freed for expert {-int(out[0]) - 2}")
         return CompiledSchedule(out, t_n, self.k)
@@ -618,8 +629,8 @@ class CompiledCacheModel:
         pid, pval, plen = _rows(prediction or [])
         ch = np.asarray(chosen, dtype=np.int64).reshape(len(chosen), self.k)
         p = self.policy
-        return self._result(layer, schedule_kernel(
-            self.index[layer], self.next_index[layer], self.k, *self._state(), rid, rval, rlen, ch, pid, pval, plen,
+        return self.result(layer, schedule_kernel(
+            *self._static[layer], rid, rval, rlen, ch, pid, pval, plen,
             p.prefetch and prediction is not None, self.budget, self.guard,
             p.host_compute and len(chosen) <= self.host_batch_max, float(c_load), float(c_host)), len(chosen))
 
@@ -629,12 +640,17 @@ class CompiledCacheModel:
         """`schedule` on a routing as the router returns it: chosen [T, k] int64 and the score table [T, E] float32,
         and the same two of the prediction (`runtime.router.routing_arrays`); `runtime.router.score_rows`' rows of
         width `width`, made in the kernel."""
+        return self.result(layer, schedule_from_table(
+            *self.kernel_args(layer, chosen, table, width, prediction, c_load, c_host)), chosen.shape[0])
+
+    def kernel_args(self, layer: int, chosen: np.ndarray, table: np.ndarray, width: int,
+                    prediction: tuple[np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
+                    c_host: float = 1.0) -> tuple:
+        """`schedule_from_table`'s arguments for `schedule_table`'s (a kernel that calls it takes these first)."""
         p = self.policy
-        pred = prediction if prediction is not None else _no_prediction(self.k, table.shape[1])
-        return self._result(layer, schedule_from_table(
-            self.index[layer], self.next_index[layer], self.k, *self._state(), chosen, table, *pred, width,
-            p.prefetch and prediction is not None, self.budget, self.guard,
-            p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host)), chosen.shape[0])
+        pred = prediction if prediction is not None else self._no_prediction
+        return (*self._static[layer], chosen, table, *pred, width, p.prefetch and prediction is not None, self.budget,
+                self.guard, p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host))
 
 
 def _no_prediction(k: int, e: int) -> tuple[np.ndarray, np.ndarray]:
