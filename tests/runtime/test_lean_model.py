@@ -291,13 +291,14 @@ def _reference_groups(chosen, decisions, w, coef, gate, mode):
 @pytest.mark.parametrize("mode", ["own", "replaced", "auto"])
 @pytest.mark.parametrize("batch", [1, 3, 5])
 def test_served_groups_follow_the_rule(mode, batch):
-    """The executor's grouping of served pairs (`group_served`, a compiled kernel) of a compiled schedule's arrays and
-    of the same schedule's decisions (`decision_arrays`, the lean model's path) equals the rule written in plain
-    Python: the same rows, spans, and weights bit for bit (bfloat16 routing weights; understudies at their own or
-    the replaced weight, drops), and the same mixed output."""
+    """The executor's grouping of served pairs (a compiled kernel) equals the rule written in plain Python: the same
+    rows, spans, and weights bit for bit (bfloat16 routing weights; understudies at their own or the replaced weight,
+    drops), and the same mixed output; made in the compiled model's call (`schedule_and_group`, the runtime's path),
+    from its schedule's arrays and from the same schedule's decisions (`group_served`, `decision_arrays`: the lean
+    model's path). A call whose every pair is exact is grouped as `group_pairs` groups it."""
     import torch
 
-    from runtime.expert_compute import group_served
+    from runtime.expert_compute import group_pairs, group_served, schedule_and_group
     from runtime.policy.compiled import CompiledCacheModel, decision_arrays
     from runtime.router import Routing
 
@@ -307,29 +308,36 @@ def test_served_groups_follow_the_rule(mode, batch):
     params = _plan_params(rng, e, pol.alpha, None, True)
     model = CompiledCacheModel({l: e // 4 for l in LAYERS}, e, k, pol, params)
     g = torch.Generator().manual_seed(batch)
-    seen = 0
+    seen = exact = 0
     for n in range(60):
         logits = torch.randn(batch, e, generator=g)
         gate = torch.softmax(logits, -1)
         w, idx = torch.topk(gate, k)
         r = Routing(idx=idx, weights=(w / w.sum(-1, keepdim=True)).to(torch.bfloat16), score=gate, gate=gate)
         chosen = idx.numpy()
-        s = model.schedule_table(LAYERS[n % 3], chosen, gate.numpy(), 2 * k)
+        x = torch.randn(batch, 8, generator=g).to(torch.bfloat16)
+        s, fused = schedule_and_group(model, LAYERS[n % 3], x, (chosen, gate.numpy()), None, 2 * k, r.weights,
+                                      gate.numpy(), mode)
         if not s.substituted:
+            exact += 1
+            p = group_pairs(x, chosen, r.weights)
+            assert fused.tok.tolist() == p.tok.tolist() and fused.span == p.span and fused.whole == p.whole
+            assert torch.equal(fused.weights, p.weights)
+            if batch > 1:                        # (one token's rank order is its pair order, either way)
+                assert fused.by_token.tolist() == p.by_token.tolist()
             continue
         seen += 1
-        x = torch.randn(batch, 8, generator=g).to(torch.bfloat16)
         tok, span, wt = _reference_groups(idx.tolist(), s.decisions, r.weights.float().tolist(), r.coef.tolist(),
                                           gate.tolist(), mode)
         ys = {ex_: torch.randn(hi - lo, 8, generator=g).to(torch.bfloat16) for ex_, (lo, hi) in span.items()}
         outs = []
-        for arrays in ((s.chosen_order, s.action, s.understudy), decision_arrays(s.decisions, chosen)):
-            b = group_served(x, chosen, *arrays, r.weights, r.gate, mode)
+        for b in (fused, *(group_served(x, chosen, *arrays, r.weights, r.gate, mode) for arrays in (
+                (s.chosen_order, s.action, s.understudy), decision_arrays(s.decisions, chosen)))):
             assert b.tok.tolist() == tok and b.span == span and b.whole == (batch == 1)
             assert torch.equal(b.weights, torch.tensor(wt, dtype=torch.float32).to(torch.bfloat16))
             outs.append(b.mix(x, ys))
-        assert torch.equal(outs[0], outs[1])
-    assert seen >= 10
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert seen >= 10 and exact >= 3
 
 
 def test_host_arrays_are_the_tensors():
