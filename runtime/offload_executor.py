@@ -208,8 +208,7 @@ class OffloadExecutor:
             c.copy_s += dt
             c.loads += len(dsts)
             c.load_bytes += len(dsts) * cache.expert_bytes
-            for _ in dsts:
-                self.c_load.add(dt / len(dsts))
+            self.c_load.add(dt / len(dsts), len(dsts))
         if cache.used_bytes > stats.peak_cache_bytes:   # loads only add bytes: the run's end is its peak
             stats.peak_cache_bytes = cache.used_bytes
 

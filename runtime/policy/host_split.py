@@ -6,6 +6,7 @@ with C_load and C_host the measured mean seconds per expert load and per host ex
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 
@@ -21,12 +22,14 @@ class CostMeter:
 
     def __init__(self, p: int = 32, prior: float = 1e-3):
         self.p, self.prior = p, prior
-        self._v: list[float] = []
+        self._v: deque[float] = deque(maxlen=p)           # the last p measurements; older ones fall off
 
-    def add(self, seconds: float) -> None:
-        self._v.append(seconds)
-        if len(self._v) > self.p:
-            self._v.pop(0)
+    def add(self, seconds: float, n: int = 1) -> None:
+        """n measurements of `seconds` each (a run of n copies timed as one span: its mean per copy)."""
+        if n == 1:
+            self._v.append(seconds)
+        else:
+            self._v.extend([seconds] * n)
 
     @property
     def value(self) -> float:

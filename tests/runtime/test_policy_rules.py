@@ -132,6 +132,10 @@ def test_host_transfer_split():
     for v in (1.0, 2.0, 4.0):
         m.add(v)
     assert m.value == 3.0
+    m.add(0.5, n=3)                      # a run of three copies timed as one span: the last p are its
+    assert m.value == 0.5
+    m.add(1.5)
+    assert m.value == 1.0
 
 
 def test_counts_add_every_counter():
