@@ -385,17 +385,44 @@ def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, r
     return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, weights.dtype)
 
 
+@njit(cache=True)
+def slot_rows(slots, spans, tok, n_slots):
+    """A grouped call over a layer's cache slots (`OffloadExecutor._compute_grouped`): the pairs of the experts in
+    slots `slots` [n], whose groups are the pair rows spans [n, 2] = (a, b), ordered by slot, with their tokens
+    (tok [N] the token of each pair): (host int64 [2R] = the R rows, then their tokens; offs int32 [n_slots], the
+    cumulative row count per slot, empty slots included: grouped_mm's offs)."""
+    counts = np.zeros(n_slots, np.int64)
+    for i in range(slots.shape[0]):
+        counts[slots[i]] = spans[i, 1] - spans[i, 0]
+    start = np.empty(n_slots, np.int64)                           # [slots] each slot's first row
+    offs = np.empty(n_slots, np.int32)
+    r = 0
+    for s in range(n_slots):
+        start[s] = r
+        r += counts[s]
+        offs[s] = r
+    host = np.empty(2 * r, np.int64)
+    for i in range(slots.shape[0]):
+        a = start[slots[i]]
+        for p in range(spans[i, 0], spans[i, 1]):
+            host[a] = p
+            host[r + a] = tok[p]
+            a += 1
+    return host, offs
+
+
 _MODES = {"own": 0, "replaced": 1, "auto": 2}    # understudy_weight -> the kernel's mode
 
 
 def warm_served() -> None:
-    """Compile `_served_kernel` and `_schedule_and_group` for the runtime's argument types (or load them from numba's
-    disk cache), so that a runtime's first layer call does not."""
+    """Compile `_served_kernel`, `_schedule_and_group` and `slot_rows` for the runtime's argument types (or load them
+    from numba's disk cache), so that a runtime's first layer call does not."""
     from runtime.policy.config import preset
     from runtime.policy.substitution import SubstitutionParams
 
     ids = np.zeros((1, 2), np.int64)
     _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0)
+    slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
     pol = preset("smoe")
     model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, {0: SubstitutionParams(alpha=pol.alpha),
                                                           1: SubstitutionParams(alpha=pol.alpha)})

@@ -13,7 +13,6 @@ Per MoE layer call (x [T, H], routing):
 from __future__ import annotations
 
 import time
-from itertools import accumulate
 from typing import Callable
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from runtime.expert_cache import ExpertCache
 from runtime.expert_compute import (PairGroups, group_pairs, group_served, make_expert_fn, make_grouped_fn,
-                                    schedule_and_group, warm_served)
+                                    schedule_and_group, slot_rows, warm_served)
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
 from runtime.policy.compiled import PREFETCH, CompiledCacheModel, decision_arrays, warm_kernels
@@ -335,20 +334,13 @@ class OffloadExecutor:
         if not experts:
             return
         where, stacks, span = self.cache.where[layer], self.cache.stacks[layer], g.span
-        n_slots = stacks["down"].shape[0]
-        counts = [0] * n_slots                                          # [slots] rows per slot
-        rows: list[int] = []                                            # pair rows in slot order
-        for s, e in sorted([(where[e], e) for e in experts]):
-            a, b = span[e]
-            counts[s] = b - a
-            rows.extend(range(a, b))
-        n = len(rows)
-        host = np.empty(2 * n, dtype=np.int64)                          # [rows (n), their tokens (n)]: one array
-        host[:n] = rows
-        host[n:] = g.tok[host[:n]]
+        host, offs = slot_rows(np.array([where[e] for e in experts], dtype=np.int64),
+                               np.array([span[e] for e in experts], dtype=np.int64).reshape(-1, 2), g.tok,
+                               stacks["down"].shape[0])
+        n = len(host) // 2
         dev = torch.from_numpy(host)                                    # on the CPU, as `_groupable` requires
         idx = dev[:n]
-        offs = torch.from_numpy(np.fromiter(accumulate(counts), dtype=np.int32, count=n_slots))   # [slots]
+        offs = torch.from_numpy(offs)                                   # [slots]
         xs = g.x.index_select(0, dev[n:])                               # [n, H] the pairs' rows, in slot order
         ev = self.events
         if ev is not None:

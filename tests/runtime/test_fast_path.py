@@ -258,10 +258,10 @@ def test_small_and_large_calls_group_alike(monkeypatch):
 def test_the_compiled_kernels_are_ready_when_the_runtime_is(fixture_model):
     """Loading a runtime of a compiled policy compiles (or reads from numba's disk cache) its kernels for the types a
     decode passes them: decoding (batch 1 and 2, with understudies) compiles nothing more."""
-    from runtime.expert_compute import _schedule_and_group, _served_kernel
+    from runtime.expert_compute import _schedule_and_group, _served_kernel, slot_rows
     from runtime.policy.compiled import schedule_from_table
 
-    kernels = (schedule_from_table, _served_kernel, _schedule_and_group)
+    kernels = (schedule_from_table, _served_kernel, _schedule_and_group, slot_rows)
     with Runtime.load(fixture_model, policy="smoe", cache=4) as rt:
         before = tuple(len(k.signatures) for k in kernels)
         assert min(before) >= 1
@@ -305,3 +305,23 @@ def test_a_substituting_prefetching_policy_routes_paired(fixture_model):
     for policy, kw in (("lru", {}), ("smoe", {"lossless": True})):
         with Runtime.load(fixture_model, policy=policy, cache=4, **kw) as rt:
             assert all(b.paired is None for b in rt.lm.blocks.values())
+
+
+def test_slot_rows_order_pairs_by_slot():
+    """`slot_rows`, a grouped call's rows over cache slots: each expert's pair rows in slot order with their tokens,
+    and grouped_mm's offsets (cumulative rows per slot, empty slots included), as the rule written in Python."""
+    from runtime.expert_compute import slot_rows
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n_slots = int(rng.integers(1, 12))
+        slots = rng.permutation(n_slots)[:int(rng.integers(0, n_slots + 1))]
+        sizes = rng.integers(1, 4, size=len(slots))
+        spans = np.stack([np.cumsum(sizes) - sizes, np.cumsum(sizes)], axis=1).astype(np.int64).reshape(-1, 2)
+        tok = rng.integers(0, 5, size=int(sizes.sum()))
+        host, offs = slot_rows(slots.astype(np.int64), spans, tok, n_slots)
+        rows = [p for s, (a, b) in sorted(zip(slots.tolist(), spans.tolist())) for p in range(a, b)]
+        per_slot = dict(zip(slots.tolist(), sizes.tolist()))
+        assert host.tolist() == rows + tok[rows].tolist()
+        assert offs.dtype == np.int32
+        assert offs.tolist() == np.cumsum([per_slot.get(s, 0) for s in range(n_slots)]).tolist()
