@@ -142,8 +142,9 @@ def main() -> int:
                      + ", ".join(f"{p}'s decisions {c[1] / c[0]:.1f}x faster" for p, c in cells.items())
                      + f" than the reference model; smoe (substitution, score window, prefetch) takes "
                      f"{cells['smoe'][0] / cells['lru'][0]:.1f}x lru's time. Its prefetch also reads a prediction, "
-                     f"the next layer's router on the call's input: {1e6 * predict[batch]:.1f} us per layer call more, "
-                     "outside the decision timed here.")
+                     f"the next layer's router on the call's input, outside the decision timed here: "
+                     f"{1e6 * predict[batch]:.1f} us per layer call computed apart, as here (the runtime computes "
+                     "it in the layer's own router matmul, runtime.moe_block, for less: the overhead section).")
     text = "\n".join(lines)
     print(f"{HEADING}\n\n{text}")
     if args.write:
