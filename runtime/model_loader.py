@@ -155,7 +155,7 @@ def pair_routers(lm: LoadedModel, on: bool = True) -> bool:
         for l in layers:
             lm.blocks[l].pair(None)
         return False
-    e = lm.arch.num_experts
+    e = lm.routers.shape[0] // len(layers)                              # each router's rows
     for i, (l, nxt) in enumerate(zip(layers, layers[1:])):
         lm.blocks[l].pair(lm.routers[i * e:(i + 2) * e], lm.blocks[nxt])
     return True

@@ -8,10 +8,11 @@ between resident execution, the offloading runtime and the profiler; the block i
 A block paired with the next MoE layer's (`pair`: the offloading runtime, for a policy that prefetches from the
 next layer's predicted routing and substitutes) computes both routers' logits in one matmul, its router's rows and
 the next one's being adjacent rows of one buffer (`runtime.model_loader`), and hands the executor the prediction
-too: `executor(layer, x, routing, prediction)`. On this machine's CPU a bf16 matmul of a router's size costs about
-13 us of fixed overhead, paid once instead of twice per layer. The shared matmul's columns are not promised to
-equal the lone matmul's bit for bit (BLAS kernels are chosen by shape; bf16 ones agreed in tests/runtime), which is
-why only a substituting policy, whose output departs from HF's anyway, pairs; lossless ones route as HF does.
+too: `executor(layer, x, routing, prediction)`: one matmul's fixed cost instead of two per layer (on a CPU that
+cost dominates a router-sized bf16 matmul; docs/BENCHMARKS.md, the prediction's line of the overhead section). The
+shared matmul's columns are not promised to equal the lone matmul's bit for bit (BLAS kernels are chosen by shape;
+bf16 ones agreed in tests/runtime), which is why only a substituting policy, whose output departs from HF's
+anyway, pairs; lossless ones route as HF does.
 """
 from __future__ import annotations
 
