@@ -16,7 +16,10 @@ from numba import njit
 from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
-from runtime.policy.compiled import DROP, EXACT, HEAD, SIMILARITY, CompiledCacheModel, CompiledSchedule, schedule_from_table
+from runtime.policy.compiled import (DROP, EXACT, HEAD, SIMILARITY, CompiledCacheModel, CompiledSchedule,
+                                     schedule_from_table)
+from runtime.policy.config import preset
+from runtime.policy.plan_params import substitution_params
 from runtime.router import host_arrays
 
 ExpertWeights = Mapping[str, torch.Tensor]   # or, for a quantized GLU expert, KernelMatrix values
@@ -248,7 +251,7 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
     chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
     weights; gate [T, E] float32; mode: 0 own (coef x gate_j, a float32 product), 1 replaced (the replaced expert's
     weight), 2 auto (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
-    (runtime.router), computed here from w and gate when a token has an own-weight understudy:
+    (runtime.router), computed here from w and gate:
         coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
     Returns (groups, weights [N] float32): groups int64 = [n, N, N', experts [n] ascending, bounds [n + 1], tok [N],
     by_token [N']] (by_token: the pairs in (token, group) order when every token has the same number of pairs, N' = N;
@@ -295,6 +298,13 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
     grp[3 + n_e:4 + 2 * n_e] = bounds
     tok = grp[4 + 2 * n_e:4 + 2 * n_e + n]
     wt = np.empty(n, np.float32)
+    coef = np.empty(t_n, np.float32)                             # [T] (read only for an own-weight understudy)
+    for t in range(t_n):
+        sw, sg = 0.0, 0.0
+        for q in range(k):
+            sw += np.float64(w[t, q])
+            sg += np.float64(gate[t, chosen[t, q]])
+        coef[t] = np.float32(sw / max(sg, 1e-30))
     for p in range(k):
         for t in range(t_n):
             if act[t, p] == EXACT:
@@ -309,12 +319,7 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
                 if mode == 1 or (mode == 2 and act[t, p] == SIMILARITY):
                     wt[fill[j]] = w[t, p]
                 else:
-                    sw, sg = 0.0, 0.0
-                    for q in range(k):
-                        sw += np.float64(w[t, q])
-                        sg += np.float64(gate[t, chosen[t, q]])
-                    coef = np.float32(sw / max(sg, 1e-30))
-                    wt[fill[j]] = np.float32(np.float64(coef) * np.float64(gate[t, j]))
+                    wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
                 fill[j] += 1
     if not uniform:
         return grp, wt
@@ -417,15 +422,11 @@ _MODES = {"own": 0, "replaced": 1, "auto": 2}    # understudy_weight -> the kern
 def warm_served() -> None:
     """Compile `_served_kernel`, `_schedule_and_group` and `slot_rows` for the runtime's argument types (or load them
     from numba's disk cache), so that a runtime's first layer call does not."""
-    from runtime.policy.config import preset
-    from runtime.policy.substitution import SubstitutionParams
-
     ids = np.zeros((1, 2), np.int64)
     _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0)
     slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
     pol = preset("smoe")
-    model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, {0: SubstitutionParams(alpha=pol.alpha),
-                                                          1: SubstitutionParams(alpha=pol.alpha)})
+    model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, substitution_params(pol, [0, 1]))
     chosen, table = np.array([[0, 1]], np.int64), np.full((1, 4), 0.25, np.float32)
     schedule_and_group(model, 0, torch.zeros(1, 4), (chosen, table), (chosen, table), 4, torch.full((1, 2), 0.5),
                        table, "auto")

@@ -33,7 +33,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     generation_eos: int | list[int] | None = None   # generation_config.json's eos_token_id (chat models' end of turn)
-    routers: torch.Tensor | None = None   # [L x E, H] every MoE layer's router weight, in layer order (`_stack_routers`)
+    routers: torch.Tensor | None = None   # [L x E, H] the MoE layers' router weights in layer order (`_stack_routers`)
 
 
 def load_config(model_dir: str | Path):

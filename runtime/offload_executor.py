@@ -87,7 +87,7 @@ class OffloadExecutor:
         """The next MoE layer's predicted routing where the policy prefetches: the block's (paired routers), else
         the next router's on x (`next_router`); None for the last MoE layer."""
         if not self.policy.prefetch or prediction is not None:
-            return prediction if self.policy.prefetch else None
+            return prediction if self.policy.prefetch else None   # (a block pairs only for a prefetching policy)
         nxt = self.next_router(layer, x) if self.next_router is not None else None
         return None if nxt is None else nxt[1]
 

@@ -131,8 +131,9 @@ def top_ids(score: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor
 
 def top_view(routing: Routing, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids, scores [T, width]: the chosen experts by descending score (ties: routing order), then the first
-    `width - k` unchosen experts of `top_ids(score, width)` (the best of the rest by (-score, id)). This is what the routing trace stores
-    and what cache decisions see (other experts count as score 0); `score_rows` is the same view as Python rows."""
+    `width - k` unchosen experts of `top_ids(score, width)` (the best of the rest by (-score, id)). This is what the
+    routing trace stores and what cache decisions see (other experts count as score 0); `score_rows` is the same view
+    as Python rows."""
     score, idx = routing.score, routing.idx
     k = idx.shape[1]
     order = torch.argsort(score.gather(1, idx), dim=1, descending=True, stable=True)
