@@ -11,8 +11,8 @@ input, which prefetch reads), then replayed through a fresh cache model of each 
 layer, as the runtime makes it (`make_cache_model`: the fast model for lossless lru/lfu/lfru, the compiled model for
 smoe), and through the reference `CacheModel` as well (same decisions: tests/runtime/test_fast_path.py and
 test_lean_model.py). Inputs are what each model takes from the executor: arrays for the fast one (the score table read
-only when it asks), the router's arrays for the compiled one (`routing_arrays`: chosen and score table, for the call
-and for the next layer's prediction, timed with it), per-token top-2k score dicts for the reference (their
+only when it asks), the router's arrays for the compiled one (chosen and score table, for the call and for the next
+layer's prediction: views, as `call_arrays` gives them on the CPU), per-token top-2k score dicts for the reference (their
 making, `score_rows`, timed with it). The prediction itself, the next layer's router applied to the call's
 input (what prefetching policies compute before deciding), is timed apart, over the recorded inputs.
 Per cell: the fastest of `REPEATS` replays of every decode call (the cells taking turns, so that a slow spell of
@@ -74,7 +74,7 @@ def record(model_dir: Path, batch: int, seed: int = 0) -> tuple[list[tuple], dic
 
 def replay(calls, slots, e, k, policy: str, reference: bool) -> float:
     """Seconds per layer call of one replay of every call through a fresh model."""
-    from runtime.router import routing_arrays, score_rows
+    from runtime.router import score_rows
     from runtime.policy.config import preset
     from runtime.policy.fast import make_cache_model
     from runtime.policy.plan_params import substitution_params
@@ -90,8 +90,9 @@ def replay(calls, slots, e, k, policy: str, reference: bool) -> float:
         if lean:
             model.schedule_arrays(layer, routing.idx.numpy(), table=lambda r=routing: r.score.numpy())
         elif compiled:
-            arrays = routing_arrays([routing] if nxt is None or not pol.prefetch else [routing, nxt[1]])
-            model.schedule_table(layer, *arrays[0], width, arrays[1] if len(arrays) > 1 else None)
+            p = nxt[1] if nxt is not None and pol.prefetch else None
+            model.schedule_table(layer, routing.idx.numpy(), routing.score.numpy(), width,
+                                 (p.idx.numpy(), p.score.numpy()) if p is not None else None)
         else:
             rows, chosen = score_rows(routing, width)
             pred = score_rows(nxt[1], width)[0] if pol.prefetch and nxt is not None else None

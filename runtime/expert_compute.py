@@ -377,17 +377,17 @@ def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_
 
 
 def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, routing: tuple[np.ndarray, np.ndarray],
-                       prediction: tuple[np.ndarray, np.ndarray] | None, width: int, weights: torch.Tensor,
-                       gate: np.ndarray, mode: str, c_load: float = 1.0, c_host: float = 1.0
+                       prediction: tuple[np.ndarray, np.ndarray] | None, weights: np.ndarray, gate: np.ndarray,
+                       dtype: torch.dtype, width: int, mode: str, c_load: float = 1.0, c_host: float = 1.0
                        ) -> tuple[CompiledSchedule, PairGroups]:
     """`model.schedule_table` of the layer call's routing arrays (chosen [T, k], score table [T, E]) and prediction,
     and the call's pairs grouped by serving expert as `group_served` groups them (every pair exact: the grouping
-    `group_pairs` makes), in one compiled call (`_schedule_and_group`); weights [T, k] the routing's, gate [T, E]
-    float32 on the host, mode the policy's `understudy_weight`."""
+    `group_pairs` makes), in one compiled call (`_schedule_and_group`); weights [T, k] and gate [T, E] float32 on the
+    host (`runtime.router.call_arrays` gives all of them), dtype the routing weights' (the groups' weights are moved
+    to x's device in it), mode the policy's `understudy_weight`."""
     out, grp, wt = _schedule_and_group(*model.kernel_args(layer, *routing, width, prediction, c_load, c_host),
-                                       weights.float().numpy() if weights.device.type == "cpu"
-                                       else host_arrays(weights)[0], gate, _MODES[mode])
-    return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, weights.dtype)
+                                       weights, gate, _MODES[mode])
+    return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, dtype)
 
 
 @njit(cache=True)
@@ -428,5 +428,5 @@ def warm_served() -> None:
     pol = preset("smoe")
     model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, substitution_params(pol, [0, 1]))
     chosen, table = np.array([[0, 1]], np.int64), np.full((1, 4), 0.25, np.float32)
-    schedule_and_group(model, 0, torch.zeros(1, 4), (chosen, table), (chosen, table), 4, torch.full((1, 2), 0.5),
-                       table, "auto")
+    schedule_and_group(model, 0, torch.zeros(1, 4), (chosen, table), (chosen, table), np.full((1, 2), 0.5, np.float32),
+                       table, torch.float32, 4, "auto")

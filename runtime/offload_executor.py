@@ -28,7 +28,7 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
-from runtime.router import Routing, host_arrays, routing_arrays, score_rows
+from runtime.router import Routing, call_arrays, score_rows
 from runtime.stats import RunStats
 
 LOADS = ("load", "prefetch")
@@ -94,19 +94,13 @@ class OffloadExecutor:
     def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing, nxt: Routing | None) -> torch.Tensor:
         """The path of the score-evicting policies (`CompiledCacheModel`): the routing and the next layer's
         predicted routing nxt (None: none read) handed to the compiled model as the router's arrays, chosen [T, k]
-        and the score table [T, E] (`routing_arrays`: one copy to the host off the CPU), from which it makes
-        `score_rows`' rows, and the call's pairs grouped by serving expert in the same compiled call
+        and the score table [T, E], with the weights and gate (`call_arrays`: one copy to the host off the CPU), from
+        which it makes `score_rows`' rows, and the call's pairs grouped by serving expert in the same compiled call
         (`schedule_and_group`); the pair counts added from its count vector; a direct call's copies made, then its
         experts computed; any other call's ops carried out in order (`_execute`)."""
-        arrays = routing_arrays([routing] if nxt is None else [routing, nxt])    # the prediction's too
-        gate = routing.gate                                             # [T, E] float32
-        if gate is routing.score:                # most families': the score table, on the host already
-            gate = arrays[0][1]
-        else:
-            gate = gate.numpy() if gate.device.type == "cpu" else host_arrays(gate)[0]
-        sched, g = schedule_and_group(self.model, layer, x, arrays[0], arrays[1] if nxt is not None else None,
-                                      self.width, routing.weights, gate, self.policy.understudy_weight,
-                                      self.c_load.value, self.c_host.value)
+        sched, g = schedule_and_group(self.model, layer, x, *call_arrays(routing, nxt), routing.weights.dtype,
+                                      self.width, self.policy.understudy_weight, self.c_load.value,
+                                      self.c_host.value)
         a = sched.count_array
         c = self.stats.layer(layer)
         c.pairs += a[0]

@@ -2,8 +2,6 @@
 returning the full score table the policies and the profiler need, not only the top-k."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -180,14 +178,27 @@ def score_rows(routing: Routing, width: int) -> tuple[list[dict[int, float]], li
     return rows, idx
 
 
-def routing_arrays(routings: Sequence[Routing], one_copy: bool | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Routings of one call's tokens as the compiled cache model reads them (runtime.policy.compiled, which makes
-    `score_rows`' rows from them), each as chosen [T, k] int64 and the score table [T, E] float32, on the host:
-    views on the CPU, else (or with `one_copy`) all of them in one copy (`host_arrays`)."""
-    if not (routings[0].idx.device.type != "cpu" if one_copy is None else one_copy):
-        return [(r.idx.numpy(), r.score.numpy()) for r in routings]
-    flat = host_arrays(*(t for r in routings for t in (r.idx, r.score)))
-    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(routings))]
+def call_arrays(routing: Routing, prediction: Routing | None = None, one_copy: bool | None = None
+                ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None, np.ndarray, np.ndarray]:
+    """A layer call's routing on the host as the compiled path reads it (runtime.policy.compiled, which makes
+    `score_rows`' rows from them; runtime.expert_compute, which groups the pairs): ((chosen [T, k] int64, score
+    table [T, E] float32), the prediction's same two or None, the mixture weights [T, k] float32, the gate [T, E]
+    float32). Views on the CPU (the weights converted where they are not float32), else (or with `one_copy`) all in
+    one copy (`host_arrays`): one wait for the device per layer call. The gate is the score table's array where the
+    routing's gate is its score tensor (most families)."""
+    pairs = [routing] if prediction is None else [routing, prediction]
+    ts = [t for r in pairs for t in (r.idx, r.score)] + [routing.weights]
+    same = routing.gate is routing.score
+    if not same:
+        ts.append(routing.gate)
+    if not (routing.idx.device.type != "cpu" if one_copy is None else one_copy):
+        h = [t.numpy() for t in ts[:-1 if same else -2]] + [routing.weights.float().numpy()]
+        if not same:
+            h.append(routing.gate.numpy())
+    else:
+        h = host_arrays(*ts)
+    n = 2 * len(pairs)
+    return ((h[0], h[1]), (h[2], h[3]) if prediction is not None else None, h[n], h[1] if same else h[n + 1])
 
 
 def host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:

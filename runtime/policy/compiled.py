@@ -638,7 +638,7 @@ class CompiledCacheModel:
                        prediction: tuple[np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
                        c_host: float = 1.0) -> CompiledSchedule:
         """`schedule` on a routing as the router returns it: chosen [T, k] int64 and the score table [T, E] float32,
-        and the same two of the prediction (`runtime.router.routing_arrays`); `runtime.router.score_rows`' rows of
+        and the same two of the prediction (`runtime.router.call_arrays`); `runtime.router.score_rows`' rows of
         width `width`, made in the kernel."""
         return self.result(layer, schedule_from_table(
             *self.kernel_args(layer, chosen, table, width, prediction, c_load, c_host)), chosen.shape[0])

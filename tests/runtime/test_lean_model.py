@@ -316,8 +316,8 @@ def test_served_groups_follow_the_rule(mode, batch):
         r = Routing(idx=idx, weights=(w / w.sum(-1, keepdim=True)).to(torch.bfloat16), score=gate, gate=gate)
         chosen = idx.numpy()
         x = torch.randn(batch, 8, generator=g).to(torch.bfloat16)
-        s, fused = schedule_and_group(model, LAYERS[n % 3], x, (chosen, gate.numpy()), None, 2 * k, r.weights,
-                                      gate.numpy(), mode)
+        s, fused = schedule_and_group(model, LAYERS[n % 3], x, (chosen, gate.numpy()), None,
+                                      r.weights.float().numpy(), gate.numpy(), r.weights.dtype, 2 * k, mode)
         if not s.substituted:
             exact += 1
             p = group_pairs(x, chosen, r.weights)
@@ -341,12 +341,13 @@ def test_served_groups_follow_the_rule(mode, batch):
 
 
 def test_host_arrays_are_the_tensors():
-    """A device's routing reaches the host in one copy (`host_arrays`, what `routing_arrays` uses off the CPU): the
-    same ids and scores as each tensor's own copy, ids as int64, scores float32 bit for bit; `routing_arrays` of a
-    call's routing and its prediction, so copied, equals their views."""
+    """A device's routing reaches the host in one copy (`host_arrays`, what `call_arrays` uses off the CPU): the
+    same ids and scores as each tensor's own copy, ids as int64, scores float32 bit for bit; `call_arrays` of a
+    call's routing (bf16 weights; its gate the score tensor, or another) and its prediction, so copied, equals their
+    views."""
     import torch
 
-    from runtime.router import Routing, host_arrays, routing_arrays
+    from runtime.router import Routing, call_arrays, host_arrays
 
     g = torch.Generator().manual_seed(0)
     score = torch.rand(3, 128, generator=g)
@@ -356,9 +357,14 @@ def test_host_arrays_are_the_tensors():
     assert ids.dtype == np.int64 and np.array_equal(ids, top[:, :8].numpy())
     assert sc.dtype == np.float32 and np.array_equal(sc.view(np.int32), score.numpy().view(np.int32))
     assert np.array_equal(ws, w.float().numpy()) and ws.flags.c_contiguous and sc.flags.c_contiguous
-    routings = [Routing(idx=top[:, :8].contiguous(), weights=w, score=score, gate=score),
-                Routing(idx=torch.topk(score.flip(1), 8, dim=1).indices, weights=None, score=score.flip(1).contiguous(),
-                        gate=score)]
-    views, copied = routing_arrays(routings), routing_arrays(routings, one_copy=True)
-    for a, b in zip(views, copied):
-        assert all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(a, b))
+    pred = Routing(idx=torch.topk(score.flip(1), 8, dim=1).indices, weights=None, score=score.flip(1).contiguous(),
+                   gate=score)
+    for gate in (score, score.sqrt()):
+        r = Routing(idx=top[:, :8].contiguous(), weights=w, score=score, gate=gate)
+        for p in (pred, None):
+            views, copied = call_arrays(r, p), call_arrays(r, p, one_copy=True)
+            flat = [views[0], views[1] or (), views[2:]]
+            assert all(np.array_equal(x, y) and x.dtype == y.dtype
+                       for a, b in zip(flat, [copied[0], copied[1] or (), copied[2:]]) for x, y in zip(a, b))
+            assert (views[1] is None) == (p is None) and np.array_equal(views[3], gate.numpy())
+            assert views[2].dtype == np.float32 and np.array_equal(views[2], w.float().numpy())
