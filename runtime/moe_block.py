@@ -11,8 +11,8 @@ the next one's being adjacent rows of one buffer (`runtime.model_loader`), and h
 too: `executor(layer, x, routing, prediction)`: one matmul's fixed cost instead of two per layer (on a CPU that
 cost dominates a router-sized bf16 matmul; docs/BENCHMARKS.md, the prediction's line of the overhead section). The
 shared matmul's columns are not promised to equal the lone matmul's bit for bit (BLAS kernels are chosen by shape;
-bf16 ones agreed in tests/runtime), which is why only a substituting policy, whose output departs from HF's
-anyway, pairs; lossless ones route as HF does.
+tests/runtime/test_fast_path.py checks that a paired bf16 smoe decode decides as an unpaired one here), which is
+why only a substituting policy, whose output departs from HF's anyway, pairs; lossless ones route as HF does.
 """
 from __future__ import annotations
 
