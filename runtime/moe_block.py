@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from runtime.families.arch import MoEArch
-from runtime.router import Routing, route, route_logits, router_logits
+from runtime.router import Routing, route, route_pair_logits, router_logits
 
 Executor = Callable[..., torch.Tensor]   # (layer, x [T, H], routing[, prediction]) -> [T, H]
 
@@ -60,10 +60,9 @@ class MoEBlock(nn.Module):
         """(routing of x, the next MoE block's prediction `route(x, mixture=False)`) from one matmul over the paired
         routers' rows: logits [T, 2E], this router's the first E columns."""
         weight, next_correction = self.paired
-        logits = router_logits(x, weight, self.arch.router)                             # [T, 2E]
-        e, rule, k = self.arch.num_experts, self.arch.router, self.arch.top_k
-        return (route_logits(logits[:, :e], rule, k, self._router_args()[2]),
-                route_logits(logits[:, e:], rule, k, next_correction, mixture=False))
+        rule = self.arch.router
+        return route_pair_logits(router_logits(x, weight, rule), rule, self.arch.top_k,         # logits [T, 2E]
+                                 self._router_args()[2], next_correction)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """Output of the shared experts on x [T, H] (gated where the family gates it), or None."""

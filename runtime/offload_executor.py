@@ -98,7 +98,7 @@ class OffloadExecutor:
         which it makes `score_rows`' rows, and the call's pairs grouped by serving expert in the same compiled call
         (`schedule_and_group`); the pair counts added from its count vector; a direct call's copies made, then its
         experts computed; any other call's ops carried out in order (`_execute`)."""
-        sched, g = schedule_and_group(self.model, layer, x, *call_arrays(routing, nxt), routing.weights.dtype,
+        sched, g = schedule_and_group(self.model, layer, x, *call_arrays(routing, nxt), routing.weights_dtype,
                                       self.width, self.policy.understudy_weight, self.c_load.value,
                                       self.c_host.value)
         a = sched.count_array

@@ -42,6 +42,11 @@ class Routing:
             self._coef = (self.weights.double().sum(dim=-1) / chosen_gate.clamp(min=1e-30)).float()
         return self._coef
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The mixture weights' dtype."""
+        return self.weights.dtype
+
 
 def _group_mask(choice: torch.Tensor, rule: RouterRule) -> torch.Tensor:
     """[T, E] bool: experts in the top `topk_group` groups (DeepSeek group-limited routing)."""
@@ -118,6 +123,70 @@ def route_logits(logits: torch.Tensor, rule: RouterRule, top_k: int, correction_
     return Routing(idx=idx, weights=weights, score=score.float(), gate=gate.float(), gate_raw=gate)
 
 
+def route_pair_logits(logits: torch.Tensor, rule: RouterRule, top_k: int, correction_bias: torch.Tensor | None = None,
+                      next_correction: torch.Tensor | None = None) -> tuple[Routing, Routing]:
+    """(routing, the next router's prediction `route_logits(..., mixture=False)`) from two routers' logits [T, 2E],
+    this router's the first E columns (`runtime.moe_block.MoEBlock.route_paired`).
+
+    The plain softmax rule (Qwen2/3-MoE, OLMoE, Mixtral) takes one softmax and one topk over the [T, 2, E] view, then
+    renormalises and casts the top-k weights of both halves, as `route_logits` does: each op computes each row of E
+    (or k) alone, with the kernel a lone [T, E] call uses, so each half's bits are `route_logits`' (tests); the two
+    routings are the halves of those tensors (`PairedRouting`). Other rules route each half with `route_logits`."""
+    e = logits.shape[1] // 2
+    if rule.topk_on_logits or rule.scoring != "softmax" or rule.float32_logits:
+        return (route_logits(logits[:, :e], rule, top_k, correction_bias),
+                route_logits(logits[:, e:], rule, top_k, next_correction, mixture=False))
+    gate = F.softmax(logits.view(-1, 2, e), dim=-1, dtype=torch.float32)               # [T, 2, E]
+    weights, idx = torch.topk(gate, top_k, dim=-1)                                      # [T, 2, k]
+    if rule.norm_topk:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    if rule.weights_in_logits_dtype:
+        weights = weights.to(logits.dtype)
+    pair = (idx, weights, gate)
+    return PairedRouting(pair, 0), PairedRouting(pair, 1)
+
+
+class PairedRouting(Routing):
+    """Half h of paired routers' routing (`route_pair_logits`): h = 0 the layer's routing, h = 1 the next MoE
+    layer's prediction (its weights None), over the tensors one softmax and one topk computed for both halves:
+    pair = (idx [T, 2, k], weights [T, 2, k], gate [T, 2, E] float32, the score table too). A field is the half,
+    made on first read (a view for one token, else a contiguous copy, as `route_logits`' fields are contiguous);
+    `call_arrays` reads both halves as numpy views of the shared tensors and makes none (each field made is a torch
+    op: microseconds in a decode's layer call)."""
+
+    __slots__ = ("pair", "half", "_idx", "_weights", "_gate")
+
+    def __init__(self, pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor], half: int):
+        self.pair, self.half = pair, half
+        self._idx = self._weights = self._gate = self._coef = self._gate_raw = None
+
+    @property
+    def idx(self) -> torch.Tensor:
+        if self._idx is None:
+            self._idx = self.pair[0][:, self.half].contiguous()
+        return self._idx
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        if self.half:
+            return None
+        if self._weights is None:
+            self._weights = self.pair[1][:, 0].contiguous()
+        return self._weights
+
+    @property
+    def gate(self) -> torch.Tensor:
+        if self._gate is None:
+            self._gate = self.pair[2][:, self.half].contiguous()
+        return self._gate
+
+    score = gate                                   # the softmax rule ranks by the gate
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        return self.pair[1].dtype
+
+
 def top_ids(score: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores, ids) [T, width]: each token's `width` best experts by (-score, id), a stable descending sort's first
     `width`. Not torch.topk, which orders tied scores as its kernel happens to (by device and shape): the compiled
@@ -186,19 +255,38 @@ def call_arrays(routing: Routing, prediction: Routing | None = None, one_copy: b
     float32). Views on the CPU (the weights converted where they are not float32), else (or with `one_copy`) all in
     one copy (`host_arrays`): one wait for the device per layer call. The gate is the score table's array where the
     routing's gate is its score tensor (most families)."""
+    if isinstance(routing, PairedRouting) and prediction is not None and prediction.pair is routing.pair:
+        return _pair_arrays(routing.pair, one_copy)
+    if routing.idx.is_cpu if one_copy is None else not one_copy:                      # views
+        r = (routing.idx.numpy(), routing.score.numpy())
+        p = None if prediction is None else (prediction.idx.numpy(), prediction.score.numpy())
+        return r, p, routing.weights.float().numpy(), r[1] if routing.gate is routing.score else routing.gate.numpy()
     pairs = [routing] if prediction is None else [routing, prediction]
     ts = [t for r in pairs for t in (r.idx, r.score)] + [routing.weights]
     same = routing.gate is routing.score
     if not same:
         ts.append(routing.gate)
-    if not (routing.idx.device.type != "cpu" if one_copy is None else one_copy):
-        h = [t.numpy() for t in ts[:-1 if same else -2]] + [routing.weights.float().numpy()]
-        if not same:
-            h.append(routing.gate.numpy())
-    else:
-        h = host_arrays(*ts)
+    h = host_arrays(*ts)
     n = 2 * len(pairs)
     return ((h[0], h[1]), (h[2], h[3]) if prediction is not None else None, h[n], h[1] if same else h[n + 1])
+
+
+def _pair_arrays(pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor], one_copy: bool | None
+                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
+    """`call_arrays` of a `PairedRouting` pair (idx, weights, gate [T, 2, ...]): each half a numpy view of the shared
+    tensors (one copy off the CPU), made C-contiguous where T > 1 (what the host kernels read; a numpy copy of a few
+    hundred bytes)."""
+    idx, weights, gate = pair
+    t_n = idx.shape[0]
+    if idx.is_cpu if one_copy is None else not one_copy:
+        i, w, g = idx.numpy(), weights.float().numpy(), gate.numpy()
+    else:
+        i, w, g = (a.reshape(t.shape) for a, t in zip(
+            host_arrays(idx.view(t_n, -1), weights.view(t_n, -1), gate.view(t_n, -1)), pair))
+    h = (i[:, 0], g[:, 0], i[:, 1], g[:, 1], w[:, 0])
+    if t_n > 1:
+        h = tuple(np.ascontiguousarray(a) for a in h)
+    return (h[0], h[1]), (h[2], h[3]), h[4], h[1]
 
 
 def host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:

@@ -1,4 +1,5 @@
 """The family layer: MoE layers, router rules and clear errors for what is not supported."""
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -48,6 +49,39 @@ def test_router_matches_hf_router(family, tiny_model):
         assert torch.equal(i, r.idx) and torch.equal(w, r.weights)
         # weights = coef * gate for every chosen expert
         torch.testing.assert_close(r.weights.float(), r.coef[:, None] * r.gate.gather(1, r.idx), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_route_pair_logits_is_each_half_routed_alone(family):
+    """Given two routers' logits [T, 2E], `route_pair_logits` gives what `route_logits` gives on each half, bit for
+    bit: ids, weights, scores, gate and coef, one token and several, float32 and bf16; and `call_arrays` reads the
+    pair (views of shared tensors where the rule is the plain softmax: `PairedRouting`) as it reads the two routings
+    made apart, C-contiguous, on the host and in one copy."""
+    from runtime.router import PairedRouting, call_arrays, route_logits, route_pair_logits
+
+    rule, k, e = resolve_arch(tiny_config(family)).router, 2, 8
+    g = torch.Generator().manual_seed(11)
+    bias = torch.rand(e, generator=g) if rule.correction_bias else None
+    for t in (1, 5):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = (torch.randn(t, 2 * e, generator=g) * 3).to(dtype)
+            logits[0, 3] = logits[0, 4]                                  # a tie within the row
+            r, p = route_pair_logits(logits, rule, k, bias, bias)
+            r0 = route_logits(logits[:, :e], rule, k, bias)
+            p0 = route_logits(logits[:, e:], rule, k, bias, mixture=False)
+            assert isinstance(r, PairedRouting) == (family in ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral"))
+            assert p.weights is None and torch.equal(r.weights, r0.weights), (t, dtype)
+            assert r.weights_dtype == r0.weights_dtype and torch.equal(r.coef, r0.coef) and r.weights.is_contiguous()
+            for a, b in ((r, r0), (p, p0)):
+                for f in ("idx", "score", "gate"):
+                    assert torch.equal(getattr(a, f), getattr(b, f)), (t, dtype, f)
+                    assert getattr(a, f).is_contiguous()
+            want = call_arrays(r0, p0)
+            for one_copy in (None, True):
+                got = call_arrays(r, p, one_copy)
+                flat = [*got[0], *got[1], *got[2:]]
+                for a, b in zip(flat, [*want[0], *want[1], *want[2:]]):
+                    assert a.dtype == b.dtype and a.flags.c_contiguous and np.array_equal(a, b), (t, dtype, one_copy)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
