@@ -15,7 +15,9 @@ Per (model, batch, policy): `Runtime.load(model, policy=..., cache="50%")` (no e
 the mmap'd checkpoint, made inline on the compute thread for these small experts, runtime.loader), one untimed
 warm-up decode, then `repeats` greedy decodes of `tokens` tokens after a random `prompt`-token prompt per row, the
 policies and HF transformers' own `generate` on the same checkpoint interleaved step by step within each repeat
-(`Turns`: each decode on a thread of its own, one running at a time, handing the turn on at each new token). A
+(`Turns`: each decode on a thread of its own, one running at a time, handing the turn on at each new token), with
+the loaded objects frozen out of the garbage collector (`freeze_loaded`: a full collection over a process holding
+several models takes hundreds of ms and would land on one policy's step; the section prints what it took). A
 decode of n tokens has n - 1 timed steps (the first token, the prefill, is left out); over them, with L MoE layers
 and c = (n - 1) x L MoE layer calls:
 
@@ -59,6 +61,7 @@ interval meets it, missed when none of it does, else not resolved (`verdict`).
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -503,8 +506,10 @@ def verdict(lo: float, hi: float, goal: float) -> str:
     return "met" if hi <= goal else "missed" if lo > goal else "not resolved"
 
 
-def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[Cell]:
-    """Every (batch, policy) cell of one model; the policies' runtimes stay loaded and take turns."""
+def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> tuple[list[Cell], dict]:
+    """Every (batch, policy) cell of one model; the policies' runtimes stay loaded and take turns. Once they are
+    loaded, the process's objects are frozen out of the cyclic garbage collector (`freeze_loaded`); returns the cells
+    and what the collector did (`GcWatch.figures`)."""
     from runtime import Runtime
 
     rts, probes = {}, {}
@@ -524,6 +529,7 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
                 rts[p].loader.inline = False
             probes[p] = Probe(rts[p])
             log(f"{shape.key}: loaded {p} in {time.perf_counter() - t0:.1f} s")
+        watch = GcWatch(freeze_loaded())
         cells = []
         for batch in cfg.batches:
             gen = torch.Generator().manual_seed(cfg.seed + batch)
@@ -545,10 +551,46 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> list[C
                 cells.append(Cell(shape.key, batch, p, ranked[(len(ranked) - 1) // 2], tuple(ms), copies))
                 log(f"{shape.key} batch {batch} {p}: {cells[-1].m.step_ms:.2f} ms/step"
                     + ("" if p in HF_ROWS else f", own {cells[-1].m.own_ms:.3f} ms/layer"))
-        return cells
+        return cells, watch.figures()
     finally:
+        if gc.get_freeze_count():
+            gc.unfreeze()                        # the next model's load may collect this one's garbage again
         for rt in rts.values():
             rt.close()
+
+
+def freeze_loaded() -> tuple[int, float]:
+    """(objects, ms): one full collection of the loaded process, timed, then every object left frozen out of the
+    collector (`gc.freeze`, what moe-serve does after startup). The process holds several runtimes, HF's models and
+    the libraries (about half a million objects with one runtime); a full collection traverses all of them, and
+    one that fell inside a timed step added its pause to that policy's step alone. Objects made after this are
+    collected as usual."""
+    t0 = time.perf_counter()
+    gc.collect()
+    ms = (time.perf_counter() - t0) * 1e3
+    gc.freeze()
+    return gc.get_freeze_count(), ms
+
+
+class GcWatch:
+    """Counts the full collections (generation 2) from now on, and their time, through `gc.callbacks`."""
+
+    def __init__(self, frozen: tuple[int, float]):
+        self.frozen, self.full, self.full_ms, self._t0 = frozen, 0, 0.0, 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.full += 1
+            self.full_ms += (time.perf_counter() - self._t0) * 1e3
+
+    def figures(self) -> dict:
+        gc.callbacks.remove(self._on)
+        return {"frozen": self.frozen[0], "collect_ms": self.frozen[1], "full": self.full, "full_ms": self.full_ms}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -713,6 +755,14 @@ def section(cells: list[Cell], cfg: OverheadConfig, shapes: dict[str, Shape], la
              "overlaps compute: only the waits, stall, are subtracted). Expert compute is the time inside the expert "
              "function (the GLU; the grouped call over every expert or cache slot at batch > 1). "
              "`plan` and `static` need a profile of calibration text and are not run.", ""]
+    if info.get("gc"):
+        g = info["gc"]
+        lines += ["Once a model's runtimes and HF's models are loaded, the process's objects are frozen out of the "
+                  "cyclic garbage collector (`gc.freeze`, as moe-serve does after startup), so that a full collection "
+                  "does not fall on one policy's step: " + "; ".join(
+                      f"{k}: {v['frozen']} objects, whose full collection took {v['collect_ms']:.0f} ms just before"
+                      for k, v in g.items()) + ". Full collections during the decodes after that: "
+                  + "; ".join(f"{k}: {v['full']} ({v['full_ms']:.1f} ms in all)" for k, v in g.items()) + ".", ""]
     lines += table(cells)
     lines += [""] + findings(cells, shapes, layers)
     verdicts = goals(cells)
@@ -766,16 +816,17 @@ def main() -> int:
     else:
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         shapes = {k: known[k] for k in cfg.models}
-        cells, layers = [], {}
+        cells, layers, gcs = [], {}, {}
         from runtime.families import resolve_arch
 
         for key, shape in shapes.items():
             model_dir = build_model(shape, cfg)
             layers[key] = len(resolve_arch(hf_config(shape, cfg)).moe_layers)
-            cells += run_model(shape, cfg, model_dir, log)
+            model_cells, gcs[key] = run_model(shape, cfg, model_dir, log)
+            cells += model_cells
         info = {"command": shlex.join(["python", "benchmarks/overhead.py"] + sys.argv[1:]), "commit": git_commit(),
                 "machine": machine()["summary"], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "run_s": time.perf_counter() - t0, "load": (load0, os.getloadavg()[0])}
+                "run_s": time.perf_counter() - t0, "load": (load0, os.getloadavg()[0]), "gc": gcs}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"cfg": asdict(cfg), "layers": layers, "info": info,
                                                "cells": [asdict(c) for c in cells]}, indent=1))
