@@ -37,14 +37,14 @@ class MoEBlock(nn.Module):
         if arch.shared_gate_attr:
             self.add_module(arch.shared_gate_attr, getattr(hf_block, arch.shared_gate_attr))
         self.executor: Executor | None = None
-        # (weight [2E, H]: this router's rows, then the next MoE layer's; the next router's correction bias) or None;
-        # a tuple, so that nn.Module does not register the next block's tensors as this one's
-        self.paired: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # (weight [2E, H]: this router's rows, then the next MoE layer's; this router's and the next one's correction
+        # biases) or None; a tuple, so that nn.Module does not register the next block's tensors as this one's
+        self.paired: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
 
     def pair(self, weight: torch.Tensor | None, nxt: "MoEBlock | None" = None) -> None:
         """Route with the next MoE block nxt's prediction from one matmul over `weight` [2E, H] (this router's weight
         rows, then nxt's: views of one buffer); `pair(None)`: route as HF does."""
-        self.paired = None if weight is None else (weight, nxt._router_args()[2])
+        self.paired = None if weight is None else (weight, self._router_args()[2], nxt._router_args()[2])
 
     def _router_args(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         router = getattr(self, self.arch.router_attr)
@@ -59,10 +59,10 @@ class MoEBlock(nn.Module):
     def route_paired(self, x: torch.Tensor) -> tuple[Routing, Routing]:
         """(routing of x, the next MoE block's prediction `route(x, mixture=False)`) from one matmul over the paired
         routers' rows: logits [T, 2E], this router's the first E columns."""
-        weight, next_correction = self.paired
+        weight, correction, next_correction = self.paired
         rule = self.arch.router
         return route_pair_logits(router_logits(x, weight, rule), rule, self.arch.top_k,         # logits [T, 2E]
-                                 self._router_args()[2], next_correction)
+                                 correction, next_correction)
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """Output of the shared experts on x [T, H] (gated where the family gates it), or None."""
