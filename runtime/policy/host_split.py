@@ -23,6 +23,7 @@ class CostMeter:
     def __init__(self, p: int = 32, prior: float = 1e-3):
         self.p, self.prior = p, prior
         self._v: deque[float] = deque(maxlen=p)           # the last p measurements; older ones fall off
+        self._mean: float | None = prior                  # value, until the next add (read twice per layer call)
 
     def add(self, seconds: float, n: int = 1) -> None:
         """n measurements of `seconds` each (a run of n copies timed as one span: its mean per copy)."""
@@ -30,7 +31,10 @@ class CostMeter:
             self._v.append(seconds)
         else:
             self._v.extend([seconds] * n)
+        self._mean = None
 
     @property
     def value(self) -> float:
-        return sum(self._v) / len(self._v) if self._v else self.prior
+        if self._mean is None:
+            self._mean = sum(self._v) / len(self._v)
+        return self._mean
