@@ -245,12 +245,27 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
 
 
 @njit(cache=True)
-def _served_kernel(chosen, order, action, understudy, w, gate, mode):
+def bf16_values(w):
+    """w [T, k] float32 rounded to bfloat16 precision, as float32 (a new array): torch's float32 -> bfloat16
+    conversion, round to nearest, ties to even, on the bits (w finite; on values bf16 already holds it is the
+    identity)."""
+    out = np.empty_like(w)
+    u, r = w.view(np.uint32), out.view(np.uint32)
+    for t in range(w.shape[0]):
+        for q in range(w.shape[1]):
+            b = np.int64(u[t, q])
+            r[t, q] = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return out
+
+
+@njit(cache=True)
+def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
     """A call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own exact pairs
     in (position, token) order, then the tokens it stands in for, in token order (`group_served`).
     chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
-    weights; gate [T, E] float32; mode: 0 own (coef x gate_j, a float32 product), 1 replaced (the replaced expert's
-    weight), 2 auto (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
+    weights (bf16: the values the router rounds to bfloat16 weights, rounded here, `bf16_values`); gate [T, E]
+    float32; mode: 0 own (coef x gate_j, a float32 product), 1 replaced (the replaced expert's weight), 2 auto
+    (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
     (runtime.router), computed here from w and gate:
         coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
     Returns (groups, weights [N] float32): groups int64 = [n, N, N', experts [n] ascending, bounds [n + 1], tok [N],
@@ -258,6 +273,8 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode):
     else none, N' = 0), read by `_pair_groups`."""
     t_n, k = chosen.shape
     e_n = gate.shape[1]
+    if bf16:
+        w = bf16_values(w)
     act = np.empty((t_n, k), np.int64)                           # [T, k] by routing position
     und = np.empty((t_n, k), np.int64)
     for t in range(t_n):
@@ -344,7 +361,8 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
         w32, g32 = weights.float().numpy(), gate.numpy()
     else:                                                                               # one copy to the host
         w32, g32 = host_arrays(weights, gate)
-    return _pair_groups(x, *_served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode]), weights.dtype)
+    return _pair_groups(x, *_served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode],
+                                           weights.dtype == torch.bfloat16), weights.dtype)
 
 
 def _pair_groups(x: torch.Tensor, grp: np.ndarray, wt: np.ndarray, dtype: torch.dtype) -> PairGroups:
@@ -359,9 +377,9 @@ def _pair_groups(x: torch.Tensor, grp: np.ndarray, wt: np.ndarray, dtype: torch.
 
 @njit(cache=True)
 def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table, p_chosen,
-                        p_table, width, prefetch, budget, guard, host_split, c_load, c_host, w, gate, mode):
+                        p_table, width, prefetch, budget, guard, host_split, c_load, c_host, w, gate, mode, bf16):
     """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
-    expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode), in one compiled call:
+    expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
     (the schedule's array, groups, weights); no groups (empty) when no slot can be freed."""
     out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table,
                               p_chosen, p_table, width, prefetch, budget, guard, host_split, c_load, c_host)
@@ -372,7 +390,7 @@ def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_
     order = out[a:a + t_n * k].reshape((t_n, k))
     action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
     understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
-    grp, wt = _served_kernel(chosen, order, action, understudy, w, gate, mode)
+    grp, wt = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16)
     return out, grp, wt
 
 
@@ -383,10 +401,11 @@ def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, r
     """`model.schedule_table` of the layer call's routing arrays (chosen [T, k], score table [T, E]) and prediction,
     and the call's pairs grouped by serving expert as `group_served` groups them (every pair exact: the grouping
     `group_pairs` makes), in one compiled call (`_schedule_and_group`); weights [T, k] and gate [T, E] float32 on the
-    host (`runtime.router.call_arrays` gives all of them), dtype the routing weights' (the groups' weights are moved
-    to x's device in it), mode the policy's `understudy_weight`."""
+    host (`runtime.router.call_arrays` gives all of them; bf16 weights may come as the float32 values the router
+    rounds to them: the kernel rounds, `bf16_values`), dtype the routing weights' (the groups' weights are moved to
+    x's device in it), mode the policy's `understudy_weight`."""
     out, grp, wt = _schedule_and_group(*model.kernel_args(layer, *routing, width, prediction, c_load, c_host),
-                                       weights, gate, _MODES[mode])
+                                       weights, gate, _MODES[mode], dtype == torch.bfloat16)
     return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, dtype)
 
 
@@ -423,7 +442,7 @@ def warm_served() -> None:
     """Compile `_served_kernel`, `_schedule_and_group` and `slot_rows` for the runtime's argument types (or load them
     from numba's disk cache), so that a runtime's first layer call does not."""
     ids = np.zeros((1, 2), np.int64)
-    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0)
+    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True)
     slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
     pol = preset("smoe")
     model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, substitution_params(pol, [0, 1]))

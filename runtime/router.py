@@ -129,9 +129,10 @@ def route_pair_logits(logits: torch.Tensor, rule: RouterRule, top_k: int, correc
     this router's the first E columns (`runtime.moe_block.MoEBlock.route_paired`).
 
     The plain softmax rule (Qwen2/3-MoE, OLMoE, Mixtral) takes one softmax and one topk over the [T, 2, E] view, then
-    renormalises and casts the top-k weights of both halves, as `route_logits` does: each op computes each row of E
-    (or k) alone, with the kernel a lone [T, E] call uses, so each half's bits are `route_logits`' (tests); the two
-    routings are the halves of those tensors (`PairedRouting`). Other rules route each half with `route_logits`."""
+    renormalises the top-k weights of both halves, as `route_logits` does: each op computes each row of E (or k)
+    alone, with the kernel a lone [T, E] call uses, so each half's bits are `route_logits`' (tests); the two routings
+    are the halves of those tensors (`PairedRouting`), the weights cast to the family's dtype only when read (the
+    compiled path reads them as float32 and rounds them itself). Other rules route each half with `route_logits`."""
     e = logits.shape[1] // 2
     if rule.topk_on_logits or rule.scoring != "softmax" or rule.float32_logits:
         return (route_logits(logits[:, :e], rule, top_k, correction_bias),
@@ -140,17 +141,16 @@ def route_pair_logits(logits: torch.Tensor, rule: RouterRule, top_k: int, correc
     weights, idx = torch.topk(gate, top_k, dim=-1)                                      # [T, 2, k]
     if rule.norm_topk:
         weights /= weights.sum(dim=-1, keepdim=True)
-    if rule.weights_in_logits_dtype:
-        weights = weights.to(logits.dtype)
-    pair = (idx, weights, gate)
+    pair = (idx, weights, gate, logits.dtype if rule.weights_in_logits_dtype else weights.dtype)
     return PairedRouting(pair, 0), PairedRouting(pair, 1)
 
 
 class PairedRouting(Routing):
     """Half h of paired routers' routing (`route_pair_logits`): h = 0 the layer's routing, h = 1 the next MoE
     layer's prediction (its weights None), over the tensors one softmax and one topk computed for both halves:
-    pair = (idx [T, 2, k], weights [T, 2, k], gate [T, 2, E] float32, the score table too). A field is the half,
-    made on first read (a view for one token, else a contiguous copy, as `route_logits`' fields are contiguous);
+    pair = (idx [T, 2, k], weights [T, 2, k] float32, gate [T, 2, E] float32, the score table too, the mixture
+    weights' dtype). A field is the half, made on first read (a view for one token, else a contiguous copy, as
+    `route_logits`' fields are contiguous; the weights cast to their dtype as `route_logits` casts them);
     `call_arrays` reads both halves as numpy views of the shared tensors and makes none (each field made is a torch
     op: microseconds in a decode's layer call)."""
 
@@ -171,7 +171,7 @@ class PairedRouting(Routing):
         if self.half:
             return None
         if self._weights is None:
-            self._weights = self.pair[1][:, 0].contiguous()
+            self._weights = self.pair[1][:, 0].to(self.pair[3]).contiguous()
         return self._weights
 
     @property
@@ -184,7 +184,7 @@ class PairedRouting(Routing):
 
     @property
     def weights_dtype(self) -> torch.dtype:
-        return self.pair[1].dtype
+        return self.pair[3]
 
 
 def top_ids(score: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,10 +251,11 @@ def call_arrays(routing: Routing, prediction: Routing | None = None, one_copy: b
                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None, np.ndarray, np.ndarray]:
     """A layer call's routing on the host as the compiled path reads it (runtime.policy.compiled, which makes
     `score_rows`' rows from them; runtime.expert_compute, which groups the pairs): ((chosen [T, k] int64, score
-    table [T, E] float32), the prediction's same two or None, the mixture weights [T, k] float32, the gate [T, E]
-    float32). Views on the CPU (the weights converted where they are not float32), else (or with `one_copy`) all in
-    one copy (`host_arrays`): one wait for the device per layer call. The gate is the score table's array where the
-    routing's gate is its score tensor (most families)."""
+    table [T, E] float32), the prediction's same two or None, the mixture weights [T, k] float32 (bfloat16 weights
+    of a `PairedRouting` as the float32 values the router casts to them: the compiled path rounds them), the gate
+    [T, E] float32). Views on the CPU (the weights converted where they are not float32), else (or with `one_copy`)
+    all in one copy (`host_arrays`): one wait for the device per layer call. The gate is the score table's array
+    where the routing's gate is its score tensor (most families)."""
     if isinstance(routing, PairedRouting) and prediction is not None and prediction.pair is routing.pair:
         return _pair_arrays(routing.pair, one_copy)
     if routing.idx.is_cpu if one_copy is None else not one_copy:                      # views
@@ -271,15 +272,18 @@ def call_arrays(routing: Routing, prediction: Routing | None = None, one_copy: b
     return ((h[0], h[1]), (h[2], h[3]) if prediction is not None else None, h[n], h[1] if same else h[n + 1])
 
 
-def _pair_arrays(pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor], one_copy: bool | None
+def _pair_arrays(pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], one_copy: bool | None
                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
-    """`call_arrays` of a `PairedRouting` pair (idx, weights, gate [T, 2, ...]): each half a numpy view of the shared
-    tensors (one copy off the CPU), made C-contiguous where T > 1 (what the host kernels read; a numpy copy of a few
-    hundred bytes)."""
-    idx, weights, gate = pair
+    """`call_arrays` of a `PairedRouting` pair (idx, weights, gate [T, 2, ...], dtype): each half a numpy view of the
+    shared tensors (one copy off the CPU), made C-contiguous where T > 1 (what the host kernels read; a numpy copy of
+    a few hundred bytes). The weights are the float32 values before their cast: to bfloat16 the compiled path rounds
+    them itself (`runtime.expert_compute.bf16_values`); other casts (float16) are made here."""
+    idx, weights, gate, dtype = pair
+    if dtype not in (torch.float32, torch.bfloat16):
+        weights = weights.to(dtype).float()
     t_n = idx.shape[0]
     if idx.is_cpu if one_copy is None else not one_copy:
-        i, w, g = idx.numpy(), weights.float().numpy(), gate.numpy()
+        i, w, g = idx.numpy(), weights.numpy(), gate.numpy()
     else:
         i, w, g = (a.reshape(t.shape) for a, t in zip(
             host_arrays(idx.view(t_n, -1), weights.view(t_n, -1), gate.view(t_n, -1)), pair))

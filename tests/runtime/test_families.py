@@ -57,6 +57,7 @@ def test_route_pair_logits_is_each_half_routed_alone(family):
     bit: ids, weights, scores, gate and coef, one token and several, float32 and bf16; and `call_arrays` reads the
     pair (views of shared tensors where the rule is the plain softmax: `PairedRouting`) as it reads the two routings
     made apart, C-contiguous, on the host and in one copy."""
+    from runtime.expert_compute import bf16_values
     from runtime.router import PairedRouting, call_arrays, route_logits, route_pair_logits
 
     rule, k, e = resolve_arch(tiny_config(family)).router, 2, 8
@@ -79,9 +80,27 @@ def test_route_pair_logits_is_each_half_routed_alone(family):
             want = call_arrays(r0, p0)
             for one_copy in (None, True):
                 got = call_arrays(r, p, one_copy)
+                if r.weights_dtype == torch.bfloat16:            # the values before the cast: the kernel rounds
+                    got = (*got[:2], bf16_values(got[2]), got[3])
                 flat = [*got[0], *got[1], *got[2:]]
                 for a, b in zip(flat, [*want[0], *want[1], *want[2:]]):
                     assert a.dtype == b.dtype and a.flags.c_contiguous and np.array_equal(a, b), (t, dtype, one_copy)
+
+
+def test_bf16_values_is_torchs_cast():
+    """The compiled path's rounding of float32 weights to bfloat16 precision is torch's cast, bit for bit: random
+    values over many binades, and values exactly halfway between two bfloat16 values (ties to even, both ways)."""
+    from runtime.expert_compute import bf16_values
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(64, 8, generator=g) * torch.exp2(torch.randint(-30, 10, (64, 8), generator=g).float())
+    bits = (torch.arange(0, 2 * 64 * 8, 2, dtype=torch.int32).reshape(64, 8) << 16) + 0x3F80_0000   # even bf16 ulps
+    halfway = (bits | 0x8000).view(torch.float32)                       # half an ulp above an even one: stays
+    odd_halfway = ((bits + 0x1_0000) | 0x8000).view(torch.float32)      # half an ulp above an odd one: rounds up
+    assert torch.equal(halfway.to(torch.bfloat16).float().view(torch.int32), bits)             # (ties, both ways)
+    assert torch.equal(odd_halfway.to(torch.bfloat16).float().view(torch.int32), bits + 0x2_0000)
+    for v in (w, halfway, odd_halfway, torch.rand(3, 2, generator=g)):
+        assert torch.equal(torch.from_numpy(bf16_values(v.numpy())), v.to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -295,7 +295,9 @@ def test_served_groups_follow_the_rule(mode, batch):
     rows, spans, and weights bit for bit (bfloat16 routing weights; understudies at their own or the replaced weight,
     drops), and the same mixed output; made in the compiled model's call (`schedule_and_group`, the runtime's path),
     from its schedule's arrays and from the same schedule's decisions (`group_served`, `decision_arrays`: the lean
-    model's path). A call whose every pair is exact is grouped as `group_pairs` groups it."""
+    model's path). A call whose every pair is exact is grouped as `group_pairs` groups it. Handed the float32 weights
+    before their cast to bfloat16 (what a paired router gives, `runtime.router.PairedRouting`), the call rounds them
+    itself and groups bit for bit as from the cast weights (a twin model takes those)."""
     import torch
 
     from runtime.expert_compute import group_pairs, group_served, schedule_and_group
@@ -306,18 +308,23 @@ def test_served_groups_follow_the_rule(mode, batch):
     rng = np.random.default_rng(batch)
     pol = preset("plan", understudy_weight=mode)
     params = _plan_params(rng, e, pol.alpha, None, True)
-    model = CompiledCacheModel({l: e // 4 for l in LAYERS}, e, k, pol, params)
+    model, twin = (CompiledCacheModel({l: e // 4 for l in LAYERS}, e, k, pol, params) for _ in range(2))
     g = torch.Generator().manual_seed(batch)
     seen = exact = 0
     for n in range(60):
         logits = torch.randn(batch, e, generator=g)
         gate = torch.softmax(logits, -1)
         w, idx = torch.topk(gate, k)
-        r = Routing(idx=idx, weights=(w / w.sum(-1, keepdim=True)).to(torch.bfloat16), score=gate, gate=gate)
+        w32 = w / w.sum(-1, keepdim=True)
+        r = Routing(idx=idx, weights=w32.to(torch.bfloat16), score=gate, gate=gate)
         chosen = idx.numpy()
         x = torch.randn(batch, 8, generator=g).to(torch.bfloat16)
         s, fused = schedule_and_group(model, LAYERS[n % 3], x, (chosen, gate.numpy()), None,
                                       r.weights.float().numpy(), gate.numpy(), r.weights.dtype, 2 * k, mode)
+        s2, fused2 = schedule_and_group(twin, LAYERS[n % 3], x, (chosen, gate.numpy()), None, w32.numpy(),
+                                        gate.numpy(), r.weights.dtype, 2 * k, mode)
+        assert s2.flat_ops == s.flat_ops and s2.count_array == s.count_array
+        assert fused2.tok.tolist() == fused.tok.tolist() and torch.equal(fused2.weights, fused.weights)
         if not s.substituted:
             exact += 1
             p = group_pairs(x, chosen, r.weights)
