@@ -245,16 +245,21 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
 
 
 @njit(cache=True)
+def _bf16_bits(b):
+    """The bfloat16 bits of a finite float32 whose bits are b (int64): torch's float32 -> bfloat16 cast, round to
+    nearest, ties to even."""
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@njit(cache=True)
 def bf16_values(w):
-    """w [T, k] float32 rounded to bfloat16 precision, as float32 (a new array): torch's float32 -> bfloat16
-    conversion, round to nearest, ties to even, on the bits (w finite; on values bf16 already holds it is the
-    identity)."""
+    """w [T, k] float32 (finite) rounded to bfloat16 precision, as float32 (a new array; on values bf16 already
+    holds, the identity)."""
     out = np.empty_like(w)
     u, r = w.view(np.uint32), out.view(np.uint32)
     for t in range(w.shape[0]):
         for q in range(w.shape[1]):
-            b = np.int64(u[t, q])
-            r[t, q] = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            r[t, q] = _bf16_bits(np.int64(u[t, q])) << 16
     return out
 
 
@@ -270,7 +275,8 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
         coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
     Returns (groups, weights [N] float32): groups int64 = [n, N, N', experts [n] ascending, bounds [n + 1], tok [N],
     by_token [N']] (by_token: the pairs in (token, group) order when every token has the same number of pairs, N' = N;
-    else none, N' = 0), read by `_pair_groups`."""
+    else none, N' = 0), read by `_pair_groups`; and with bf16 the weights' bfloat16 bits [N] uint16 (else none: [0]),
+    which `_pair_groups` views as the weights' tensor instead of casting them."""
     t_n, k = chosen.shape
     e_n = gate.shape[1]
     if bf16:
@@ -338,15 +344,20 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
                 else:
                     wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
                 fill[j] += 1
+    wb = np.empty(n if bf16 else 0, np.uint16)
+    if bf16:
+        u = wt.view(np.uint32)
+        for r in range(n):
+            wb[r] = _bf16_bits(np.int64(u[r]))
     if not uniform:
-        return grp, wt
+        return grp, wt, wb
     by_token = grp[4 + 2 * n_e + n:]                              # a stable counting sort of the rows by token
     nxt = np.zeros(t_n, np.int64)
     for r in range(n):
         t = tok[r]
         by_token[t * per_tok[0] + nxt[t]] = r
         nxt[t] += 1
-    return grp, wt
+    return grp, wt, wb
 
 
 def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action: np.ndarray, understudy: np.ndarray,
@@ -365,13 +376,15 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
                                            weights.dtype == torch.bfloat16), weights.dtype)
 
 
-def _pair_groups(x: torch.Tensor, grp: np.ndarray, wt: np.ndarray, dtype: torch.dtype) -> PairGroups:
-    """`PairGroups` of `_served_kernel`'s result: its weights moved once, in the routing weights' dtype."""
+def _pair_groups(x: torch.Tensor, grp: np.ndarray, wt: np.ndarray, wb: np.ndarray, dtype: torch.dtype) -> PairGroups:
+    """`PairGroups` of `_served_kernel`'s result: its weights moved once, in the routing weights' dtype (bfloat16:
+    its bits, viewed)."""
     n_e, n, n_b = grp[:3].tolist()
     eb = grp[3:4 + 2 * n_e].tolist()                                     # experts [n_e], bounds [n_e + 1]
     span = dict(zip(eb[:n_e], zip(eb[n_e:-1], eb[n_e + 1:])))
     a = 4 + 2 * n_e
-    return PairGroups(grp[a:a + n], span, torch.from_numpy(wt).to(x.device, dtype), x,
+    w = torch.from_numpy(wb).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(wt).to(dtype)
+    return PairGroups(grp[a:a + n], span, w if x.is_cpu else w.to(x.device), x,
                       x.shape[0] == 1 and x.is_contiguous(), grp[a + n:] if n_b else None)
 
 
@@ -380,18 +393,18 @@ def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_
                         p_table, width, prefetch, budget, guard, host_split, c_load, c_host, w, gate, mode, bf16):
     """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
     expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
-    (the schedule's array, groups, weights); no groups (empty) when no slot can be freed."""
+    (the schedule's array, groups, weights, their bfloat16 bits); no groups (empty) when no slot can be freed."""
     out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table,
                               p_chosen, p_table, width, prefetch, budget, guard, host_split, c_load, c_host)
     if out[0] < 0:
-        return out, np.zeros(3, np.int64), np.empty(0, np.float32)
+        return out, np.zeros(3, np.int64), np.empty(0, np.float32), np.empty(0, np.uint16)
     t_n = chosen.shape[0]
     a = HEAD
     order = out[a:a + t_n * k].reshape((t_n, k))
     action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
     understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
-    grp, wt = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16)
-    return out, grp, wt
+    grp, wt, wb = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16)
+    return out, grp, wt, wb
 
 
 def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, routing: tuple[np.ndarray, np.ndarray],
@@ -404,9 +417,9 @@ def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, r
     host (`runtime.router.call_arrays` gives all of them; bf16 weights may come as the float32 values the router
     rounds to them: the kernel rounds, `bf16_values`), dtype the routing weights' (the groups' weights are moved to
     x's device in it), mode the policy's `understudy_weight`."""
-    out, grp, wt = _schedule_and_group(*model.kernel_args(layer, *routing, width, prediction, c_load, c_host),
-                                       weights, gate, _MODES[mode], dtype == torch.bfloat16)
-    return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, dtype)
+    out, grp, wt, wb = _schedule_and_group(*model.kernel_args(layer, *routing, width, prediction, c_load, c_host),
+                                           weights, gate, _MODES[mode], dtype == torch.bfloat16)
+    return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, wb, dtype)
 
 
 @njit(cache=True)
