@@ -512,7 +512,7 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> tuple[
     and what the collector did (`GcWatch.figures`)."""
     from runtime import Runtime
 
-    rts, probes = {}, {}
+    rts, probes, watch = {}, {}, None
     hfs = {}   # HF's default experts implementation (what a user gets) and its eager one (lossless's reference)
     if cfg.hf:
         from transformers import AutoModelForCausalLM
@@ -553,6 +553,8 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> tuple[
                     + ("" if p in HF_ROWS else f", own {cells[-1].m.own_ms:.3f} ms/layer"))
         return cells, watch.figures()
     finally:
+        if watch is not None:
+            watch.stop()
         if gc.get_freeze_count():
             gc.unfreeze()                        # the next model's load may collect this one's garbage again
         for rt in rts.values():
@@ -562,9 +564,9 @@ def run_model(shape: Shape, cfg: OverheadConfig, model_dir: Path, log) -> tuple[
 def freeze_loaded() -> tuple[int, float]:
     """(objects, ms): one full collection of the loaded process, timed, then every object left frozen out of the
     collector (`gc.freeze`, what moe-serve does after startup). The process holds several runtimes, HF's models and
-    the libraries (about half a million objects with one runtime); a full collection traverses all of them, and
-    one that fell inside a timed step added its pause to that policy's step alone. Objects made after this are
-    collected as usual."""
+    the libraries (the section prints how many objects, and what their collection took); a full collection
+    traverses all of them, and one that fell inside a timed step added its pause to that policy's step alone.
+    Objects made after this are collected as usual."""
     t0 = time.perf_counter()
     gc.collect()
     ms = (time.perf_counter() - t0) * 1e3
@@ -588,8 +590,12 @@ class GcWatch:
             self.full += 1
             self.full_ms += (time.perf_counter() - self._t0) * 1e3
 
+    def stop(self) -> None:
+        if self._on in gc.callbacks:
+            gc.callbacks.remove(self._on)
+
     def figures(self) -> dict:
-        gc.callbacks.remove(self._on)
+        self.stop()
         return {"frozen": self.frozen[0], "collect_ms": self.frozen[1], "full": self.full, "full_ms": self.full_ms}
 
 

@@ -156,7 +156,7 @@ class PairedRouting(Routing):
 
     __slots__ = ("pair", "half", "_idx", "_weights", "_gate")
 
-    def __init__(self, pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor], half: int):
+    def __init__(self, pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], half: int):
         self.pair, self.half = pair, half
         self._idx = self._weights = self._gate = self._coef = self._gate_raw = None
 

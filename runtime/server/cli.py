@@ -67,9 +67,10 @@ def _run(args) -> int:
         print(f"{PROG}: warning: --max-batch {max_batch} is over the batch the plan was compiled for "
               f"({rt.plan.choices.batch}); the expert cache stays within its budget, but the KV cache of {max_batch} "
               f"rows can outgrow the plan's memory split: moe-compile --batch {max_batch}", file=sys.stderr)
-    # Everything alive now (the libraries, the model, the runtime: about half a million objects) lives as long as the
-    # server: freeze it out of the cyclic collector, whose full collections would otherwise traverse it all, a pause
-    # of about 0.2 s on this machine inside some request's decode step (benchmarks/overhead.py prints it).
+    # Everything alive now (the libraries, the model, the runtime) lives as long as the server: freeze it out of the
+    # cyclic collector, whose full collections would otherwise traverse it all inside some request's decode step
+    # (benchmarks/overhead.py prints the count and one collection's pause for its own process: about half a million
+    # objects and 0.2-0.35 s on this machine).
     gc.collect()
     gc.freeze()
     engine = Engine(rt, max_batch=max_batch, max_waiting=args.max_waiting).start()
