@@ -717,9 +717,16 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
                     f"{f3(compare(c, r, 'own')[0])} ms per MoE layer call over resident"
                     + (" (its routing and the prediction in one matmul)" if c.m.paired else
                        f" ({f3(c.m.per_call_ms(c.m.predict_s))} in the executor's next_router)"))
+        below = [c for c in pred if c.m.paired and c.m.per_call_ms(c.m.route_s)
+                 < refs[(c.model, c.batch)].m.per_call_ms(refs[(c.model, c.batch)].m.route_s)]
         out.append("- The prediction a prefetching policy reads (the next MoE layer's router on the call's input: its "
                    "logits, gate and top-k) is part of its own time; what it costs is the policy's time inside the "
-                   "routers less resident's (R, the script's docstring): " + "; ".join(share(c) for c in pred) + ".")
+                   "routers less resident's (R, the script's docstring): " + "; ".join(share(c) for c in pred) + "."
+                   + (f" In {len(below)} of these cells the paired routing, prediction included, took less than "
+                      "resident's routing alone (no figure here has an interval): a paired block makes no field of "
+                      "either routing until it is read, and leaves a bf16 cast of the mixture weights to the "
+                      "executor's grouping kernel, where that part is counted (runtime.router.route_pair_logits)."
+                      if below else ""))
     q = {c.policy: c for c in cells if c.model == "qwen3-30b-a3b" and c.batch == 1}
     if "resident" in q and {"lru", "smoe"} <= set(q):
         lo, hi = ISSUE_RANGE_MS
