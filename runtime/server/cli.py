@@ -69,8 +69,8 @@ def _run(args) -> int:
               f"rows can outgrow the plan's memory split: moe-compile --batch {max_batch}", file=sys.stderr)
     # Everything alive now (the libraries, the model, the runtime) lives as long as the server: freeze it out of the
     # cyclic collector, whose full collections would otherwise traverse it all inside some request's decode step
-    # (benchmarks/overhead.py prints the count and one collection's pause for its own process: about half a million
-    # objects and 0.2-0.35 s on this machine).
+    # (benchmarks/overhead.py prints the count and one collection's pause for its own process, which holds several
+    # models).
     gc.collect()
     gc.freeze()
     engine = Engine(rt, max_batch=max_batch, max_waiting=args.max_waiting).start()
