@@ -710,15 +710,17 @@ def findings(cells: list[Cell], shapes: dict[str, Shape], layers: dict[str, int]
     pred = [c for c in cells if c.policy in OverheadConfig().policies and preset(c.policy).prefetch
             and (c.model, c.batch) in refs]
     if pred:
-        def share(c: Cell) -> str:
+        def routing_over(c: Cell) -> float:
+            """R(policy) - R(resident), ms per MoE layer call: what the prediction costs."""
             r = refs[(c.model, c.batch)]
-            routing = c.m.per_call_ms(c.m.route_s) - r.m.per_call_ms(r.m.route_s)
-            return (f"{c.policy}, {c.model}, batch {c.batch}: {f3(routing)} of its "
-                    f"{f3(compare(c, r, 'own')[0])} ms per MoE layer call over resident"
+            return c.m.per_call_ms(c.m.route_s) - r.m.per_call_ms(r.m.route_s)
+
+        def share(c: Cell) -> str:
+            return (f"{c.policy}, {c.model}, batch {c.batch}: {f3(routing_over(c))} of its "
+                    f"{f3(compare(c, refs[(c.model, c.batch)], 'own')[0])} ms per MoE layer call over resident"
                     + (" (its routing and the prediction in one matmul)" if c.m.paired else
                        f" ({f3(c.m.per_call_ms(c.m.predict_s))} in the executor's next_router)"))
-        below = [c for c in pred if c.m.paired and c.m.per_call_ms(c.m.route_s)
-                 < refs[(c.model, c.batch)].m.per_call_ms(refs[(c.model, c.batch)].m.route_s)]
+        below = [c for c in pred if c.m.paired and routing_over(c) < 0]
         out.append("- The prediction a prefetching policy reads (the next MoE layer's router on the call's input: its "
                    "logits, gate and top-k) is part of its own time; what it costs is the policy's time inside the "
                    "routers less resident's (R, the script's docstring): " + "; ".join(share(c) for c in pred) + "."

@@ -286,7 +286,7 @@ def _pair_arrays(pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dty
         i, w, g = idx.numpy(), weights.numpy(), gate.numpy()
     else:
         i, w, g = (a.reshape(t.shape) for a, t in zip(
-            host_arrays(idx.view(t_n, -1), weights.view(t_n, -1), gate.view(t_n, -1)), pair))
+            host_arrays(idx.view(t_n, -1), weights.view(t_n, -1), gate.view(t_n, -1)), (idx, weights, gate)))
     h = (i[:, 0], g[:, 0], i[:, 1], g[:, 1], w[:, 0])
     if t_n > 1:
         h = tuple(np.ascontiguousarray(a) for a in h)
