@@ -5,8 +5,6 @@ freshly read expert are interchangeable.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -127,24 +125,42 @@ def routed_output(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, num
     return mix(x, contributions)
 
 
-@dataclass(frozen=True)
 class PairGroups:
     """A layer call's (token, expert) pairs grouped by expert in ascending id, (position, token) order within: the
-    row order of HF's per-expert loop."""
+    row order of HF's per-expert loop. Read-only; made once per layer call, so a plain class with slots (a frozen
+    dataclass's init costs a microsecond a call)."""
 
-    tok: np.ndarray                          # [N] the token of each pair
-    span: dict[int, tuple[int, int]]         # e -> the pairs (a, b) it serves
-    weights: torch.Tensor                    # [N] each pair's routing weight
-    x: torch.Tensor                          # [T, H] the call's input
-    whole: bool                              # one contiguous token: every expert's rows are x
-    by_token: np.ndarray | None = None       # [N] the pairs in (token, group) order, when every token has the same
+    __slots__ = ("tok", "weights", "x", "whole", "by_token", "_span", "_xs")
+
+    def __init__(self, tok: np.ndarray, span: dict[int, tuple[int, int]] | np.ndarray, weights: torch.Tensor,
+                 x: torch.Tensor, whole: bool, by_token: np.ndarray | None = None):
+        self.tok = tok                       # [N] the token of each pair
+        self._span = span                    # e -> the pairs (a, b) it serves; or, from a kernel, the experts [n]
+                                             # then the bounds [n + 1] (int64), made the dict on first read
+        self.weights = weights               # [N] each pair's routing weight
+        self.x = x                           # [T, H] the call's input
+        self.whole = whole                   # one contiguous token: every expert's rows are x
+        self.by_token = by_token             # [N] the pairs in (token, group) order, when every token has the same
                                              # number of pairs (a lossless call: k each); mix_pairs' rank order
+        self._xs = None
 
-    @cached_property
+    @property
+    def span(self) -> dict[int, tuple[int, int]]:
+        """e -> the pairs (a, b) expert e serves, ascending e."""
+        s = self._span
+        if not isinstance(s, dict):
+            eb = s.tolist()
+            n = len(eb) // 2
+            s = self._span = dict(zip(eb[:n], zip(eb[n:-1], eb[n + 1:])))
+        return s
+
+    @property
     def xs(self) -> torch.Tensor:
         """[N, H] each pair's input row, gathered on first read (a grouped call over cache slots gathers its own
         order instead, `gather`); x itself for one contiguous token."""
-        return self.x if self.whole else self.gather(self.tok)
+        if self._xs is None:
+            self._xs = self.x if self.whole else self.gather(self.tok)
+        return self._xs
 
     def gather(self, tok: np.ndarray) -> torch.Tensor:
         """x's rows of the tokens tok [n] (int64): [n, H]."""
@@ -163,11 +179,13 @@ class PairGroups:
         if not ys:
             return torch.zeros_like(x)
         y = torch.cat([ys[e] for e in sorted(ys)]) if len(ys) > 1 else ys[next(iter(ys))]   # [N, H]
-        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span, self.by_token)
+        return self.mix_rows(x, y)
 
     def mix_rows(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """`mix` of the unweighted outputs of every pair at once, y [N, H] in the groups' row order."""
-        return mix_pairs(x, self.tok, y * self.weights[:, None], self.span, self.by_token)
+        weighted = y * self.weights[:, None]
+        out = _mix_ranked(x, self.tok, weighted, self.by_token)
+        return out if out is not None else _mix_spans(x, self.tok, weighted, self.span)
 
     def offsets(self, num_experts: int, device: torch.device) -> torch.Tensor:
         """[E] int32: the cumulative pair count of experts 0..e (grouped_mm's offs; empty groups included)."""
@@ -227,19 +245,33 @@ def mix_pairs(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: di
     order); a reduced-precision one (whose index_add_ would sum repeated rows at a wider precision) takes one add per
     rank when every token has the same number of pairs (`by_token` given, or counted): c_r = the token's r-th pair by
     expert id. Elsewhere (CUDA adds repeated rows atomically, in any order) `mix` runs per expert."""
-    t_n = x.shape[0]
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    out = _mix_ranked(x, tok, weighted, by_token)
+    return out if out is not None else _mix_spans(x, tok, weighted, span)
+
+
+def _mix_ranked(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, by_token: np.ndarray | None
+                ) -> torch.Tensor | None:
+    """`mix_pairs` where it needs no spans (the CPU: one index_add_, or one add per rank), else None."""
+    if x.device.type != "cpu":
+        return None
+    if x.dtype in (torch.float32, torch.float64):
         return torch.zeros_like(x).index_add_(0, torch.from_numpy(tok), weighted.to(x.dtype))
+    t_n = x.shape[0]
     k, rem = divmod(len(tok), t_n)
-    if x.device.type == "cpu" and rem == 0 and (t_n == 1 or by_token is not None
-                                                or (np.bincount(tok, minlength=t_n) == k).all()):
-        if by_token is None and t_n > 1:
-            by_token = np.argsort(tok, kind="stable")
-        by_rank = weighted if t_n == 1 else weighted.index_select(0, torch.from_numpy(by_token))
-        out = torch.zeros_like(x)
-        for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):     # [T, H] per rank
-            out.add_(c)
-        return out
+    if rem or not (t_n == 1 or by_token is not None or (np.bincount(tok, minlength=t_n) == k).all()):
+        return None
+    if by_token is None and t_n > 1:
+        by_token = np.argsort(tok, kind="stable")
+    by_rank = weighted if t_n == 1 else weighted.index_select(0, torch.from_numpy(by_token))
+    out = torch.zeros_like(x)
+    for c in by_rank.view(t_n, k, -1).to(x.dtype).unbind(1):         # [T, H] per rank
+        out.add_(c)
+    return out
+
+
+def _mix_spans(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: dict[int, tuple[int, int]]
+               ) -> torch.Tensor:
+    """`mix_pairs` per expert, in ascending id (`mix`)."""
     rows = torch.from_numpy(tok).to(x.device)                        # [N]
     return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
 
@@ -273,10 +305,11 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
     (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
     (runtime.router), computed here from w and gate:
         coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
-    Returns (groups, weights [N] float32): groups int64 = [n, N, N', experts [n] ascending, bounds [n + 1], tok [N],
-    by_token [N']] (by_token: the pairs in (token, group) order when every token has the same number of pairs, N' = N;
-    else none, N' = 0), read by `_pair_groups`; and with bf16 the weights' bfloat16 bits [N] uint16 (else none: [0]),
-    which `_pair_groups` views as the weights' tensor instead of casting them."""
+    Returns the groups as one int64 array (one array handed back to Python, not four): [n, N, N', experts [n]
+    ascending, bounds [n + 1], tok [N], by_token [N'], the weights [N] in W words] (by_token: the pairs in (token,
+    group) order when every token has the same number of pairs, N' = N; else none, N' = 0); the weights' words hold
+    their bfloat16 bits with bf16 (4 a word, W = ceil(N / 4)), else their float32 values (2 a word, W = ceil(N / 2)),
+    which `_pair_groups` views as the weights' tensor (bfloat16: no cast)."""
     t_n, k = chosen.shape
     e_n = gate.shape[1]
     if bf16:
@@ -315,12 +348,17 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
     uniform = t_n > 0
     for t in range(t_n):
         uniform = uniform and per_tok[t] == per_tok[0]
-    grp = np.empty(3 + 2 * n_e + 1 + n + (n if uniform else 0), np.int64)
-    grp[0], grp[1], grp[2] = n_e, n, n if uniform else 0
+    n_b = n if uniform else 0
+    c = 4 + 2 * n_e + n + n_b                                    # the weights' first word
+    grp = np.empty(c + ((n + 3) // 4 if bf16 else (n + 1) // 2), np.int64)
+    grp[0], grp[1], grp[2] = n_e, n, n_b
     grp[3:3 + n_e] = experts
     grp[3 + n_e:4 + 2 * n_e] = bounds
     tok = grp[4 + 2 * n_e:4 + 2 * n_e + n]
-    wt = np.empty(n, np.float32)
+    if bf16:                                                     # float32 values, then their bits in the words
+        wt = np.empty(n, np.float32)
+    else:
+        wt = grp[c:].view(np.float32)[:n]
     coef = np.empty(t_n, np.float32)                             # [T] (read only for an own-weight understudy)
     for t in range(t_n):
         sw, sg = 0.0, 0.0
@@ -344,20 +382,19 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
                 else:
                     wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
                 fill[j] += 1
-    wb = np.empty(n if bf16 else 0, np.uint16)
     if bf16:
-        u = wt.view(np.uint32)
+        wb, u = grp[c:].view(np.uint16), wt.view(np.uint32)
         for r in range(n):
             wb[r] = _bf16_bits(np.int64(u[r]))
     if not uniform:
-        return grp, wt, wb
-    by_token = grp[4 + 2 * n_e + n:]                              # a stable counting sort of the rows by token
+        return grp
+    by_token = grp[4 + 2 * n_e + n:c]                            # a stable counting sort of the rows by token
     nxt = np.zeros(t_n, np.int64)
     for r in range(n):
         t = tok[r]
         by_token[t * per_tok[0] + nxt[t]] = r
         nxt[t] += 1
-    return grp, wt, wb
+    return grp
 
 
 def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action: np.ndarray, understudy: np.ndarray,
@@ -372,39 +409,60 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
         w32, g32 = weights.float().numpy(), gate.numpy()
     else:                                                                               # one copy to the host
         w32, g32 = host_arrays(weights, gate)
-    return _pair_groups(x, *_served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode],
-                                           weights.dtype == torch.bfloat16), weights.dtype)
+    return _pair_groups(x, _served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode],
+                                          weights.dtype == torch.bfloat16), 0, weights.dtype)
 
 
-def _pair_groups(x: torch.Tensor, grp: np.ndarray, wt: np.ndarray, wb: np.ndarray, dtype: torch.dtype) -> PairGroups:
-    """`PairGroups` of `_served_kernel`'s result: its weights moved once, in the routing weights' dtype (bfloat16:
-    its bits, viewed)."""
-    n_e, n, n_b = grp[:3].tolist()
-    eb = grp[3:4 + 2 * n_e].tolist()                                     # experts [n_e], bounds [n_e + 1]
-    span = dict(zip(eb[:n_e], zip(eb[n_e:-1], eb[n_e + 1:])))
-    a = 4 + 2 * n_e
-    w = torch.from_numpy(wb).view(dtype) if dtype == torch.bfloat16 else torch.from_numpy(wt).to(dtype)
-    return PairGroups(grp[a:a + n], span, w if x.is_cpu else w.to(x.device), x,
-                      x.shape[0] == 1 and x.is_contiguous(), grp[a + n:] if n_b else None)
+def _pair_groups(x: torch.Tensor, buf: np.ndarray, a: int, dtype: torch.dtype) -> PairGroups:
+    """`PairGroups` of `_served_kernel`'s groups at buf[a:]: its weights moved once, in the routing weights' dtype
+    (bfloat16: their bits, viewed); the spans made when first read (a call of one token reads none)."""
+    n_e, n, n_b = buf[a:a + 3].tolist()
+    b = a + 4 + 2 * n_e                                                  # experts [n_e], bounds [n_e + 1] before b
+    c = b + n + n_b
+    if dtype == torch.bfloat16:
+        w = torch.from_numpy(buf[c:c + (n + 3) // 4].view(np.uint16)[:n]).view(dtype)
+    else:
+        w = torch.from_numpy(buf[c:c + (n + 1) // 2].view(np.float32)[:n]).to(dtype)
+    return PairGroups(buf[b:b + n], buf[a + 3:b], w if x.is_cpu else w.to(x.device), x,
+                      x.shape[0] == 1 and x.is_contiguous(), buf[b + n:c] if n_b else None)
 
 
 @njit(cache=True)
-def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table, p_chosen,
-                        p_table, width, prefetch, budget, guard, host_split, c_load, c_host, w, gate, mode, bf16):
+def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch, budget,
+                        guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host, w, gate, mode,
+                        bf16):
     """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
     expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
-    (the schedule's array, groups, weights, their bfloat16 bits); no groups (empty) when no slot can be freed."""
-    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, chosen, table,
-                              p_chosen, p_table, width, prefetch, budget, guard, host_split, c_load, c_host)
+    one int64 array: the schedule's (`CompiledSchedule`), up to its last op (`CompiledSchedule.end`), then the groups
+    (`_pair_groups`); the schedule's alone when no slot can be freed."""
+    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch,
+                              budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host)
     if out[0] < 0:
-        return out, np.zeros(3, np.int64), np.empty(0, np.float32), np.empty(0, np.uint16)
+        return out
     t_n = chosen.shape[0]
     a = HEAD
     order = out[a:a + t_n * k].reshape((t_n, k))
     action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
     understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
-    grp, wt, wb = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16)
-    return out, grp, wt, wb
+    grp = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16)
+    end = HEAD + 3 * t_n * k + 4 * out[0]
+    both = np.empty(end + grp.shape[0], np.int64)
+    both[:end] = out[:end]
+    both[end:] = grp
+    return both
+
+
+@njit(cache=True)
+def _schedule_and_group_pair(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch,
+                             budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode, bf16):
+    """`_schedule_and_group` of a paired routing's arrays as the router made them (`runtime.router.pair_arrays`:
+    idx [T, 2, k] int64, w [T, 2, k] float32, gate [T, 2, E] float32; half 0 the layer's routing, half 1 the next
+    layer's prediction, the gate its score table), its halves taken here: no Python-side view or copy per half."""
+    chosen, table = np.ascontiguousarray(idx[:, 0]), np.ascontiguousarray(gate[:, 0])
+    return _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch,
+                               budget, guard, host_compute, host_max, chosen, table, np.ascontiguousarray(idx[:, 1]),
+                               np.ascontiguousarray(gate[:, 1]), c_load, c_host, np.ascontiguousarray(w[:, 0]), table,
+                               mode, bf16)
 
 
 def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, routing: tuple[np.ndarray, np.ndarray],
@@ -417,9 +475,22 @@ def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, r
     host (`runtime.router.call_arrays` gives all of them; bf16 weights may come as the float32 values the router
     rounds to them: the kernel rounds, `bf16_values`), dtype the routing weights' (the groups' weights are moved to
     x's device in it), mode the policy's `understudy_weight`."""
-    out, grp, wt, wb = _schedule_and_group(*model.kernel_args(layer, *routing, width, prediction, c_load, c_host),
-                                           weights, gate, _MODES[mode], dtype == torch.bfloat16)
-    return model.result(layer, out, routing[0].shape[0]), _pair_groups(x, grp, wt, wb, dtype)
+    out = _schedule_and_group(*model.kernel_prefix(layer, width), *routing,
+                              *(prediction if prediction is not None else model.no_prediction), float(c_load),
+                              float(c_host), weights, gate, _MODES[mode], dtype == torch.bfloat16)
+    sched = model.result(layer, out, routing[0].shape[0])
+    return sched, _pair_groups(x, out, sched.end, dtype)
+
+
+def schedule_and_group_pair(model: CompiledCacheModel, layer: int, x: torch.Tensor,
+                            pair: tuple[np.ndarray, np.ndarray, np.ndarray], dtype: torch.dtype, width: int, mode: str,
+                            c_load: float = 1.0, c_host: float = 1.0) -> tuple[CompiledSchedule, PairGroups]:
+    """`schedule_and_group` of a paired routing and its prediction, given as their shared arrays (`pair_arrays`:
+    idx [T, 2, k], weights [T, 2, k], gate [T, 2, E]); the same schedule and groups as of their halves."""
+    out = _schedule_and_group_pair(*model.kernel_prefix(layer, width), *pair, float(c_load), float(c_host),
+                                   _MODES[mode], dtype == torch.bfloat16)
+    sched = model.result(layer, out, pair[0].shape[0])
+    return sched, _pair_groups(x, out, sched.end, dtype)
 
 
 @njit(cache=True)
@@ -452,8 +523,8 @@ _MODES = {"own": 0, "replaced": 1, "auto": 2}    # understudy_weight -> the kern
 
 
 def warm_served() -> None:
-    """Compile `_served_kernel`, `_schedule_and_group` and `slot_rows` for the runtime's argument types (or load them
-    from numba's disk cache), so that a runtime's first layer call does not."""
+    """Compile `_served_kernel`, `_schedule_and_group`, `_schedule_and_group_pair` and `slot_rows` for the runtime's
+    argument types (or load them from numba's disk cache), so that a runtime's first layer call does not."""
     ids = np.zeros((1, 2), np.int64)
     _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True)
     slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
@@ -462,3 +533,5 @@ def warm_served() -> None:
     chosen, table = np.array([[0, 1]], np.int64), np.full((1, 4), 0.25, np.float32)
     schedule_and_group(model, 0, torch.zeros(1, 4), (chosen, table), (chosen, table), np.full((1, 2), 0.5, np.float32),
                        table, torch.float32, 4, "auto")
+    pair = (np.stack([chosen, chosen], 1), np.full((1, 2, 2), 0.5, np.float32), np.stack([table, table], 1))
+    schedule_and_group_pair(model, 0, torch.zeros(1, 4), pair, torch.float32, 4, "auto")

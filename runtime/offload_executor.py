@@ -20,7 +20,7 @@ import torch
 
 from runtime.expert_cache import ExpertCache
 from runtime.expert_compute import (PairGroups, group_pairs, group_served, make_expert_fn, make_grouped_fn,
-                                    schedule_and_group, slot_rows, warm_served)
+                                    schedule_and_group, schedule_and_group_pair, slot_rows, warm_served)
 from runtime.expert_store import ExpertStore
 from runtime.loader import Loader, Ticket
 from runtime.policy.compiled import PREFETCH, CompiledCacheModel, decision_arrays, warm_kernels
@@ -28,7 +28,7 @@ from runtime.policy.config import PolicyConfig
 from runtime.policy.fast import FastCacheModel
 from runtime.policy.host_split import CostMeter
 from runtime.policy.schedule import CacheModel, LayerSchedule
-from runtime.router import Routing, call_arrays, score_rows
+from runtime.router import Routing, call_arrays, pair_arrays, score_rows
 from runtime.stats import RunStats
 
 LOADS = ("load", "prefetch")
@@ -94,13 +94,19 @@ class OffloadExecutor:
     def _call_compiled(self, layer: int, x: torch.Tensor, routing: Routing, nxt: Routing | None) -> torch.Tensor:
         """The path of the score-evicting policies (`CompiledCacheModel`): the routing and the next layer's
         predicted routing nxt (None: none read) handed to the compiled model as the router's arrays, chosen [T, k]
-        and the score table [T, E], with the weights and gate (`call_arrays`: one copy to the host off the CPU), from
-        which it makes `score_rows`' rows, and the call's pairs grouped by serving expert in the same compiled call
-        (`schedule_and_group`); the pair counts added from its count vector; a direct call's copies made, then its
-        experts computed; any other call's ops carried out in order (`_execute`)."""
-        sched, g = schedule_and_group(self.model, layer, x, *call_arrays(routing, nxt), routing.weights_dtype,
-                                      self.width, self.policy.understudy_weight, self.c_load.value,
-                                      self.c_host.value)
+        and the score table [T, E], with the weights and gate (`call_arrays`: one copy to the host off the CPU; paired
+        routers' as the pair's shared arrays, `pair_arrays`), from which it makes `score_rows`' rows, and the call's
+        pairs grouped by serving expert in the same compiled call (`schedule_and_group`, `schedule_and_group_pair`);
+        the pair counts added from its count vector; a direct call's copies made, then its experts computed; any other
+        call's ops carried out in order (`_execute`)."""
+        pair = pair_arrays(routing, nxt)
+        if pair is not None:                     # paired routers: the kernel takes the shared arrays' halves
+            sched, g = schedule_and_group_pair(self.model, layer, x, pair, routing.weights_dtype, self.width,
+                                               self.policy.understudy_weight, self.c_load.value, self.c_host.value)
+        else:
+            sched, g = schedule_and_group(self.model, layer, x, *call_arrays(routing, nxt), routing.weights_dtype,
+                                          self.width, self.policy.understudy_weight, self.c_load.value,
+                                          self.c_host.value)
         a = sched.count_array
         c = self.stats.layer(layer)
         c.pairs += a[0]

@@ -151,7 +151,7 @@ class PairedRouting(Routing):
     pair = (idx [T, 2, k], weights [T, 2, k] float32, gate [T, 2, E] float32, the score table too, the mixture
     weights' dtype). A field is the half, made on first read (a view for one token, else a contiguous copy, as
     `route_logits`' fields are contiguous; the weights cast to their dtype as `route_logits` casts them);
-    `call_arrays` reads both halves as numpy views of the shared tensors and makes none (each field made is a torch
+    `pair_arrays` reads both halves as numpy views of the shared tensors and makes none (each field made is a torch
     op: microseconds in a decode's layer call)."""
 
     __slots__ = ("pair", "half", "_idx", "_weights", "_gate")
@@ -256,8 +256,11 @@ def call_arrays(routing: Routing, prediction: Routing | None = None, one_copy: b
     [T, E] float32). Views on the CPU (the weights converted where they are not float32), else (or with `one_copy`)
     all in one copy (`host_arrays`): one wait for the device per layer call. The gate is the score table's array
     where the routing's gate is its score tensor (most families)."""
-    if isinstance(routing, PairedRouting) and prediction is not None and prediction.pair is routing.pair:
-        return _pair_arrays(routing.pair, one_copy)
+    pair = pair_arrays(routing, prediction, one_copy)
+    if pair is not None:                         # each half C-contiguous (a view for one token)
+        i, w, g = pair
+        h = [np.ascontiguousarray(a) for a in (i[:, 0], g[:, 0], i[:, 1], g[:, 1], w[:, 0])]
+        return (h[0], h[1]), (h[2], h[3]), h[4], h[1]
     if routing.idx.is_cpu if one_copy is None else not one_copy:                      # views
         r = (routing.idx.numpy(), routing.score.numpy())
         p = None if prediction is None else (prediction.idx.numpy(), prediction.score.numpy())
@@ -272,25 +275,24 @@ def call_arrays(routing: Routing, prediction: Routing | None = None, one_copy: b
     return ((h[0], h[1]), (h[2], h[3]) if prediction is not None else None, h[n], h[1] if same else h[n + 1])
 
 
-def _pair_arrays(pair: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], one_copy: bool | None
-                 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
-    """`call_arrays` of a `PairedRouting` pair (idx, weights, gate [T, 2, ...], dtype): each half a numpy view of the
-    shared tensors (one copy off the CPU), made C-contiguous where T > 1 (what the host kernels read; a numpy copy of
-    a few hundred bytes). The weights are the float32 values before their cast: to bfloat16 the compiled path rounds
-    them itself (`runtime.expert_compute.bf16_values`); other casts (float16) are made here."""
-    idx, weights, gate, dtype = pair
-    if dtype not in (torch.float32, torch.bfloat16):
+def pair_arrays(routing: Routing, prediction: Routing | None, one_copy: bool | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A paired routing and its prediction (two `PairedRouting` halves of one pair) on the host as the compiled
+    path's pair kernel reads them (runtime.expert_compute.schedule_and_group_pair, which takes the halves): (idx
+    [T, 2, k] int64, weights [T, 2, k] float32, gate [T, 2, E] float32), numpy views of the shared tensors on the CPU,
+    else (or with `one_copy`) one copy (`host_arrays`); None for any other routing. The weights are the float32
+    values before their cast: to bfloat16 the compiled path rounds them itself (`runtime.expert_compute.bf16_values`);
+    other casts (float16) are made here."""
+    if not (isinstance(routing, PairedRouting) and prediction is not None and prediction.pair is routing.pair):
+        return None
+    idx, weights, gate, dtype = routing.pair
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
         weights = weights.to(dtype).float()
-    t_n = idx.shape[0]
     if idx.is_cpu if one_copy is None else not one_copy:
-        i, w, g = idx.numpy(), weights.numpy(), gate.numpy()
-    else:
-        i, w, g = (a.reshape(t.shape) for a, t in zip(
-            host_arrays(idx.view(t_n, -1), weights.view(t_n, -1), gate.view(t_n, -1)), (idx, weights, gate)))
-    h = (i[:, 0], g[:, 0], i[:, 1], g[:, 1], w[:, 0])
-    if t_n > 1:
-        h = tuple(np.ascontiguousarray(a) for a in h)
-    return (h[0], h[1]), (h[2], h[3]), h[4], h[1]
+        return idx.numpy(), weights.numpy(), gate.numpy()
+    t_n = idx.shape[0]
+    return tuple(a.reshape(t.shape) for a, t in zip(
+        host_arrays(idx.view(t_n, -1), weights.view(t_n, -1), gate.view(t_n, -1)), (idx, weights, gate)))
 
 
 def host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:

@@ -447,15 +447,17 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
 
 
 @njit(cache=True)
-def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
-                        chosen, table, p_chosen, p_table, width, prefetch, budget, guard, host_split, c_load, c_host):
+def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch, budget,
+                        guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host):
     """`schedule_kernel` on a routing as the router returns it: chosen [T, k] and the score table [T, E], and the
-    same of the prediction (no tokens: none); the rows made by `rows_from_table` (width W)."""
+    same of the prediction (no tokens: none); the rows made by `rows_from_table` (width W). Its arguments up to
+    host_max are the layer's and the policy's (`CompiledCacheModel.kernel_prefix`): the policy prefetches when it
+    does and a prediction came; splits misses with the host when it computes there and T <= host_max."""
     rid, rval, rlen = rows_from_table(chosen, table, width)
     pid, pval, plen = rows_from_table(p_chosen, p_table, width)
     return schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
-                           rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load,
-                           c_host)
+                           rid, rval, rlen, chosen, pid, pval, plen, prefetch and plen.shape[0] > 0, budget, guard,
+                           host_compute and chosen.shape[0] <= host_max, c_load, c_host)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
@@ -465,16 +467,18 @@ class CompiledSchedule:
     Per token the chosen experts in the order the rule settles them (`chosen_order` [T, k]), each one's action
     (`action` [T, k]: EXACT, BAND, BATCH, SIMILARITY, DROP) and understudy (`understudy` [T, k], -1: none);
     `count_array` [N_COUNTS]; `substituted`: whether any pair is served otherwise than exactly; `leading_loads`: n
-    when the ops are n loads and prefetches, then only slot computes (a direct call), else -1."""
+    when the ops are n loads and prefetches, then only slot computes (a direct call), else -1; `end`: the index in
+    the kernel's array after the last op (a fused kernel puts more after it)."""
 
-    __slots__ = ("count_array", "substituted", "leading_loads", "_out", "_tk", "_n", "_flat", "_ops", "_dec")
+    __slots__ = ("count_array", "substituted", "leading_loads", "end", "_out", "_tk", "_n", "_flat", "_ops", "_dec")
 
     def __init__(self, out: np.ndarray, t_n: int, k: int):
         head = out[:HEAD].tolist()
         self.count_array = head[2:]
         self.substituted = any(head[6:10])                     # drops, band, batch, similarity
         self.leading_loads = head[1]
-        self._out, self._tk, self._n = out, (t_n, k), (HEAD + 3 * t_n * k, head[0])
+        a = HEAD + 3 * t_n * k
+        self._out, self._tk, self._n, self.end = out, (t_n, k), (a, head[0]), a + 4 * head[0]
         self._flat = self._ops = self._dec = None
 
     def _part(self, i: int) -> np.ndarray:
@@ -589,10 +593,11 @@ class CompiledCacheModel:
                     self.tw_ids[li, i, a], self.tw_err[li, i, a] = j, err.get(j, np.inf)
         self.budget = policy.prefetch_max or top_k
         self.guard = policy.prefetch_guard
-        # per layer the kernel's first arguments (the arrays change in place only), and an empty prediction
+        # per layer the kernel's first arguments (its arrays change in place only), and an empty prediction
         self._static = {l: (self.index[l], self.next_index[l], top_k, self.flags, self.ints, self.alphas, self.wsum,
                             self.ring, self.tw_ids, self.tw_err, n) for l in self.layers}
-        self._no_prediction = _no_prediction(top_k, e)
+        self.no_prediction = _no_prediction(top_k, e)
+        self._prefix: dict[tuple[int, int], tuple] = {}                        # (layer, width) -> kernel_prefix
         for l, es in (initial or {}).items():
             li = self.index[l]
             for x in es:
@@ -640,17 +645,20 @@ class CompiledCacheModel:
         """`schedule` on a routing as the router returns it: chosen [T, k] int64 and the score table [T, E] float32,
         and the same two of the prediction (`runtime.router.call_arrays`); `runtime.router.score_rows`' rows of
         width `width`, made in the kernel."""
-        return self.result(layer, schedule_from_table(
-            *self.kernel_args(layer, chosen, table, width, prediction, c_load, c_host)), chosen.shape[0])
+        pred = prediction if prediction is not None else self.no_prediction
+        return self.result(layer, schedule_from_table(*self.kernel_prefix(layer, width), chosen, table, *pred,
+                                                      float(c_load), float(c_host)), chosen.shape[0])
 
-    def kernel_args(self, layer: int, chosen: np.ndarray, table: np.ndarray, width: int,
-                    prediction: tuple[np.ndarray, np.ndarray] | None = None, c_load: float = 1.0,
-                    c_host: float = 1.0) -> tuple:
-        """`schedule_from_table`'s arguments for `schedule_table`'s (a kernel that calls it takes these first)."""
-        p = self.policy
-        pred = prediction if prediction is not None else self._no_prediction
-        return (*self._static[layer], chosen, table, *pred, width, p.prefetch and prediction is not None, self.budget,
-                self.guard, p.host_compute and chosen.shape[0] <= self.host_batch_max, float(c_load), float(c_host))
+    def kernel_prefix(self, layer: int, width: int) -> tuple:
+        """`schedule_from_table`'s arguments before the call's arrays: the layer's (its arrays change in place only)
+        and the policy's, made once per layer and width (a kernel that calls it takes these first)."""
+        key = (layer, width)
+        pre = self._prefix.get(key)
+        if pre is None:
+            p = self.policy
+            pre = self._prefix[key] = (*self._static[layer], width, p.prefetch, self.budget, self.guard,
+                                       p.host_compute, self.host_batch_max)
+        return pre
 
 
 def _no_prediction(k: int, e: int) -> tuple[np.ndarray, np.ndarray]:

@@ -258,10 +258,10 @@ def test_small_and_large_calls_group_alike(monkeypatch):
 def test_the_compiled_kernels_are_ready_when_the_runtime_is(fixture_model):
     """Loading a runtime of a compiled policy compiles (or reads from numba's disk cache) its kernels for the types a
     decode passes them: decoding (batch 1 and 2, with understudies) compiles nothing more."""
-    from runtime.expert_compute import _schedule_and_group, _served_kernel, slot_rows
+    from runtime.expert_compute import _schedule_and_group, _schedule_and_group_pair, _served_kernel, slot_rows
     from runtime.policy.compiled import schedule_from_table
 
-    kernels = (schedule_from_table, _served_kernel, _schedule_and_group, slot_rows)
+    kernels = (schedule_from_table, _served_kernel, _schedule_and_group, _schedule_and_group_pair, slot_rows)
     with Runtime.load(fixture_model, policy="smoe", cache=4) as rt:
         before = tuple(len(k.signatures) for k in kernels)
         assert min(before) >= 1

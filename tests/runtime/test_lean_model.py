@@ -347,6 +347,46 @@ def test_served_groups_follow_the_rule(mode, batch):
     assert seen >= 10 and exact >= 3
 
 
+
+@pytest.mark.parametrize("batch", [1, 3, 5])
+def test_the_pair_kernel_takes_the_halves(batch):
+    """Paired routers' routing and prediction handed to the compiled model as their shared arrays (`pair_arrays`,
+    `schedule_and_group_pair`: the kernel takes each half itself) decide and group as the two routings handed apart
+    (`call_arrays`, `schedule_and_group`), on a twin model: the same ops, counts, decisions and state after every call,
+    and the same groups bit for bit (float32 and bfloat16 weights; views on the host and one copy)."""
+    import torch
+
+    from runtime.expert_compute import schedule_and_group, schedule_and_group_pair
+    from runtime.families.arch import RouterRule
+    from runtime.policy.compiled import CompiledCacheModel
+    from runtime.router import PairedRouting, call_arrays, pair_arrays, route_pair_logits
+
+    e, k = 32, 4
+    rng = np.random.default_rng(batch)
+    pol = preset("plan", understudy_weight="auto")
+    params = _plan_params(rng, e, pol.alpha, None, True)
+    paired, apart = (CompiledCacheModel({l: e // 4 for l in LAYERS}, e, k, pol, params) for _ in range(2))
+    g = torch.Generator().manual_seed(batch)
+    seen = 0
+    for n in range(60):
+        dtype = (torch.float32, torch.bfloat16)[n % 2]
+        r, p = route_pair_logits((torch.randn(batch, 2 * e, generator=g) * 2).to(dtype), RouterRule(), k)
+        assert isinstance(r, PairedRouting) and pair_arrays(r, None) is None
+        layer, x = LAYERS[n % 3], torch.randn(batch, 8, generator=g).to(r.weights_dtype)
+        s, got = schedule_and_group_pair(paired, layer, x, pair_arrays(r, p, one_copy=bool(n % 3 == 2)),
+                                         r.weights_dtype, 2 * k, "auto", 1.0, 2.0)
+        s2, want = schedule_and_group(apart, layer, x, *call_arrays(r, p), r.weights_dtype, 2 * k, "auto", 1.0, 2.0)
+        assert s.flat_ops == s2.flat_ops and s.count_array == s2.count_array and s.end == s2.end, n
+        for f in ("chosen_order", "action", "understudy"):
+            assert np.array_equal(getattr(s, f), getattr(s2, f)), (n, f)
+        assert got.tok.tolist() == want.tok.tolist() and got.span == want.span and got.whole == want.whole
+        assert got.weights.dtype == r.weights_dtype and torch.equal(got.weights, want.weights), n
+        assert (got.by_token is None) == (want.by_token is None)
+        assert got.by_token is None or got.by_token.tolist() == want.by_token.tolist()
+        assert paired.resident == apart.resident and paired.window_sums() == apart.window_sums()
+        seen += s.substituted
+    assert seen >= 10
+
 def test_host_arrays_are_the_tensors():
     """A device's routing reaches the host in one copy (`host_arrays`, what `call_arrays` uses off the CPU): the
     same ids and scores as each tensor's own copy, ids as int64, scores float32 bit for bit; `call_arrays` of a
