@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
 from runtime.policy.compiled import (DROP, EXACT, HEAD, SIMILARITY, CompiledCacheModel, CompiledSchedule,
-                                     schedule_from_table)
+                                     ascending, schedule_from_table)
 from runtime.policy.config import preset
 from runtime.policy.plan_params import substitution_params
 from runtime.router import host_arrays
@@ -296,7 +296,7 @@ def bf16_values(w):
 
 
 @njit(cache=True)
-def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
+def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16, ws):
     """A call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own exact pairs
     in (position, token) order, then the tokens it stands in for, in token order (`group_served`).
     chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
@@ -305,6 +305,8 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
     (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
     (runtime.router), computed here from w and gate:
         coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
+    ws: int64 scratch [>= 2E], zero, left zero (the compiled model's `workspace`: no per-expert memory allocated or
+    zeroed per call).
     Returns the groups as one int64 array (one array handed back to Python, not four): [n, N, N', experts [n]
     ascending, bounds [n + 1], tok [N], by_token [N'], the weights [N] in W words] (by_token: the pairs in (token,
     group) order when every token has the same number of pairs, N' = N; else none, N' = 0); the weights' words hold
@@ -321,29 +323,27 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
             for p in range(k):
                 if chosen[t, p] == order[t, q]:
                     act[t, p], und[t, p] = action[t, q], understudy[t, q]
-    n_of = np.zeros(e_n, np.int64)
+    n_of, fill = ws[:e_n], ws[e_n:2 * e_n]                        # [E] pairs of each serving expert; its next row
     per_tok = np.zeros(t_n, np.int64)
+    serving = np.empty(t_n * k, np.int64)
+    n_e = 0
     for t in range(t_n):
         for p in range(k):
-            if act[t, p] == EXACT:
-                n_of[chosen[t, p]] += 1
-                per_tok[t] += 1
-            elif act[t, p] != DROP:
-                n_of[und[t, p]] += 1
-                per_tok[t] += 1
-    n_e = 0
-    for e in range(e_n):
-        n_e += n_of[e] > 0
-    experts = np.empty(n_e, np.int64)
+            if act[t, p] == DROP:
+                continue
+            e = chosen[t, p] if act[t, p] == EXACT else und[t, p]
+            if n_of[e] == 0:
+                serving[n_e] = e
+                n_e += 1
+            n_of[e] += 1
+            per_tok[t] += 1
+    experts = serving[:n_e]
+    ascending(experts, n_e)
     bounds = np.zeros(n_e + 1, np.int64)
-    fill = np.zeros(e_n, np.int64)                               # [E] the next row of each expert
-    a = 0
-    for e in range(e_n):
-        if n_of[e] > 0:
-            experts[a] = e
-            fill[e] = bounds[a]
-            bounds[a + 1] = bounds[a] + n_of[e]
-            a += 1
+    for a in range(n_e):
+        e = experts[a]
+        fill[e] = bounds[a]
+        bounds[a + 1] = bounds[a] + n_of[e]
     n = bounds[n_e]
     uniform = t_n > 0
     for t in range(t_n):
@@ -382,6 +382,8 @@ def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16):
                 else:
                     wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
                 fill[j] += 1
+    for a in range(n_e):                                         # the scratch zero again
+        n_of[experts[a]] = fill[experts[a]] = 0
     if bf16:
         wb, u = grp[c:].view(np.uint16), wt.view(np.uint32)
         for r in range(n):
@@ -410,7 +412,8 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
     else:                                                                               # one copy to the host
         w32, g32 = host_arrays(weights, gate)
     return _pair_groups(x, _served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode],
-                                          weights.dtype == torch.bfloat16), 0, weights.dtype)
+                                          weights.dtype == torch.bfloat16, np.zeros(2 * g32.shape[1], np.int64)),
+                        0, weights.dtype)
 
 
 def _pair_groups(x: torch.Tensor, buf: np.ndarray, a: int, dtype: torch.dtype) -> PairGroups:
@@ -428,15 +431,16 @@ def _pair_groups(x: torch.Tensor, buf: np.ndarray, a: int, dtype: torch.dtype) -
 
 
 @njit(cache=True)
-def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch, budget,
-                        guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host, w, gate, mode,
-                        bf16):
+def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                        prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load,
+                        c_host, w, gate, mode, bf16):
     """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
     expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
     one int64 array: the schedule's (`CompiledSchedule`), up to its last op (`CompiledSchedule.end`), then the groups
     (`_pair_groups`); the schedule's alone when no slot can be freed."""
-    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch,
-                              budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host)
+    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                              prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table,
+                              c_load, c_host)
     if out[0] < 0:
         return out
     t_n = chosen.shape[0]
@@ -444,7 +448,7 @@ def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_
     order = out[a:a + t_n * k].reshape((t_n, k))
     action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
     understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
-    grp = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16)
+    grp = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16, ws)
     end = HEAD + 3 * t_n * k + 4 * out[0]
     both = np.empty(end + grp.shape[0], np.int64)
     both[:end] = out[:end]
@@ -453,16 +457,17 @@ def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_
 
 
 @njit(cache=True)
-def _schedule_and_group_pair(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch,
-                             budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode, bf16):
+def _schedule_and_group_pair(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                             prefetch, budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode,
+                             bf16):
     """`_schedule_and_group` of a paired routing's arrays as the router made them (`runtime.router.pair_arrays`:
     idx [T, 2, k] int64, w [T, 2, k] float32, gate [T, 2, E] float32; half 0 the layer's routing, half 1 the next
     layer's prediction, the gate its score table), its halves taken here: no Python-side view or copy per half."""
     chosen, table = np.ascontiguousarray(idx[:, 0]), np.ascontiguousarray(gate[:, 0])
-    return _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch,
-                               budget, guard, host_compute, host_max, chosen, table, np.ascontiguousarray(idx[:, 1]),
-                               np.ascontiguousarray(gate[:, 1]), c_load, c_host, np.ascontiguousarray(w[:, 0]), table,
-                               mode, bf16)
+    return _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                               prefetch, budget, guard, host_compute, host_max, chosen, table,
+                               np.ascontiguousarray(idx[:, 1]), np.ascontiguousarray(gate[:, 1]), c_load, c_host,
+                               np.ascontiguousarray(w[:, 0]), table, mode, bf16)
 
 
 def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, routing: tuple[np.ndarray, np.ndarray],
@@ -526,7 +531,8 @@ def warm_served() -> None:
     """Compile `_served_kernel`, `_schedule_and_group`, `_schedule_and_group_pair` and `slot_rows` for the runtime's
     argument types (or load them from numba's disk cache), so that a runtime's first layer call does not."""
     ids = np.zeros((1, 2), np.int64)
-    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True)
+    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True,
+                   np.zeros(8, np.int64))
     slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
     pol = preset("smoe")
     model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, substitution_params(pol, [0, 1]))

@@ -4,7 +4,8 @@ compiled kernel per layer call, over arrays.
 It makes exactly the decisions of the reference `runtime.policy.schedule.CacheModel` for these policies (the tests
 replay random and recorded traces through both, op for op, with the plan's near-twins, protected experts, drops,
 pool depth, prefetch guard and the host/transfer split). The kernel is the reference's rules written over dense
-per-layer arrays, each step a scan over at most E experts or a token's W scored experts:
+per-layer arrays, each step a scan over the call's experts or a token's W scored experts (only the victim's argmin
+scans all E), with the model's per-expert scratch, which each call clears where it wrote it:
 
   decide   per token, with S = S(k+1) of its top-W scores, hi = (1 + alpha) S, lo = (1 - alpha) S
            (runtime.policy.substitution): top-score experts (s > hi), protected, cached or (use_batch) another
@@ -183,22 +184,49 @@ def _issue(li, lid, queue, q, n_load, res, n_res, slots, pending, pf, wsum, held
 
 
 @njit(cache=True)
-def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
+def ascending(ids, n):
+    """ids[:n] sorted ascending in place (insertion sort: n is a call's few experts)."""
+    for a in range(1, n):
+        e = ids[a]
+        b = a - 1
+        while b >= 0 and ids[b] > e:
+            ids[b + 1] = ids[b]
+            b -= 1
+        ids[b + 1] = e
+
+
+def workspace(num_experts: int) -> np.ndarray:
+    """The kernels' per-expert scratch (`schedule_kernel`, and `_served_kernel`'s first 2E words), zero between
+    calls: int64 [7E + ceil(7E / 8)] = four int64 rows, three float64 rows, seven uint8 rows."""
+    e = num_experts
+    return np.zeros(7 * e + (7 * e + 7) // 8, np.int64)
+
+
+@njit(cache=True)
+def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws,
                     rid, rval, rlen, chosen, pid, pval, plen, prefetch, budget, guard, host_split, c_load, c_host):
     """One layer call of layer index li (nli: the next MoE layer's index, -1 for the last), on the model's arrays
     by layer index (`CompiledCacheModel`: flags [4, L, E] uint8 = resident, prefetched, protected, drop_ok; ints
     [8, L] = resident count, slots, window head, steps held, pool depth (-1: none), layer id, use_batch, by_error;
-    alphas [L]; the window's sums wsum [L, E] and steps ring [L, n, E]; near-twins tw_ids / tw_err [L, E, D], -1
-    padded); rows rid / rval [T, W] with lengths rlen [T]; chosen [T, k]; the prediction's rows pid / pval / plen
-    (no rows: no prediction). Returns one int64 array (`CompiledSchedule` reads it): [n_ops, leading loads (-1: not
-    a direct call), counts (N_COUNTS), per token the chosen experts in the order the rule settles them [T, k], each
-    one's action [T, k] and understudy [T, k] (-1: none), ops [n, 4] (kind code, layer id, expert, victim or -1)];
-    n_ops is -(2 + e) when no slot can be freed for expert e."""
+    alphas [L]; the window's sums wsum [L, E], steps ring [L, n, E] and each step's experts ring_ids [L, n, 1 + E]
+    int32 (their count first: a step's other entries are 0); near-twins tw_ids / tw_err [L, E, D], -1 padded; ws the
+    per-expert scratch, `workspace`); rows rid / rval [T, W] with lengths rlen [T]; chosen [T, k]; the prediction's
+    rows pid / pval / plen (no rows: no prediction). Returns one int64 array (`CompiledSchedule` reads it): [n_ops,
+    leading loads (-1: not a direct call), counts (N_COUNTS), per token the chosen experts in the order the rule
+    settles them [T, k], each one's action [T, k] and understudy [T, k] (-1: none), ops [n, 4] (kind code, layer id,
+    expert, victim or -1)]; n_ops is -(2 + e) when no slot can be freed for expert e.
+
+    Only the call's experts are visited: its chosen experts and understudies (`touched`), the scored experts of its
+    tokens and the named ones of the prediction; a scan over all E experts is left only to the victim's argmin. The
+    scratch rows are the model's, set for those experts and cleared for them before the kernel returns (whatever it
+    returns), so no call allocates or zeroes per-expert memory: in a decode, where the caches are cold between layer
+    calls, each fresh line a call writes costs a miss."""
     res, pf, protected, drop_ok = flags[0], flags[1], flags[2], flags[3]
     n_res, slots, head, held, depths, layer_ids, use_batch, by_error = (
         ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7])
     alpha, depth, lid = alphas[li], depths[li], layer_ids[li]
     t_n = chosen.shape[0]
+    p_n = plen.shape[0]
     cap = 3 * t_n * k + budget + 1                               # ops at most: loads, computes, host computes
     out = np.empty(HEAD + 3 * t_n * k + 4 * cap, np.int64)
     out[:HEAD] = 0
@@ -208,34 +236,45 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
     out_j = out[HEAD + 2 * t_n * k:HEAD + 3 * t_n * k].reshape((t_n, k))
     ops = out[HEAD + 3 * t_n * k:].reshape((cap, 4))
     e_n = res.shape[1]
-    # scratch, three allocations: [E] per expert, [w] per scored expert of a token, [T] / [T, k] per token
+    # per expert (the model's scratch, zero between calls): exact pairs; understudy pairs; tokens topping e;
+    # whether the token at hand tops e; best score over the tokens that chose e; one token's scores (0: unscored);
+    # the prediction's best score of e; flags
+    exact_n, subs_n, top_n, own_top = ws[:e_n], ws[e_n:2 * e_n], ws[2 * e_n:3 * e_n], ws[3 * e_n:4 * e_n]
+    wf = ws[4 * e_n:7 * e_n].view(np.float64)
+    best, score, pmax = wf[:e_n], wf[e_n:2 * e_n], wf[2 * e_n:]
+    wu = ws[7 * e_n:].view(np.uint8)
+    is_chosen, used, needed, pending = wu[:e_n], wu[e_n:2 * e_n], wu[2 * e_n:3 * e_n], wu[3 * e_n:4 * e_n]
+    named, seen, in_step = wu[4 * e_n:5 * e_n], wu[5 * e_n:6 * e_n], wu[6 * e_n:7 * e_n]
+    # per call, two allocations: [w] per scored expert of a token; [2Tk] the call's experts, its misses, its cached
+    # needed ones; [Pk] the prediction's named; [T] per token
     w_n = max(rid.shape[1], pid.shape[1], k)
-    ib = np.zeros(6 * e_n + 3 * w_n, np.int64)
-    exact_n, subs_n, top_n = ib[:e_n], ib[e_n:2 * e_n], ib[2 * e_n:3 * e_n]    # exact pairs; understudy pairs;
-    own_top, misses, want = ib[3 * e_n:4 * e_n], ib[4 * e_n:5 * e_n], ib[5 * e_n:6 * e_n]   # tokens topping e
-    pool, ranked, order = ib[6 * e_n:6 * e_n + w_n], ib[6 * e_n + w_n:6 * e_n + 2 * w_n], ib[6 * e_n + 2 * w_n:]
-    fb = np.zeros(5 * e_n + 3 * w_n + t_n)
-    best, score, miss_s = fb[:e_n], fb[e_n:2 * e_n], fb[2 * e_n:3 * e_n]   # best score over the tokens that chose
-    pmax, want_s = fb[3 * e_n:4 * e_n], fb[4 * e_n:5 * e_n]                # e; one token's scores (0: unscored)
-    pool_s, ranked_s = fb[5 * e_n:5 * e_n + w_n], fb[5 * e_n + w_n:5 * e_n + 2 * w_n]
-    order_s, s_next = fb[5 * e_n + 2 * w_n:5 * e_n + 3 * w_n], fb[5 * e_n + 3 * w_n:]
-    ub = np.zeros(6 * e_n + t_n * k, np.uint8)
-    cached, is_chosen, used = ub[:e_n], ub[e_n:2 * e_n], ub[2 * e_n:3 * e_n]    # resident at the start
-    needed, pending, named = ub[3 * e_n:4 * e_n], ub[4 * e_n:5 * e_n], ub[5 * e_n:6 * e_n]
-    is_top = ub[6 * e_n:].reshape((t_n, k))                      # chosen[t, p] is a top-score expert of t
-    cached[:] = res[li]
-    best[:] = -np.inf
+    c_n = 2 * t_n * k
+    ib = np.empty(3 * w_n + 3 * c_n + p_n * k, np.int64)
+    pool, ranked, order = ib[:w_n], ib[w_n:2 * w_n], ib[2 * w_n:3 * w_n]
+    touched, misses = ib[3 * w_n:3 * w_n + c_n], ib[3 * w_n + c_n:3 * w_n + 2 * c_n]
+    cn, want = ib[3 * w_n + 2 * c_n:3 * w_n + 3 * c_n], ib[3 * w_n + 3 * c_n:]
+    fb = np.empty(3 * w_n + c_n + p_n * k + t_n)
+    pool_s, ranked_s, order_s = fb[:w_n], fb[w_n:2 * w_n], fb[2 * w_n:3 * w_n]
+    miss_s, want_s = fb[3 * w_n:3 * w_n + c_n], fb[3 * w_n + c_n:3 * w_n + c_n + p_n * k]
+    s_next = fb[3 * w_n + c_n + p_n * k:]
+    is_top = np.zeros((t_n, k), np.uint8)                        # chosen[t, p] is a top-score expert of t
+    n_t = 0
     for t in range(t_n):
         for w in range(rlen[t]):
             score[rid[t, w]] = rval[t, w]
         for p in range(k):
             e = chosen[t, p]
+            if not seen[e]:
+                seen[e], best[e] = 1, -np.inf
+                touched[n_t] = e
+                n_t += 1
             if score[e] > best[e]:
                 best[e] = score[e]
         for w in range(rlen[t]):
             score[rid[t, w]] = 0.0
     counts[0] = t_n * k
-    # ---- decisions (runtime.policy.substitution)
+    # ---- decisions (runtime.policy.substitution); no op is made before the ops below, so res[li] is the
+    # residency the call starts with
     if alpha <= 0.0:
         for t in range(t_n):
             for p in range(k):
@@ -269,7 +308,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
                 e = rid[t, w]
                 s = rval[t, w]
                 if not is_chosen[e] and lo < s and s <= sn and (
-                        cached[e] or (use_batch[li] and top_n[e] - own_top[e] > 0)):
+                        res[li, e] or (use_batch[li] and top_n[e] - own_top[e] > 0)):
                     pool[n_pool], pool_s[n_pool] = e, s
                     n_pool += 1
             _best_first(pool, pool_s, n_pool)
@@ -296,7 +335,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
             for p in range(k):
                 i = order[p]
                 out_i[t, p], out_j[t, p] = i, -1
-                if order_s[p] > hi or protected[li, i] or cached[i] or (use_batch[li] and top_n[i] - own_top[i] > 0):
+                if order_s[p] > hi or protected[li, i] or res[li, i] or (use_batch[li] and top_n[i] - own_top[i] > 0):
                     out_act[t, p] = EXACT
                     exact_n[i] += 1
                     continue
@@ -307,19 +346,23 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
                         c = tw_ids[li, i, d]
                         if c < 0:
                             break
-                        if cached[c] and not used[c] and not is_chosen[c] and (j < 0 or tw_err[li, i, d] < best_err):
+                        if res[li, c] and not used[c] and not is_chosen[c] and (j < 0 or tw_err[li, i, d] < best_err):
                             j, best_err, act = c, tw_err[li, i, d], SIMILARITY
                 if j < 0:
                     for a in range(n_pool):
                         if not used[pool[a]]:
                             j = pool[a]
-                            act = BAND if cached[j] else BATCH
+                            act = BAND if res[li, j] else BATCH
                             break
                 if j >= 0:
                     used[j] = 1
                     out_act[t, p], out_j[t, p] = act, j
                     subs_n[j] += 1
                     counts[5 + act - 1] += 1                     # band, batch, similarity
+                    if not seen[j]:                              # (cached: never a miss, its best score unread)
+                        seen[j], best[j] = 1, -np.inf
+                        touched[n_t] = j
+                        n_t += 1
                 elif drop_ok[li, i]:
                     out_act[t, p] = DROP
                     counts[4] += 1
@@ -334,31 +377,47 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
             for p in range(k):
                 if out_j[t, p] >= 0:
                     used[out_j[t, p]] = 0
-    # ---- the score window moves (the victims' key)
+    # ---- the score window moves (the victims' key); a step's entries outside its experts are 0
+    steps = ring_ids[li]                                         # [n, 1 + E]
     if held[li] == window:                                       # full: the oldest step leaves, its slot is reused
         old = head[li]
-        for e in range(e_n):                                     # (an unscored expert's 0.0 changes no sum)
+        for a in range(steps[old, 0]):
+            e = steps[old, 1 + a]
             wsum[li, e] -= ring[li, old, e]
+            ring[li, old, e] = 0.0
         head[li] = (old + 1) % window
-    else:
+    else:                                                        # (a slot not used yet: all 0)
         old = (head[li] + held[li]) % window
         held[li] += 1
     step = ring[li, old]                                         # [E] the step: mean score over the call's tokens
-    step[:] = 0.0
+    n_s = 0
     for t in range(t_n):
         for w in range(rlen[t]):
-            step[rid[t, w]] += rval[t, w] if t_n == 1 else rval[t, w] / t_n
-    for e in range(e_n):
+            e = rid[t, w]
+            step[e] += rval[t, w] if t_n == 1 else rval[t, w] / t_n
+            if not in_step[e]:
+                in_step[e] = 1
+                steps[old, 1 + n_s] = e
+                n_s += 1
+    steps[old, 0] = n_s
+    for a in range(n_s):
+        e = steps[old, 1 + a]
+        in_step[e] = 0
         wsum[li, e] += step[e]
     # ---- misses, the host split, the pair counts
-    n_miss = 0
-    for e in range(e_n):
+    n_miss = n_cn = 0
+    for a in range(n_t):
+        e = touched[a]
         if exact_n[e] > 0 or subs_n[e] > 0:
             needed[e] = 1
-            if not cached[e]:
+            if res[li, e]:
+                cn[n_cn] = e
+                n_cn += 1
+            else:
                 misses[n_miss], miss_s[n_miss] = e, (best[e] if best[e] > -np.inf else 0.0)
                 n_miss += 1
     _best_first(misses, miss_s, n_miss)
+    ascending(cn, n_cn)
     n_load = n_miss
     if host_split and n_miss > 0:                                # argmin_n max(n c_load, (N - n) c_host), ties: more loads
         best_cost = np.inf
@@ -369,20 +428,23 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
     # pending: needed, not on the host, not yet computed
     for a in range(n_load):
         pending[misses[a]] = 1
-    for e in range(e_n):
-        if needed[e] and cached[e]:
-            pending[e] = 1
-            if pf[li, e]:
-                counts[10] += 1
-                pf[li, e] = 0
+    for a in range(n_cn):
+        e = cn[a]
+        pending[e] = 1
+        if pf[li, e]:
+            counts[10] += 1
+            pf[li, e] = 0
+    for a in range(n_t):
+        e = touched[a]
         if exact_n[e] > 0:                                       # hits; misses (loaded: pending) or host
-            counts[1 if cached[e] else 2 if pending[e] else 3] += exact_n[e]
+            counts[1 if res[li, e] else 2 if pending[e] else 3] += exact_n[e]
     # ---- ops
     n_ops = 0
     q, n_ops = _issue(li, lid, misses, 0, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
-    if prefetch and nli >= 0 and plen.shape[0] > 0:
+    n_want = 0
+    if prefetch and nli >= 0 and p_n > 0:
         # named: predicted, busy in the next layer; pmax: its best predicted score
-        for t in range(plen.shape[0]):
+        for t in range(p_n):
             n = plen[t]
             for w in range(n):
                 ranked[w], ranked_s[w] = pid[t, w], pval[t, w]
@@ -393,13 +455,12 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
                 if ranked_s[w] > thr:
                     if not named[e]:
                         named[e], pmax[e] = 1, max(0.0, ranked_s[w])
+                        want[n_want] = e
+                        n_want += 1
                     elif ranked_s[w] > pmax[e]:
                         pmax[e] = ranked_s[w]
-        n_want = 0
-        for e in range(e_n):
-            if named[e]:
-                want[n_want], want_s[n_want] = e, pmax[e]
-                n_want += 1
+        for a in range(n_want):
+            want_s[a] = pmax[want[a]]
         _best_first(want, want_s, n_want)
         m = max(held[nli], 1)
         for a in range(min(budget, n_want)):
@@ -418,23 +479,36 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
             n_ops = _op(ops, n_ops, 1, layer_ids[nli], e, v)
             counts[8] += 1
             counts[9] += 1
-    for e in range(e_n):
-        if needed[e] and cached[e]:
-            n_ops = _op(ops, n_ops, 2, lid, e, -1)
-            pending[e] = 0
-            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+    for a in range(n_cn):                                        # the cached needed experts, ascending
+        e = cn[a]
+        n_ops = _op(ops, n_ops, 2, lid, e, -1)
+        pending[e] = 0
+        q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     for a in range(n_load, n_miss):
         n_ops = _op(ops, n_ops, 3, lid, misses[a], -1)
+    stuck = -1
     for a in range(n_load):
         e = misses[a]
         if not res[li, e]:
             q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
         if not res[li, e]:
-            out[0] = -(2 + e)
-            return out
+            stuck = e
+            break
         n_ops = _op(ops, n_ops, 2, lid, e, -1)
         pending[e] = 0
         q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+    # ---- the scratch cleared for the call's experts (zero for the next call, whatever this one returns)
+    for a in range(n_t):
+        e = touched[a]
+        exact_n[e] = subs_n[e] = top_n[e] = 0
+        best[e] = 0.0
+        needed[e] = pending[e] = seen[e] = 0
+    for a in range(n_want):
+        named[want[a]] = 0
+        pmax[want[a]] = 0.0
+    if stuck >= 0:
+        out[0] = -(2 + stuck)
+        return out
     out[0] = n_ops
     lead = 0
     while lead < n_ops and ops[lead, 0] < 2:
@@ -447,15 +521,16 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err,
 
 
 @njit(cache=True)
-def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window, width, prefetch, budget,
-                        guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host):
+def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                        prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load,
+                        c_host):
     """`schedule_kernel` on a routing as the router returns it: chosen [T, k] and the score table [T, E], and the
     same of the prediction (no tokens: none); the rows made by `rows_from_table` (width W). Its arguments up to
     host_max are the layer's and the policy's (`CompiledCacheModel.kernel_prefix`): the policy prefetches when it
     does and a prediction came; splits misses with the host when it computes there and T <= host_max."""
     rid, rval, rlen = rows_from_table(chosen, table, width)
     pid, pval, plen = rows_from_table(p_chosen, p_table, width)
-    return schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, tw_ids, tw_err, window,
+    return schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws,
                            rid, rval, rlen, chosen, pid, pval, plen, prefetch and plen.shape[0] > 0, budget, guard,
                            host_compute and chosen.shape[0] <= host_max, c_load, c_host)
 
@@ -581,6 +656,8 @@ class CompiledCacheModel:
         self.alphas = np.array([p.alpha for p in ps], dtype=np.float64)                # [L]
         self.wsum = np.zeros((n_l, e))                                                 # [L, E] window sums
         self.ring = np.zeros((n_l, n, e))                                              # [L, n, E] window steps (0: unscored)
+        self.ring_ids = np.zeros((n_l, n, 1 + e), np.int32)                            # [L, n, 1 + E] their experts
+        self.ws = workspace(e)                                                         # the kernels' scratch
         d = max([len(v) for p in ps for v in (p.similar or {}).values()] + [1])
         self.tw_ids = np.full((n_l, e, d), -1, np.int64)                               # [L, E, D] near-twins
         self.tw_err = np.full((n_l, e, d), np.inf)                                     # [L, E, D] their errors
@@ -595,7 +672,7 @@ class CompiledCacheModel:
         self.guard = policy.prefetch_guard
         # per layer the kernel's first arguments (its arrays change in place only), and an empty prediction
         self._static = {l: (self.index[l], self.next_index[l], top_k, self.flags, self.ints, self.alphas, self.wsum,
-                            self.ring, self.tw_ids, self.tw_err, n) for l in self.layers}
+                            self.ring, self.ring_ids, self.tw_ids, self.tw_err, n, self.ws) for l in self.layers}
         self.no_prediction = _no_prediction(top_k, e)
         self._prefix: dict[tuple[int, int], tuple] = {}                        # (layer, width) -> kernel_prefix
         for l, es in (initial or {}).items():

@@ -264,6 +264,37 @@ def test_compiled_model_decides_as_the_cache_model(case, e, k, batch):
             assert b.counts == a.counts, (slots, n)
             assert b.decisions == a.decisions, (slots, n)
             assert _compiled_state(fast) == _ref_state(ref), (slots, n)
+            _assert_scratch_clean(fast)
+
+
+def _assert_scratch_clean(model):
+    """The compiled kernel's per-expert scratch is zero between calls, and each window step's nonzero scores are
+    among the experts it lists (what it subtracts when the step leaves)."""
+    assert not model.ws.any()
+    for li in range(len(model.layers)):
+        for s in range(model.ring.shape[1]):
+            listed = set(model.ring_ids[li, s, 1:1 + model.ring_ids[li, s, 0]].tolist())
+            assert set(np.flatnonzero(model.ring[li, s]).tolist()) <= listed
+
+
+def test_a_failed_compiled_call_leaves_its_scratch_zero():
+    """A call for which no slot can be freed (a layer of no slots) raises as the reference does, and the kernel's
+    scratch is zero after it: the next call decides from clean state."""
+    from runtime.policy.compiled import CompiledCacheModel
+
+    e, k = 16, 4
+    pol = preset("smoe")
+    params = substitution_params(pol, list(LAYERS))
+    model = CompiledCacheModel({0: 0, 1: 4, 2: 4}, e, k, pol, params)
+    ref = CacheModel({0: 0, 1: 4, 2: 4}, e, k, pol, params)
+    rng = np.random.default_rng(5)
+    rows, chosen = _rows(rng, 2, e, k, None)
+    for m in (ref, model):
+        with pytest.raises(RuntimeError, match="no slot can be freed"):
+            m.schedule(0, rows, chosen, rows)
+    _assert_scratch_clean(model)
+    assert model.schedule(1, rows, chosen, rows).ops == ref.schedule(1, rows, chosen, rows).ops
+    _assert_scratch_clean(model)
 
 
 def _reference_groups(chosen, decisions, w, coef, gate, mode):
