@@ -14,8 +14,8 @@ from numba import njit
 from transformers.activations import ACT2FN, SiLUActivation
 
 from runtime.families.arch import ExpertFormat
-from runtime.policy.compiled import (DROP, EXACT, HEAD, SIMILARITY, CompiledCacheModel, CompiledSchedule,
-                                     ascending, schedule_from_table)
+from runtime.policy.compiled import (CompiledCacheModel, CompiledSchedule, decide_and_group, decide_and_group_pair,
+                                     served_groups)
 from runtime.policy.config import preset
 from runtime.policy.plan_params import substitution_params
 from runtime.router import host_arrays
@@ -276,133 +276,10 @@ def _mix_spans(x: torch.Tensor, tok: np.ndarray, weighted: torch.Tensor, span: d
     return mix(x, [(e, rows[a:b], weighted[a:b]) for e, (a, b) in sorted(span.items())])
 
 
-@njit(cache=True)
-def _bf16_bits(b):
-    """The bfloat16 bits of a finite float32 whose bits are b (int64): torch's float32 -> bfloat16 cast, round to
-    nearest, ties to even."""
-    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-
-
-@njit(cache=True)
-def bf16_values(w):
-    """w [T, k] float32 (finite) rounded to bfloat16 precision, as float32 (a new array; on values bf16 already
-    holds, the identity)."""
-    out = np.empty_like(w)
-    u, r = w.view(np.uint32), out.view(np.uint32)
-    for t in range(w.shape[0]):
-        for q in range(w.shape[1]):
-            r[t, q] = _bf16_bits(np.int64(u[t, q])) << 16
-    return out
-
-
-@njit(cache=True)
-def _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16, ws):
-    """A call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own exact pairs
-    in (position, token) order, then the tokens it stands in for, in token order (`group_served`).
-    chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
-    weights (bf16: the values the router rounds to bfloat16 weights, rounded here, `bf16_values`); gate [T, E]
-    float32; mode: 0 own (coef x gate_j, a float32 product), 1 replaced (the replaced expert's weight), 2 auto
-    (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
-    (runtime.router), computed here from w and gate:
-        coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
-    ws: int64 scratch [>= 2E], zero, left zero (the compiled model's `workspace`: no per-expert memory allocated or
-    zeroed per call).
-    Returns the groups as one int64 array (one array handed back to Python, not four): [n, N, N', experts [n]
-    ascending, bounds [n + 1], tok [N], by_token [N'], the weights [N] in W words] (by_token: the pairs in (token,
-    group) order when every token has the same number of pairs, N' = N; else none, N' = 0); the weights' words hold
-    their bfloat16 bits with bf16 (4 a word, W = ceil(N / 4)), else their float32 values (2 a word, W = ceil(N / 2)),
-    which `_pair_groups` views as the weights' tensor (bfloat16: no cast)."""
-    t_n, k = chosen.shape
-    e_n = gate.shape[1]
-    if bf16:
-        w = bf16_values(w)
-    act = np.empty((t_n, k), np.int64)                           # [T, k] by routing position
-    und = np.empty((t_n, k), np.int64)
-    for t in range(t_n):
-        for q in range(k):
-            for p in range(k):
-                if chosen[t, p] == order[t, q]:
-                    act[t, p], und[t, p] = action[t, q], understudy[t, q]
-    n_of, fill = ws[:e_n], ws[e_n:2 * e_n]                        # [E] pairs of each serving expert; its next row
-    per_tok = np.zeros(t_n, np.int64)
-    serving = np.empty(t_n * k, np.int64)
-    n_e = 0
-    for t in range(t_n):
-        for p in range(k):
-            if act[t, p] == DROP:
-                continue
-            e = chosen[t, p] if act[t, p] == EXACT else und[t, p]
-            if n_of[e] == 0:
-                serving[n_e] = e
-                n_e += 1
-            n_of[e] += 1
-            per_tok[t] += 1
-    experts = serving[:n_e]
-    ascending(experts, n_e)
-    bounds = np.zeros(n_e + 1, np.int64)
-    for a in range(n_e):
-        e = experts[a]
-        fill[e] = bounds[a]
-        bounds[a + 1] = bounds[a] + n_of[e]
-    n = bounds[n_e]
-    uniform = t_n > 0
-    for t in range(t_n):
-        uniform = uniform and per_tok[t] == per_tok[0]
-    n_b = n if uniform else 0
-    c = 4 + 2 * n_e + n + n_b                                    # the weights' first word
-    grp = np.empty(c + ((n + 3) // 4 if bf16 else (n + 1) // 2), np.int64)
-    grp[0], grp[1], grp[2] = n_e, n, n_b
-    grp[3:3 + n_e] = experts
-    grp[3 + n_e:4 + 2 * n_e] = bounds
-    tok = grp[4 + 2 * n_e:4 + 2 * n_e + n]
-    if bf16:                                                     # float32 values, then their bits in the words
-        wt = np.empty(n, np.float32)
-    else:
-        wt = grp[c:].view(np.float32)[:n]
-    coef = np.empty(t_n, np.float32)                             # [T] (read only for an own-weight understudy)
-    for t in range(t_n):
-        sw, sg = 0.0, 0.0
-        for q in range(k):
-            sw += np.float64(w[t, q])
-            sg += np.float64(gate[t, chosen[t, q]])
-        coef[t] = np.float32(sw / max(sg, 1e-30))
-    for p in range(k):
-        for t in range(t_n):
-            if act[t, p] == EXACT:
-                e = chosen[t, p]
-                tok[fill[e]], wt[fill[e]] = t, w[t, p]
-                fill[e] += 1
-    for t in range(t_n):
-        for p in range(k):
-            if act[t, p] != EXACT and act[t, p] != DROP:
-                j = und[t, p]
-                tok[fill[j]] = t
-                if mode == 1 or (mode == 2 and act[t, p] == SIMILARITY):
-                    wt[fill[j]] = w[t, p]
-                else:
-                    wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
-                fill[j] += 1
-    for a in range(n_e):                                         # the scratch zero again
-        n_of[experts[a]] = fill[experts[a]] = 0
-    if bf16:
-        wb, u = grp[c:].view(np.uint16), wt.view(np.uint32)
-        for r in range(n):
-            wb[r] = _bf16_bits(np.int64(u[r]))
-    if not uniform:
-        return grp
-    by_token = grp[4 + 2 * n_e + n:c]                            # a stable counting sort of the rows by token
-    nxt = np.zeros(t_n, np.int64)
-    for r in range(n):
-        t = tok[r]
-        by_token[t * per_tok[0] + nxt[t]] = r
-        nxt[t] += 1
-    return grp
-
-
 def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action: np.ndarray, understudy: np.ndarray,
                  weights: torch.Tensor, gate: torch.Tensor, mode: str) -> PairGroups:
     """The pairs of a call some of which an understudy serves or that are dropped, grouped by serving expert
-    (`_served_kernel`): chosen [T, k]; per token its chosen experts in some order with each one's action and
+    (`served_groups`): chosen [T, k]; per token its chosen experts in some order with each one's action and
     understudy (order, action, understudy [T, k]: a compiled schedule's, or `decision_arrays` of decisions); weights
     [T, k] and gate [T, E] float32, the routing's; mode the policy's `understudy_weight`. The weights are gathered on
     the host in float32 (exact for float32 or bfloat16 routing weights; an understudy's own weight coef x gate_j a
@@ -411,13 +288,13 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
         w32, g32 = weights.float().numpy(), gate.numpy()
     else:                                                                               # one copy to the host
         w32, g32 = host_arrays(weights, gate)
-    return _pair_groups(x, _served_kernel(chosen, order, action, understudy, w32, g32, _MODES[mode],
+    return _pair_groups(x, served_groups(chosen, order, action, understudy, w32, g32, _MODES[mode],
                                           weights.dtype == torch.bfloat16, np.zeros(2 * g32.shape[1], np.int64)),
                         0, weights.dtype)
 
 
 def _pair_groups(x: torch.Tensor, buf: np.ndarray, a: int, dtype: torch.dtype) -> PairGroups:
-    """`PairGroups` of `_served_kernel`'s groups at buf[a:]: its weights moved once, in the routing weights' dtype
+    """`PairGroups` of `served_groups`'s groups at buf[a:]: its weights moved once, in the routing weights' dtype
     (bfloat16: their bits, viewed); the spans made when first read (a call of one token reads none)."""
     n_e, n, n_b = buf[a:a + 3].tolist()
     b = a + 4 + 2 * n_e                                                  # experts [n_e], bounds [n_e + 1] before b
@@ -430,57 +307,17 @@ def _pair_groups(x: torch.Tensor, buf: np.ndarray, a: int, dtype: torch.dtype) -
                       x.shape[0] == 1 and x.is_contiguous(), buf[b + n:c] if n_b else None)
 
 
-@njit(cache=True)
-def _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                        prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load,
-                        c_host, w, gate, mode, bf16):
-    """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
-    expert (`_served_kernel`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
-    one int64 array: the schedule's (`CompiledSchedule`), up to its last op (`CompiledSchedule.end`), then the groups
-    (`_pair_groups`); the schedule's alone when no slot can be freed."""
-    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                              prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table,
-                              c_load, c_host)
-    if out[0] < 0:
-        return out
-    t_n = chosen.shape[0]
-    a = HEAD
-    order = out[a:a + t_n * k].reshape((t_n, k))
-    action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
-    understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
-    grp = _served_kernel(chosen, order, action, understudy, w, gate, mode, bf16, ws)
-    end = HEAD + 3 * t_n * k + 4 * out[0]
-    both = np.empty(end + grp.shape[0], np.int64)
-    both[:end] = out[:end]
-    both[end:] = grp
-    return both
-
-
-@njit(cache=True)
-def _schedule_and_group_pair(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                             prefetch, budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode,
-                             bf16):
-    """`_schedule_and_group` of a paired routing's arrays as the router made them (`runtime.router.pair_arrays`:
-    idx [T, 2, k] int64, w [T, 2, k] float32, gate [T, 2, E] float32; half 0 the layer's routing, half 1 the next
-    layer's prediction, the gate its score table), its halves taken here: no Python-side view or copy per half."""
-    chosen, table = np.ascontiguousarray(idx[:, 0]), np.ascontiguousarray(gate[:, 0])
-    return _schedule_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                               prefetch, budget, guard, host_compute, host_max, chosen, table,
-                               np.ascontiguousarray(idx[:, 1]), np.ascontiguousarray(gate[:, 1]), c_load, c_host,
-                               np.ascontiguousarray(w[:, 0]), table, mode, bf16)
-
-
 def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, routing: tuple[np.ndarray, np.ndarray],
                        prediction: tuple[np.ndarray, np.ndarray] | None, weights: np.ndarray, gate: np.ndarray,
                        dtype: torch.dtype, width: int, mode: str, c_load: float = 1.0, c_host: float = 1.0
                        ) -> tuple[CompiledSchedule, PairGroups]:
     """`model.schedule_table` of the layer call's routing arrays (chosen [T, k], score table [T, E]) and prediction,
     and the call's pairs grouped by serving expert as `group_served` groups them (every pair exact: the grouping
-    `group_pairs` makes), in one compiled call (`_schedule_and_group`); weights [T, k] and gate [T, E] float32 on the
+    `group_pairs` makes), in one compiled call (`decide_and_group`); weights [T, k] and gate [T, E] float32 on the
     host (`runtime.router.call_arrays` gives all of them; bf16 weights may come as the float32 values the router
     rounds to them: the kernel rounds, `bf16_values`), dtype the routing weights' (the groups' weights are moved to
     x's device in it), mode the policy's `understudy_weight`."""
-    out = _schedule_and_group(*model.kernel_prefix(layer, width), *routing,
+    out = decide_and_group(*model.kernel_prefix(layer, width), *routing,
                               *(prediction if prediction is not None else model.no_prediction), float(c_load),
                               float(c_host), weights, gate, _MODES[mode], dtype == torch.bfloat16)
     sched = model.result(layer, out, routing[0].shape[0])
@@ -492,7 +329,7 @@ def schedule_and_group_pair(model: CompiledCacheModel, layer: int, x: torch.Tens
                             c_load: float = 1.0, c_host: float = 1.0) -> tuple[CompiledSchedule, PairGroups]:
     """`schedule_and_group` of a paired routing and its prediction, given as their shared arrays (`pair_arrays`:
     idx [T, 2, k], weights [T, 2, k], gate [T, 2, E]); the same schedule and groups as of their halves."""
-    out = _schedule_and_group_pair(*model.kernel_prefix(layer, width), *pair, float(c_load), float(c_host),
+    out = decide_and_group_pair(*model.kernel_prefix(layer, width), *pair, float(c_load), float(c_host),
                                    _MODES[mode], dtype == torch.bfloat16)
     sched = model.result(layer, out, pair[0].shape[0])
     return sched, _pair_groups(x, out, sched.end, dtype)
@@ -528,10 +365,10 @@ _MODES = {"own": 0, "replaced": 1, "auto": 2}    # understudy_weight -> the kern
 
 
 def warm_served() -> None:
-    """Compile `_served_kernel`, `_schedule_and_group`, `_schedule_and_group_pair` and `slot_rows` for the runtime's
+    """Compile `served_groups`, `decide_and_group`, `decide_and_group_pair` and `slot_rows` for the runtime's
     argument types (or load them from numba's disk cache), so that a runtime's first layer call does not."""
     ids = np.zeros((1, 2), np.int64)
-    _served_kernel(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True,
+    served_groups(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True,
                    np.zeros(8, np.int64))
     slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
     pol = preset("smoe")

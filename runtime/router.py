@@ -281,7 +281,7 @@ def pair_arrays(routing: Routing, prediction: Routing | None, one_copy: bool | N
     path's pair kernel reads them (runtime.expert_compute.schedule_and_group_pair, which takes the halves): (idx
     [T, 2, k] int64, weights [T, 2, k] float32, gate [T, 2, E] float32), numpy views of the shared tensors on the CPU,
     else (or with `one_copy`) one copy (`host_arrays`); None for any other routing. The weights are the float32
-    values before their cast: to bfloat16 the compiled path rounds them itself (`runtime.expert_compute.bf16_values`);
+    values before their cast: to bfloat16 the compiled path rounds them itself (`runtime.policy.compiled.bf16_values`);
     other casts (float16) are made here."""
     if not (isinstance(routing, PairedRouting) and prediction is not None and prediction.pair is routing.pair):
         return None

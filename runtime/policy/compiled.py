@@ -29,7 +29,10 @@ call at batch 1 and 122.8 us at batch 3 on the 128-expert shape (`benchmarks/dec
 goal of 50 us for all of the runtime's own work per call; a numpy version pays microseconds of dispatch per
 operation. One compiled call makes the whole decision (what it costs now: the decisions section of
 docs/BENCHMARKS.md). Kernels are compiled on first use (a runtime warms them when it loads, `warm_kernels`) and
-cached on disk (`cache=True`).
+cached on disk (`cache=True`). The executor's fused call (`decide_and_group`: the decision, then the call's pairs
+grouped by serving expert, `served_groups`) is here too, with the kernels it calls: numba keys a kernel's disk cache
+by its own file only. Called kernels are inlined where a call would pass many arrays (each array argument of a
+compiled call costs reference counting: about 0.1 us a call with a dozen arrays).
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def _best_first(ids, vals, n):
         ids[b + 1], vals[b + 1] = e, s
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def rows_from_table(chosen, table, width):
     """`runtime.router.score_rows`'s rows as arrays (ids [T, W], scores [T, W] float64, lengths [T]): per token its
     k chosen experts, then its best W - k unchosen experts by (-score, id) (`runtime.router.top_ids`' order; none
@@ -196,7 +199,7 @@ def ascending(ids, n):
 
 
 def workspace(num_experts: int) -> np.ndarray:
-    """The kernels' per-expert scratch (`schedule_kernel`, and `_served_kernel`'s first 2E words), zero between
+    """The kernels' per-expert scratch (`schedule_kernel`, and `served_groups`'s first 2E words), zero between
     calls: int64 [7E + ceil(7E / 8)] = four int64 rows, three float64 rows, seven uint8 rows."""
     e = num_experts
     return np.zeros(7 * e + (7 * e + 7) // 8, np.int64)
@@ -439,8 +442,11 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
         if exact_n[e] > 0:                                       # hits; misses (loaded: pending) or host
             counts[1 if res[li, e] else 2 if pending[e] else 3] += exact_n[e]
     # ---- ops
-    n_ops = 0
-    q, n_ops = _issue(li, lid, misses, 0, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+    # (each _issue guarded by q < n_load: a call with its eleven arrays costs about 0.1 us, the arrays' reference
+    # counts, and most decode calls have nothing (more) to load)
+    n_ops = q = 0
+    if n_load > 0:
+        q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     n_want = 0
     if prefetch and nli >= 0 and p_n > 0:
         # named: predicted, busy in the next layer; pmax: its best predicted score
@@ -483,20 +489,22 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
         e = cn[a]
         n_ops = _op(ops, n_ops, 2, lid, e, -1)
         pending[e] = 0
-        q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+        if q < n_load:
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     for a in range(n_load, n_miss):
         n_ops = _op(ops, n_ops, 3, lid, misses[a], -1)
     stuck = -1
     for a in range(n_load):
         e = misses[a]
-        if not res[li, e]:
+        if not res[li, e] and q < n_load:
             q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
         if not res[li, e]:
             stuck = e
             break
         n_ops = _op(ops, n_ops, 2, lid, e, -1)
         pending[e] = 0
-        q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+        if q < n_load:
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
     # ---- the scratch cleared for the call's experts (zero for the next call, whatever this one returns)
     for a in range(n_t):
         e = touched[a]
@@ -520,7 +528,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, inline='always')
 def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
                         prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load,
                         c_host):
@@ -533,6 +541,172 @@ def schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, t
     return schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws,
                            rid, rval, rlen, chosen, pid, pval, plen, prefetch and plen.shape[0] > 0, budget, guard,
                            host_compute and chosen.shape[0] <= host_max, c_load, c_host)
+
+
+# ---- the executor's fused call: the decision, then the call's pairs grouped by serving expert --------------------
+# (in this module with the schedule kernel they call: numba's disk cache is keyed by each kernel's own source file,
+# so a kernel must live in the file of every kernel it calls, or it would run a stale copy of them after an edit)
+@njit(cache=True)
+def _bf16_bits(b):
+    """The bfloat16 bits of a finite float32 whose bits are b (int64): torch's float32 -> bfloat16 cast, round to
+    nearest, ties to even."""
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@njit(cache=True)
+def bf16_values(w):
+    """w [T, k] float32 (finite) rounded to bfloat16 precision, as float32 (a new array; on values bf16 already
+    holds, the identity)."""
+    out = np.empty_like(w)
+    u, r = w.view(np.uint32), out.view(np.uint32)
+    for t in range(w.shape[0]):
+        for q in range(w.shape[1]):
+            r[t, q] = _bf16_bits(np.int64(u[t, q])) << 16
+    return out
+
+
+@njit(cache=True, inline='always')
+def served_groups(chosen, order, action, understudy, w, gate, mode, bf16, ws):
+    """A call's (token, serving expert) pairs grouped by expert in ascending id: first the expert's own exact pairs
+    in (position, token) order, then the tokens it stands in for, in token order (`group_served`).
+    chosen [T, k]; order, action, understudy [T, k] as the schedule kernel returns them; w [T, k] float32 routing
+    weights (bf16: the values the router rounds to bfloat16 weights, rounded here, `bf16_values`); gate [T, E]
+    float32; mode: 0 own (coef x gate_j, a float32 product), 1 replaced (the replaced expert's weight), 2 auto
+    (replaced for a near-twin). coef, a token's weight per unit of gate, is `Routing.coef`'s
+    (runtime.router), computed here from w and gate:
+        coef = float32(sum_p w[t, p] / max(sum_p gate[t, chosen[t, p]], 1e-30))   sums and quotient in float64
+    ws: int64 scratch [>= 2E], zero, left zero (the compiled model's `workspace`: no per-expert memory allocated or
+    zeroed per call).
+    Returns the groups as one int64 array (one array handed back to Python, not four): [n, N, N', experts [n]
+    ascending, bounds [n + 1], tok [N], by_token [N'], the weights [N] in W words] (by_token: the pairs in (token,
+    group) order when every token has the same number of pairs, N' = N; else none, N' = 0); the weights' words hold
+    their bfloat16 bits with bf16 (4 a word, W = ceil(N / 4)), else their float32 values (2 a word, W = ceil(N / 2)),
+    which `_pair_groups` views as the weights' tensor (bfloat16: no cast)."""
+    t_n, k = chosen.shape
+    e_n = gate.shape[1]
+    if bf16:
+        w = bf16_values(w)
+    act = np.empty((t_n, k), np.int64)                           # [T, k] by routing position
+    und = np.empty((t_n, k), np.int64)
+    for t in range(t_n):
+        for q in range(k):
+            for p in range(k):
+                if chosen[t, p] == order[t, q]:
+                    act[t, p], und[t, p] = action[t, q], understudy[t, q]
+    n_of, fill = ws[:e_n], ws[e_n:2 * e_n]                        # [E] pairs of each serving expert; its next row
+    per_tok = np.zeros(t_n, np.int64)
+    serving = np.empty(t_n * k, np.int64)
+    n_e = 0
+    for t in range(t_n):
+        for p in range(k):
+            if act[t, p] == DROP:
+                continue
+            e = chosen[t, p] if act[t, p] == EXACT else und[t, p]
+            if n_of[e] == 0:
+                serving[n_e] = e
+                n_e += 1
+            n_of[e] += 1
+            per_tok[t] += 1
+    experts = serving[:n_e]
+    ascending(experts, n_e)
+    bounds = np.zeros(n_e + 1, np.int64)
+    for a in range(n_e):
+        e = experts[a]
+        fill[e] = bounds[a]
+        bounds[a + 1] = bounds[a] + n_of[e]
+    n = bounds[n_e]
+    uniform = t_n > 0
+    for t in range(t_n):
+        uniform = uniform and per_tok[t] == per_tok[0]
+    n_b = n if uniform else 0
+    c = 4 + 2 * n_e + n + n_b                                    # the weights' first word
+    grp = np.empty(c + ((n + 3) // 4 if bf16 else (n + 1) // 2), np.int64)
+    grp[0], grp[1], grp[2] = n_e, n, n_b
+    grp[3:3 + n_e] = experts
+    grp[3 + n_e:4 + 2 * n_e] = bounds
+    tok = grp[4 + 2 * n_e:4 + 2 * n_e + n]
+    if bf16:                                                     # float32 values, then their bits in the words
+        wt = np.empty(n, np.float32)
+    else:
+        wt = grp[c:].view(np.float32)[:n]
+    coef = np.empty(t_n, np.float32)                             # [T] (read only for an own-weight understudy)
+    for t in range(t_n):
+        sw, sg = 0.0, 0.0
+        for q in range(k):
+            sw += np.float64(w[t, q])
+            sg += np.float64(gate[t, chosen[t, q]])
+        coef[t] = np.float32(sw / max(sg, 1e-30))
+    for p in range(k):
+        for t in range(t_n):
+            if act[t, p] == EXACT:
+                e = chosen[t, p]
+                tok[fill[e]], wt[fill[e]] = t, w[t, p]
+                fill[e] += 1
+    for t in range(t_n):
+        for p in range(k):
+            if act[t, p] != EXACT and act[t, p] != DROP:
+                j = und[t, p]
+                tok[fill[j]] = t
+                if mode == 1 or (mode == 2 and act[t, p] == SIMILARITY):
+                    wt[fill[j]] = w[t, p]
+                else:
+                    wt[fill[j]] = np.float32(np.float64(coef[t]) * np.float64(gate[t, j]))
+                fill[j] += 1
+    for a in range(n_e):                                         # the scratch zero again
+        n_of[experts[a]] = fill[experts[a]] = 0
+    if bf16:
+        wb, u = grp[c:].view(np.uint16), wt.view(np.uint32)
+        for r in range(n):
+            wb[r] = _bf16_bits(np.int64(u[r]))
+    if not uniform:
+        return grp
+    by_token = grp[4 + 2 * n_e + n:c]                            # a stable counting sort of the rows by token
+    nxt = np.zeros(t_n, np.int64)
+    for r in range(n):
+        t = tok[r]
+        by_token[t * per_tok[0] + nxt[t]] = r
+        nxt[t] += 1
+    return grp
+
+
+@njit(cache=True, inline='always')
+def decide_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                        prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load,
+                        c_host, w, gate, mode, bf16):
+    """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
+    expert (`served_groups`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
+    one int64 array: the schedule's (`CompiledSchedule`), up to its last op (`CompiledSchedule.end`), then the groups
+    (`_pair_groups`); the schedule's alone when no slot can be freed."""
+    out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                              prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table,
+                              c_load, c_host)
+    if out[0] < 0:
+        return out
+    t_n = chosen.shape[0]
+    a = HEAD
+    order = out[a:a + t_n * k].reshape((t_n, k))
+    action = out[a + t_n * k:a + 2 * t_n * k].reshape((t_n, k))
+    understudy = out[a + 2 * t_n * k:a + 3 * t_n * k].reshape((t_n, k))
+    grp = served_groups(chosen, order, action, understudy, w, gate, mode, bf16, ws)
+    end = HEAD + 3 * t_n * k + 4 * out[0]
+    both = np.empty(end + grp.shape[0], np.int64)
+    both[:end] = out[:end]
+    both[end:] = grp
+    return both
+
+
+@njit(cache=True)
+def decide_and_group_pair(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                             prefetch, budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode,
+                             bf16):
+    """`decide_and_group` of a paired routing's arrays as the router made them (`runtime.router.pair_arrays`:
+    idx [T, 2, k] int64, w [T, 2, k] float32, gate [T, 2, E] float32; half 0 the layer's routing, half 1 the next
+    layer's prediction, the gate its score table), its halves taken here: no Python-side view or copy per half."""
+    chosen, table = np.ascontiguousarray(idx[:, 0]), np.ascontiguousarray(gate[:, 0])
+    return decide_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
+                               prefetch, budget, guard, host_compute, host_max, chosen, table,
+                               np.ascontiguousarray(idx[:, 1]), np.ascontiguousarray(gate[:, 1]), c_load, c_host,
+                               np.ascontiguousarray(w[:, 0]), table, mode, bf16)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------

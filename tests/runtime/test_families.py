@@ -57,7 +57,7 @@ def test_route_pair_logits_is_each_half_routed_alone(family):
     bit: ids, weights, scores, gate and coef, one token and several, float32 and bf16; and `call_arrays` reads the
     pair (views of shared tensors where the rule is the plain softmax: `PairedRouting`) as it reads the two routings
     made apart, C-contiguous, on the host and in one copy."""
-    from runtime.expert_compute import bf16_values
+    from runtime.policy.compiled import bf16_values
     from runtime.router import PairedRouting, call_arrays, route_logits, route_pair_logits
 
     rule, k, e = resolve_arch(tiny_config(family)).router, 2, 8
@@ -90,7 +90,7 @@ def test_route_pair_logits_is_each_half_routed_alone(family):
 def test_bf16_values_is_torchs_cast():
     """The compiled path's rounding of float32 weights to bfloat16 precision is torch's cast, bit for bit: random
     values over many binades, and values exactly halfway between two bfloat16 values (ties to even, both ways)."""
-    from runtime.expert_compute import bf16_values
+    from runtime.policy.compiled import bf16_values
 
     g = torch.Generator().manual_seed(3)
     w = torch.rand(64, 8, generator=g) * torch.exp2(torch.randint(-30, 10, (64, 8), generator=g).float())

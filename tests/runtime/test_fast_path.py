@@ -258,10 +258,10 @@ def test_small_and_large_calls_group_alike(monkeypatch):
 def test_the_compiled_kernels_are_ready_when_the_runtime_is(fixture_model):
     """Loading a runtime of a compiled policy compiles (or reads from numba's disk cache) its kernels for the types a
     decode passes them: decoding (batch 1 and 2, with understudies) compiles nothing more."""
-    from runtime.expert_compute import _schedule_and_group, _schedule_and_group_pair, _served_kernel, slot_rows
-    from runtime.policy.compiled import schedule_from_table
+    from runtime.expert_compute import slot_rows
+    from runtime.policy.compiled import decide_and_group, decide_and_group_pair, schedule_from_table, served_groups
 
-    kernels = (schedule_from_table, _served_kernel, _schedule_and_group, _schedule_and_group_pair, slot_rows)
+    kernels = (schedule_from_table, served_groups, decide_and_group, decide_and_group_pair, slot_rows)
     with Runtime.load(fixture_model, policy="smoe", cache=4) as rt:
         before = tuple(len(k.signatures) for k in kernels)
         assert min(before) >= 1
@@ -271,6 +271,31 @@ def test_the_compiled_kernels_are_ready_when_the_runtime_is(fixture_model):
         assert rt.stats.total().understudies["band"] > 0
         assert tuple(len(k.signatures) for k in kernels) == before
 
+
+
+def test_kernels_call_only_kernels_of_their_own_file():
+    """numba keys a kernel's disk cache by its own source file, so a kernel that called one from another file would
+    keep running its cached copy of that one after an edit (or an update that leaves its own file untouched). Every
+    runtime kernel calls only kernels defined in its own module."""
+    import importlib
+    import pkgutil
+
+    from numba.core.registry import CPUDispatcher
+
+    import runtime
+
+    seen = 0
+    for info in pkgutil.walk_packages(runtime.__path__, "runtime."):
+        mod = importlib.import_module(info.name)
+        for obj in vars(mod).values():
+            if not isinstance(obj, CPUDispatcher) or obj.py_func.__module__ != mod.__name__:
+                continue
+            seen += 1
+            for name in obj.py_func.__code__.co_names:
+                callee = obj.py_func.__globals__.get(name)
+                if isinstance(callee, CPUDispatcher):
+                    assert callee.py_func.__module__ == mod.__name__, (obj.py_func.__qualname__, name)
+    assert seen >= 10
 
 def test_a_substituting_prefetching_policy_routes_paired(fixture_model):
     """smoe (substitutes, prefetches) routes each MoE layer and predicts the next from one matmul (`pair_routers`):
