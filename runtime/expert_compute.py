@@ -289,7 +289,7 @@ def group_served(x: torch.Tensor, chosen: np.ndarray, order: np.ndarray, action:
     else:                                                                               # one copy to the host
         w32, g32 = host_arrays(weights, gate)
     return _pair_groups(x, served_groups(chosen, order, action, understudy, w32, g32, _MODES[mode],
-                                          weights.dtype == torch.bfloat16, np.zeros(2 * g32.shape[1], np.int64)),
+                                         weights.dtype == torch.bfloat16, np.zeros(2 * g32.shape[1], np.int64)),
                         0, weights.dtype)
 
 
@@ -318,8 +318,8 @@ def schedule_and_group(model: CompiledCacheModel, layer: int, x: torch.Tensor, r
     rounds to them: the kernel rounds, `bf16_values`), dtype the routing weights' (the groups' weights are moved to
     x's device in it), mode the policy's `understudy_weight`."""
     out = decide_and_group(*model.kernel_prefix(layer, width), *routing,
-                              *(prediction if prediction is not None else model.no_prediction), float(c_load),
-                              float(c_host), weights, gate, _MODES[mode], dtype == torch.bfloat16)
+                           *(prediction if prediction is not None else model.no_prediction), float(c_load),
+                           float(c_host), weights, gate, _MODES[mode], dtype == torch.bfloat16)
     sched = model.result(layer, out, routing[0].shape[0])
     return sched, _pair_groups(x, out, sched.end, dtype)
 
@@ -330,7 +330,7 @@ def schedule_and_group_pair(model: CompiledCacheModel, layer: int, x: torch.Tens
     """`schedule_and_group` of a paired routing and its prediction, given as their shared arrays (`pair_arrays`:
     idx [T, 2, k], weights [T, 2, k], gate [T, 2, E]); the same schedule and groups as of their halves."""
     out = decide_and_group_pair(*model.kernel_prefix(layer, width), *pair, float(c_load), float(c_host),
-                                   _MODES[mode], dtype == torch.bfloat16)
+                                _MODES[mode], dtype == torch.bfloat16)
     sched = model.result(layer, out, pair[0].shape[0])
     return sched, _pair_groups(x, out, sched.end, dtype)
 
@@ -369,7 +369,7 @@ def warm_served() -> None:
     argument types (or load them from numba's disk cache), so that a runtime's first layer call does not."""
     ids = np.zeros((1, 2), np.int64)
     served_groups(ids, ids, ids, ids, np.zeros((1, 2), np.float32), np.zeros((1, 4), np.float32), 0, True,
-                   np.zeros(8, np.int64))
+                  np.zeros(8, np.int64))
     slot_rows(np.zeros(1, np.int64), ids, np.zeros(2, np.int64), 2)
     pol = preset("smoe")
     model = CompiledCacheModel({0: 2, 1: 2}, 4, 2, pol, substitution_params(pol, [0, 1]))

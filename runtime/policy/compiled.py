@@ -490,21 +490,24 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
         n_ops = _op(ops, n_ops, 2, lid, e, -1)
         pending[e] = 0
         if q < n_load:
-            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops,
+                              n_ops, counts)
     for a in range(n_load, n_miss):
         n_ops = _op(ops, n_ops, 3, lid, misses[a], -1)
     stuck = -1
     for a in range(n_load):
         e = misses[a]
         if not res[li, e] and q < n_load:
-            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops,
+                              n_ops, counts)
         if not res[li, e]:
             stuck = e
             break
         n_ops = _op(ops, n_ops, 2, lid, e, -1)
         pending[e] = 0
         if q < n_load:
-            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops, n_ops, counts)
+            q, n_ops = _issue(li, lid, misses, q, n_load, res, n_res, slots, pending, pf, wsum, held, ops,
+                              n_ops, counts)
     # ---- the scratch cleared for the call's experts (zero for the next call, whatever this one returns)
     for a in range(n_t):
         e = touched[a]
@@ -671,12 +674,12 @@ def served_groups(chosen, order, action, understudy, w, gate, mode, bf16, ws):
 
 @njit(cache=True, inline='always')
 def decide_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                        prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load,
-                        c_host, w, gate, mode, bf16):
+                     prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table, c_load, c_host,
+                     w, gate, mode, bf16):
     """The compiled model's decision (`schedule_from_table`, its arguments first) and its pairs grouped by serving
     expert (`served_groups`: w [T, k] float32 routing weights, gate [T, E] float32, mode, bf16), in one compiled call:
     one int64 array: the schedule's (`CompiledSchedule`), up to its last op (`CompiledSchedule.end`), then the groups
-    (`_pair_groups`); the schedule's alone when no slot can be freed."""
+    (`runtime.expert_compute.schedule_and_group` reads both); the schedule's alone when no slot can be freed."""
     out = schedule_from_table(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
                               prefetch, budget, guard, host_compute, host_max, chosen, table, p_chosen, p_table,
                               c_load, c_host)
@@ -697,16 +700,15 @@ def decide_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_i
 
 @njit(cache=True)
 def decide_and_group_pair(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                             prefetch, budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode,
-                             bf16):
+                          prefetch, budget, guard, host_compute, host_max, idx, w, gate, c_load, c_host, mode, bf16):
     """`decide_and_group` of a paired routing's arrays as the router made them (`runtime.router.pair_arrays`:
     idx [T, 2, k] int64, w [T, 2, k] float32, gate [T, 2, E] float32; half 0 the layer's routing, half 1 the next
     layer's prediction, the gate its score table), its halves taken here: no Python-side view or copy per half."""
     chosen, table = np.ascontiguousarray(idx[:, 0]), np.ascontiguousarray(gate[:, 0])
     return decide_and_group(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_ids, tw_err, window, ws, width,
-                               prefetch, budget, guard, host_compute, host_max, chosen, table,
-                               np.ascontiguousarray(idx[:, 1]), np.ascontiguousarray(gate[:, 1]), c_load, c_host,
-                               np.ascontiguousarray(w[:, 0]), table, mode, bf16)
+                            prefetch, budget, guard, host_compute, host_max, chosen, table,
+                            np.ascontiguousarray(idx[:, 1]), np.ascontiguousarray(gate[:, 1]), c_load, c_host,
+                            np.ascontiguousarray(w[:, 0]), table, mode, bf16)
 
 
 # ---- the model -----------------------------------------------------------------------------------------------------
