@@ -200,9 +200,9 @@ def ascending(ids, n):
 
 def workspace(num_experts: int) -> np.ndarray:
     """The kernels' per-expert scratch (`schedule_kernel`, and `served_groups`'s first 2E words), zero between
-    calls: int64 [7E + ceil(7E / 8)] = four int64 rows, three float64 rows, seven uint8 rows."""
+    calls: int64 [7E + ceil(6E / 8)] = four int64 rows, three float64 rows, six uint8 rows."""
     e = num_experts
-    return np.zeros(7 * e + (7 * e + 7) // 8, np.int64)
+    return np.zeros(7 * e + (6 * e + 7) // 8, np.int64)
 
 
 @njit(cache=True)
@@ -246,8 +246,8 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
     wf = ws[4 * e_n:7 * e_n].view(np.float64)
     best, score, pmax = wf[:e_n], wf[e_n:2 * e_n], wf[2 * e_n:]
     wu = ws[7 * e_n:].view(np.uint8)
-    is_chosen, used, needed, pending = wu[:e_n], wu[e_n:2 * e_n], wu[2 * e_n:3 * e_n], wu[3 * e_n:4 * e_n]
-    named, seen, in_step = wu[4 * e_n:5 * e_n], wu[5 * e_n:6 * e_n], wu[6 * e_n:7 * e_n]
+    is_chosen, used, pending = wu[:e_n], wu[e_n:2 * e_n], wu[2 * e_n:3 * e_n]
+    named, seen, in_step = wu[3 * e_n:4 * e_n], wu[4 * e_n:5 * e_n], wu[5 * e_n:6 * e_n]
     # per call, two allocations: [w] per scored expert of a token; [2Tk] the call's experts, its misses, its cached
     # needed ones; [Pk] the prediction's named; [T] per token
     w_n = max(rid.shape[1], pid.shape[1], k)
@@ -411,8 +411,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
     n_miss = n_cn = 0
     for a in range(n_t):
         e = touched[a]
-        if exact_n[e] > 0 or subs_n[e] > 0:
-            needed[e] = 1
+        if exact_n[e] > 0 or subs_n[e] > 0:                     # needed: cached, or a miss
             if res[li, e]:
                 cn[n_cn] = e
                 n_cn += 1
@@ -513,7 +512,7 @@ def schedule_kernel(li, nli, k, flags, ints, alphas, wsum, ring, ring_ids, tw_id
         e = touched[a]
         exact_n[e] = subs_n[e] = top_n[e] = 0
         best[e] = 0.0
-        needed[e] = pending[e] = seen[e] = 0
+        pending[e] = seen[e] = 0
     for a in range(n_want):
         named[want[a]] = 0
         pmax[want[a]] = 0.0
